@@ -1,0 +1,45 @@
+# kvlocal: two commands, `make demo` and `make test`; both do the whole set-up first.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+PIP    := $(VPY) -m pip --disable-pip-version-check
+
+.PHONY: setup native deps models demo test bench clean
+
+setup: native deps models
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+# patched llama.cpp: built once per (llama-cpp-python version, patch hash, flags, CPU) in
+# ~/.cache/kvlocal, then installed into the venv's llama_cpp package (KVLOCAL_CUDA=1 for CUDA)
+native: $(VPY)
+	$(VPY) native/build.py
+
+# kvlocal itself, editable, with its test tools; needs `native` first so that pip finds
+# llama-cpp-python==0.3.36 already installed instead of building a stock copy
+deps: $(VENV)/.deps-stamp
+$(VENV)/.deps-stamp: pyproject.toml | native
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+models: $(VENV)/.models-stamp
+$(VENV)/.models-stamp: models/smollm2.py | deps
+	$(VPY) -m models.smollm2
+	touch $@
+
+demo: setup
+	$(VPY) -m kvlocal.demo -m "$$($(VPY) -m models.smollm2)"
+
+# pytest exits 5 when it collected no tests: a suite that checked nothing is a failure here
+test: setup
+	@$(VPY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): failing" >&2; fi; \
+	exit $$rc
+
+bench: setup
+	$(PIP) install -q -e '.[bench]'
+	$(VPY) bench/bias_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
