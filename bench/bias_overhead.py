@@ -189,8 +189,8 @@ def main() -> int:
                         "prefill_tok_s": PREFILL / statistics.median(runs[cfg]["prefill_s"]),
                         "decode_samples": len(ms), "prefill_samples": len(runs[cfg]["prefill_s"])}
     # paired A/B: each "bias on" block against the "bias off" block next to it in the same process
-    pairs_dec = [on / off for on, off in zip(runs["bias on"]["block_decode_ms"], runs["bias off"]["block_decode_ms"])]
-    pairs_pre = [off / on for on, off in zip(runs["bias on"]["prefill_s"], runs["bias off"]["prefill_s"])]
+    pairs_dec = [on / off for on, off in zip(runs["bias on"]["block_decode_ms"], runs["bias off"]["block_decode_ms"], strict=True)]
+    pairs_pre = [off / on for on, off in zip(runs["bias on"]["prefill_s"], runs["bias off"]["prefill_s"], strict=True)]
     paired = {"decode": [100 * (x - 1) for x in pairs_dec], "prefill_speed": [100 * (x - 1) for x in pairs_pre]}
     machine = f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} threads"
     date = json.loads((RESULTS / "bias_overhead.json").read_text())["date"] if args.report_only \

@@ -119,11 +119,40 @@ def _engine_error(what: str) -> EngineError:
     return EngineError(f"{what}" + (f" (llama.cpp: {tail})" if tail else ""))
 
 
+class _Native:
+    """Owner of one native handle (``self._h``), freed by ``close()``, ``with`` or collection."""
+
+    _h = None
+
+    def _free(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._h:
+            self._free()
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    @property
+    def handle(self):
+        if not self._h:
+            raise EngineError(f"{type(self).__name__.lower()} is closed")
+        return self._h
+
+
 # ---------------------------------------------------------------------------------------------
 # model
 
 
-class Model:
+class Model(_Native):
     """A loaded GGUF model (weights, vocabulary, metadata)."""
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, vocab_only: bool = False,
@@ -143,25 +172,8 @@ class Model:
         self._h = handle
         self._vocab = ll.llama_model_get_vocab(handle)
 
-    def close(self) -> None:
-        if getattr(self, "_h", None):
-            ll.llama_model_free(self._h)
-            self._h = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
-    @property
-    def handle(self):
-        if not self._h:
-            raise EngineError("model is closed")
-        return self._h
+    def _free(self) -> None:
+        ll.llama_model_free(self._h)
 
     # metadata -------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -395,7 +407,7 @@ _DECODE_ERRORS = {
 }
 
 
-class Context:
+class Context(_Native):
     """A llama.cpp context: KV cache, decoding, sequence state and the KV bias."""
 
     def __init__(self, model: Model, *, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int | None = None,
@@ -433,28 +445,11 @@ class Context:
         if kv_bias:
             self.bias_enable(True)
 
-    def close(self) -> None:
+    def _free(self) -> None:
         if getattr(self, "_batch_live", False):
             ll.llama_batch_free(self._batch)
             self._batch_live = False
-        if getattr(self, "_h", None):
-            ll.llama_free(self._h)
-            self._h = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
-    @property
-    def handle(self):
-        if not self._h:
-            raise EngineError("context is closed")
-        return self._h
+        ll.llama_free(self._h)
 
     @property
     def n_ctx(self) -> int:
