@@ -1,0 +1,133 @@
+"""Reference-query sources, one small registered class each (Attention Matching spec §2).
+
+* ``context-prefill`` (``context``): the document's own queries, captured during ingestion.
+* ``repeat-prefill`` (``repeat``): a user turn "Repeat the previous context verbatim." and the
+  document teacher-forced as the answer; queries of every token after the document.
+* ``self-study``: the model answers a few fixed prompts about the document (summary, key facts,
+  JSON, questions and their answers) with seeded sampling; queries of the prompt turns and of
+  the generated tokens, within a token budget.
+
+Repeat-prefill and self-study run in the session's scratch sequence: the document's cache is
+shared, not copied, and sequence 0 is left as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .capture import QueryCapture
+from .errors import KvlocalError
+from .queryset import QuerySet
+from .registry import Registry
+from .sampling import Sampler
+from .session import CONTENT_MARK, DocumentLayout, Session
+
+QUERY_SOURCES = Registry("query source")
+
+
+@dataclass
+class QuerySource:
+    dtype: str = "float16"
+
+    def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:
+        raise NotImplementedError
+
+    def _capture(self, session: Session) -> QueryCapture:
+        return QueryCapture(session.info, dtype=self.dtype, source=self.name)
+
+    @staticmethod
+    def _check_room(session: Session, n_tokens: int, what: str) -> None:
+        need = session.n_past + n_tokens
+        if need > session.n_ctx:
+            raise KvlocalError(f"{what} needs {need} tokens of context (the document and {n_tokens} more) but "
+                               f"the session holds {session.n_ctx}; open it with n_ctx >= {need}")
+
+
+@QUERY_SOURCES.register("context-prefill", "context")
+@dataclass
+class ContextPrefill(QuerySource):
+    def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:
+        if session.context_queries is None:
+            raise KvlocalError("context-prefill queries are captured while ingesting: "
+                               "call ingest_document(..., capture_queries=True)")
+        return session.context_queries
+
+
+@QUERY_SOURCES.register("repeat-prefill", "repeat")
+@dataclass
+class RepeatPrefill(QuerySource):
+    prompt: str = "Repeat the previous context verbatim."
+
+    def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:
+        doc = np.asarray(session.tokens[layout.doc_start:layout.doc_end], np.int32)
+        before, after = session.template_around(
+            [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": CONTENT_MARK}])
+        tokens = np.concatenate([session.tokenize(before), doc, session.tokenize(after)])
+        self._check_room(session, len(tokens), "repeat-prefill")
+        capture = self._capture(session)
+        with session.fork() as seq, session.capturing(capture):
+            session.ingest(tokens, seq_id=seq, desc="repeat-prefill")
+        return capture.result()
+
+
+SELF_STUDY_PROMPTS: tuple[tuple[str, ...], ...] = (
+    ("Summarize the main points of the document.",),
+    ("List all the key facts in the document.",),
+    ("Structure the information in the document as JSON. Keep every date, time, name and number.",),
+    ("Write three questions that test whether someone understood the document.",
+     "Now answer each of your three questions using the document."),
+)
+
+
+@QUERY_SOURCES.register("self-study")
+@dataclass
+class SelfStudy(QuerySource):
+    """Conversations about the document; each entry of ``prompts`` is one conversation of user turns."""
+
+    max_new_tokens: int = 160  # per answer
+    budget: int = 768  # generated tokens over all conversations
+    temperature: float = 0.7
+    top_k: int = 20
+    top_p: float = 0.8
+    seed: int = 0
+    prompts: tuple[tuple[str, ...], ...] = SELF_STUDY_PROMPTS
+
+    def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:
+        if self.budget < 1 or self.max_new_tokens < 1:
+            raise KvlocalError("self-study needs a positive token budget")
+        sampler = Sampler(self.temperature, self.top_k, self.top_p, self.seed)
+        end_of_answer = session.tokenize(session.template_around(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": CONTENT_MARK}])[1])
+        capture = self._capture(session)
+        left = self.budget
+        with session.capturing(capture):
+            for turns in self.prompts:
+                if left <= 0:
+                    break
+                with session.fork() as seq:
+                    for i, user in enumerate(turns):
+                        if left <= 0:
+                            break
+                        prompt = session.chat_tokens([{"role": "user", "content": user}])
+                        if i:
+                            prompt = np.concatenate([end_of_answer, prompt])
+                        n_new = min(self.max_new_tokens, left)
+                        self._check_room(session, len(prompt) + n_new, "self-study")
+                        left -= len(session.generate(prompt, max_tokens=n_new, sampler=sampler, seq_id=seq))
+        return capture.result()
+
+
+def collect_queries(session: Session, layout: DocumentLayout, sources: Sequence[str | QuerySource], *,
+                    max_per_kv_head: int | None = None, seed: int = 0) -> QuerySet:
+    """Queries of several sources, concatenated, optionally subsampled to a per-KV-head budget."""
+    parts = []
+    for src in sources:
+        source = QUERY_SOURCES.create(src) if isinstance(src, str) else src
+        parts.append(source.collect(session, layout))
+    queries = QuerySet.concat(parts)
+    if max_per_kv_head is not None:
+        queries = queries.subsample(max_per_kv_head, session.info.n_rep, seed)
+    return queries

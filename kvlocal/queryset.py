@@ -1,0 +1,66 @@
+"""Reference queries: captured post-RoPE Q per layer, and their KV-head view (numpy only).
+
+A ``QuerySet`` holds, for each captured layer, ``[n_tokens, n_head, d]`` queries scaled so
+that attention logits are ``q . k / sqrt(d)`` (see ModelInfo.query_scale), together with the
+absolute position of each token row.  Rows are the same tokens in every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class QuerySet:
+    layers: dict[int, np.ndarray]  # il -> [n_tokens, n_head, d]
+    positions: np.ndarray  # int32 [n_tokens]
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.positions)
+
+    def kv_heads(self, il: int, n_head_kv: int) -> np.ndarray:
+        """Layer ``il``'s queries per KV head, group-major: ``[n_head_kv, n_rep * n_tokens, d]``.
+
+        Query head h belongs to KV head h // n_rep; a KV head's rows are its group's heads one
+        after the other (all tokens of its first head, then of its second, ...)."""
+        q = self.layers[il]
+        n, n_head, d = q.shape
+        if n_head % n_head_kv:
+            raise ValueError(f"{n_head} query heads do not split into {n_head_kv} groups")
+        n_rep = n_head // n_head_kv
+        return np.ascontiguousarray(q.reshape(n, n_head_kv, n_rep, d).transpose(1, 2, 0, 3)).reshape(
+            n_head_kv, n_rep * n, d)
+
+    def take(self, rows) -> QuerySet:
+        rows = np.asarray(rows, dtype=np.intp)
+        return QuerySet({il: q[rows] for il, q in self.layers.items()}, self.positions[rows], list(self.sources))
+
+    def subsample(self, per_kv_head: int, n_rep: int, seed: int = 0) -> QuerySet:
+        """At most ``per_kv_head`` queries per KV head: ceil(per_kv_head / n_rep) token rows, drawn
+        with ``seed``, the same rows for every layer and head (kept in token order)."""
+        if per_kv_head < 1:
+            raise ValueError("per_kv_head must be at least 1")
+        n_rows = math.ceil(per_kv_head / n_rep)
+        if n_rows >= self.n_tokens:
+            return self
+        rows = np.sort(np.random.default_rng(seed).choice(self.n_tokens, n_rows, replace=False))
+        return self.take(rows)
+
+    @staticmethod
+    def concat(parts: list[QuerySet]) -> QuerySet:
+        parts = [p for p in parts if p.n_tokens]
+        if not parts:
+            raise ValueError("no queries to concatenate")
+        layers = set(parts[0].layers)
+        if any(set(p.layers) != layers for p in parts):
+            raise ValueError("query sets cover different layers")
+        return QuerySet({il: np.concatenate([p.layers[il] for p in parts]) for il in sorted(layers)},
+                        np.concatenate([p.positions for p in parts]), [s for p in parts for s in p.sources])
+
+    def nbytes(self) -> int:
+        return sum(q.nbytes for q in self.layers.values())
