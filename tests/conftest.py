@@ -73,6 +73,11 @@ def ctx_kwargs(name: str) -> dict:
     return {}
 
 
+def session_kwargs(name: str) -> dict:
+    """Session settings per test model (F32 KV cache for smollm2-f32), quiet progress bars."""
+    return {"progress": False, **({"kv_type": "f32"} if name == "smollm2-f32" else {})}
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

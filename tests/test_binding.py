@@ -155,3 +155,41 @@ def test_chatml_template_from_the_gguf(load_model, name):
     toks = m.tokenize(text, add_special=False, parse_special=True)
     start = m.tokenize("<|im_start|>", add_special=False, parse_special=True)
     assert len(start) == 1 and toks[0] == start[0]  # a control token, not its spelling
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma3"])
+def test_state_blob_round_trip_with_untransposed_v(load_model, name):
+    """A flash-attention context stores V untransposed (v_trans = 0): that layout round-trips too."""
+    m = load_model(name)
+    with binding.Context(m, n_ctx=512, n_batch=128, flash_attn=True) as ctx:
+        toks = m.tokenize(TEXT)
+        ctx.decode(toks, pos=0, logits="none")
+        blob = ctx.seq_state(0)
+    state = parse_seq_state(blob, n_caches=2 if m.n_swa else 1)
+    assert not state.caches[0].cells().v_trans
+    assert state.to_bytes() == blob
+    with binding.Context(m, n_ctx=512, n_batch=128) as ctx:  # transposed V: same values, other layout
+        ctx.decode(toks, pos=0, logits="none")
+        other = parse_seq_state(ctx.seq_state(0), n_caches=2 if m.n_swa else 1)
+    # the first cached layer's K/V come straight from the embeddings: equal in both layouts
+    a, b = state.caches[-1].cells().layers[0], other.caches[-1].cells().layers[0]
+    assert np.array_equal(a.k, b.k) and np.array_equal(a.v, b.v)
+
+
+def test_state_blob_with_cell_extensions_round_trips():
+    """M-RoPE/PLE caches add 12 bytes (x, y, tok) per cell: parsed and written back exactly."""
+    from kvlocal.statecodec import CacheState, LayerKV, SeqState, StreamState
+
+    rng = np.random.default_rng(0)
+    n = 5
+    stream = StreamState(pos=np.arange(n, dtype=np.int32), seq_ids=[np.array([0], np.int32)] * n,
+                         ext=rng.integers(-5, 5, (n, 3)).astype(np.int32), v_trans=True,
+                         layers=[LayerKV(1, rng.normal(size=(n, 8)).astype(np.float16), 0,
+                                         rng.normal(size=(n, 8)).astype(np.float32))])
+    blob = SeqState(0, [CacheState([stream])]).to_bytes()
+    back = parse_seq_state(blob, cell_ext=True)
+    s = back.caches[0].cells()
+    assert np.array_equal(s.ext, stream.ext) and np.array_equal(s.layers[0].v, stream.layers[0].v)
+    assert back.to_bytes() == blob
+    with pytest.raises(StateFormatError):
+        parse_seq_state(blob, cell_ext=False)  # read without the extension the layout does not add up
