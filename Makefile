@@ -40,6 +40,7 @@ test: setup
 bench: setup
 	$(PIP) install -q -e '.[bench]'
 	$(VPY) bench/bias_overhead.py
+	$(VPY) bench/capture_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -23,27 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+from common import RESULTS, ROOT, document_text, machine
+
 CONFIGS = ["stock", "bias off", "bias on"]
 PREFILL = 512
-
-
-def document_text() -> tuple[str, str]:
-    """A long real text: the first SQuALITY story from ../shared/data, else the sample document."""
-    data = ROOT.parent / "shared" / "data" / "squality-dev.jsonl"
-    if data.exists():
-        with open(data) as fh:
-            return json.loads(fh.readline())["document"], f"{data.name}, story 1"
-    sample = (ROOT / "kvlocal" / "data" / "sample_document.txt").read_text()
-    return sample * 20, "kvlocal/data/sample_document.txt, repeated"
 
 
 def worker(args) -> None:
@@ -105,16 +94,6 @@ def stock_libdir() -> str:
     return res.stdout.strip().splitlines()[-1]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def plot(summary: dict, title: str, path: Path) -> bool:
     try:
         import matplotlib
@@ -151,7 +130,6 @@ def main() -> int:
     ap.add_argument("--worker", choices=["stock", "patched"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
-        sys.path.insert(0, str(ROOT))
         from models import smollm2
 
         args.model = str(smollm2.ensure())
@@ -192,7 +170,7 @@ def main() -> int:
     pairs_dec = [on / off for on, off in zip(runs["bias on"]["block_decode_ms"], runs["bias off"]["block_decode_ms"], strict=True)]
     pairs_pre = [off / on for on, off in zip(runs["bias on"]["prefill_s"], runs["bias off"]["prefill_s"], strict=True)]
     paired = {"decode": [100 * (x - 1) for x in pairs_dec], "prefill_speed": [100 * (x - 1) for x in pairs_pre]}
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} threads"
+    where = machine(args.threads)
     date = json.loads((RESULTS / "bias_overhead.json").read_text())["date"] if args.report_only \
         else time.strftime("%Y-%m-%d")
     model = Path(args.model).name
@@ -200,7 +178,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bias_overhead.json").write_text(json.dumps({"summary": summary, "paired_pct": paired, "runs": runs, "date": date,
                     "args": {k: getattr(args, k) for k in ("ctx", "decode", "blocks", "rounds", "threads")}}, indent=1))
-    has_plot = plot(summary, f"{model}, {args.ctx}-token context, {machine}", RESULTS / "bias_overhead.png")
+    has_plot = plot(summary, f"{model}, {args.ctx}-token context, {where}", RESULTS / "bias_overhead.png")
 
     def rel(a, b, key):
         return 100.0 * (summary[a][key] / summary[b][key] - 1.0)
@@ -210,7 +188,7 @@ def main() -> int:
         "",
         f"Measured {date} by `bench/bias_overhead.py` (`make bench`).",
         "",
-        f"- machine: {machine}",
+        f"- machine: {where}",
         f"- model: {model} (llama arch, 30 layers, 9 query / 3 KV heads), llama-cpp-python 0.3.36, "
         "flash attention off, F16 KV cache",
         f"- context: {args.ctx} tokens of real text ({source}). Per block: restore the cache of the first "

@@ -1,0 +1,38 @@
+"""Helpers shared by the benchmarks: machine description, texts, result paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(threads: int) -> str:
+    return f"{cpu_name()}, {os.cpu_count()} cores, {threads} threads"
+
+
+def document_text() -> tuple[str, str]:
+    """A long real text: the first SQuALITY story from ../shared/data, else the sample document."""
+    data = ROOT.parent / "shared" / "data" / "squality-dev.jsonl"
+    if data.exists():
+        with open(data) as fh:
+            return json.loads(fh.readline())["document"], f"{data.name}, story 1"
+    sample = (ROOT / "kvlocal" / "data" / "sample_document.txt").read_text()
+    return sample * 20, "kvlocal/data/sample_document.txt, repeated"
