@@ -136,8 +136,11 @@ class Session:
             self.tokens.extend(int(t) for t in toks)
         return out
 
-    def ingest(self, tokens: Sequence[int], *, seq_id: int = 0, desc: str = "ingest") -> np.ndarray:
-        """Decode tokens in batches with a progress bar (tokens/s); returns the last logits."""
+    def ingest(self, tokens: str | Sequence[int], *, seq_id: int = 0, desc: str = "ingest") -> np.ndarray:
+        """Decode text or tokens in batches with a progress bar (tokens/s); returns the last logits.
+        Text is tokenized with template tokens parsed, and BOS if the sequence is empty."""
+        if isinstance(tokens, str):
+            tokens = self.tokenize(tokens, bos=self.ctx.pos_max(seq_id) < 0)
         toks = np.asarray(tokens, np.int32).reshape(-1)
         if len(toks) == 0:
             raise DocumentError("nothing to ingest")

@@ -5,6 +5,7 @@ Variants (all with an SPM byte-fallback vocabulary and a ChatML template):
 * ``llama-gqa``: llama, 4 query heads / 2 KV heads (GQA 2:1)
 * ``llama-mqa``: llama, 4 query heads / 1 KV head (MQA)
 * ``qwen2``: qwen2, q/k/v projection biases, NEOX RoPE, GQA 2:1
+* ``qwen3``: qwen3, per-head q/k RMS norms before RoPE, NEOX RoPE, GQA 2:1
 * ``gemma3``: gemma3 with iSWA: window 8, every 3rd layer global, q/k norms
 
 The weights are random (seeded), so these models are only good for exactness tests:
@@ -46,6 +47,7 @@ class TinySpec:
     n_ctx: int = 2048
     rope_base: float = 10000.0
     qkv_bias: bool = False
+    qk_norm: bool = False
     n_swa: int = 0
     swa_pattern: int = 0
 
@@ -54,7 +56,9 @@ VARIANTS: dict[str, TinySpec] = {
     "llama-gqa": TinySpec("llama", n_head=4, n_head_kv=2),
     "llama-mqa": TinySpec("llama", n_head=4, n_head_kv=1),
     "qwen2": TinySpec("qwen2", n_head=4, n_head_kv=2, rope_base=1e6, qkv_bias=True),
-    "gemma3": TinySpec("gemma3", n_layer=6, n_head=4, n_head_kv=1, head_dim=16, n_swa=8, swa_pattern=3),
+    "qwen3": TinySpec("qwen3", n_head=4, n_head_kv=2, rope_base=1e6, qk_norm=True),
+    "gemma3": TinySpec("gemma3", n_layer=6, n_head=4, n_head_kv=1, head_dim=16, n_swa=8, swa_pattern=3,
+                       qk_norm=True),
 }
 
 
@@ -111,7 +115,7 @@ def write_tiny(path: str | Path, variant: str, seed: int = 0) -> Path:
     w.add_bos_token_id(1)
     w.add_eos_token_id(4 if spec.arch != "llama" else 2)
     w.add_unk_token_id(0)
-    w.add_add_bos_token(spec.arch != "qwen2")
+    w.add_add_bos_token(spec.arch not in ("qwen2", "qwen3"))
     w.add_chat_template(CHATML_TEMPLATE)
 
     def rnd(*shape, std=0.2):
@@ -137,9 +141,10 @@ def write_tiny(path: str | Path, variant: str, seed: int = 0) -> Path:
             w.add_tensor(p + "attn_q.bias", rnd(H * D, std=0.5))
             w.add_tensor(p + "attn_k.bias", rnd(Hkv * D, std=0.5))
             w.add_tensor(p + "attn_v.bias", rnd(Hkv * D))
-        if spec.arch == "gemma3":
+        if spec.qk_norm:
             w.add_tensor(p + "attn_q_norm.weight", norm(D))
             w.add_tensor(p + "attn_k_norm.weight", norm(D))
+        if spec.arch == "gemma3":
             w.add_tensor(p + "post_attention_norm.weight", norm(E))
             w.add_tensor(p + "post_ffw_norm.weight", norm(E))
         w.add_tensor(p + "ffn_norm.weight", norm(E))

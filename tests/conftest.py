@@ -7,7 +7,7 @@ import pytest
 
 from models import smollm2, tiny
 
-TINY_VARIANTS = list(tiny.VARIANTS)  # llama-gqa, llama-mqa, qwen2, gemma3
+TINY_VARIANTS = list(tiny.VARIANTS)  # llama-gqa, llama-mqa, qwen2, qwen3, gemma3
 # "smollm2": the real Q4_1 file with an F16 KV cache (what users run);
 # "smollm2-f32": its weights dequantized to F32, with an F32 KV cache.  llama.cpp rounds the
 # activations that meet Q4/Q8 weights to int8 blocks, and Q and the attention weights to F16

@@ -66,6 +66,7 @@ def test_corrupt_model_file(tmp_path):
     ("llama-gqa", "llama", 4, 2, 16),
     ("llama-mqa", "llama", 4, 1, 16),
     ("qwen2", "qwen2", 4, 2, 16),
+    ("qwen3", "qwen3", 4, 2, 16),
     ("gemma3", "gemma3", 4, 1, 16),
     ("smollm2", "llama", 9, 3, 64),
 ])

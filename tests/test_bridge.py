@@ -49,7 +49,7 @@ class WithSoftmax(QueryCapture):
             super().sink(name, op, arr)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2", "gemma3", "smollm2"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2", "qwen3", "gemma3", "smollm2"])
 def test_captured_queries_reproduce_the_engine_attention(load_model, name):
     with open_session(load_model, name, capture=True) as s:
         info = s.info
@@ -269,3 +269,13 @@ def test_unsupported_architecture_is_a_clear_error():
 
     with pytest.raises(ModelError, match="unsupported architecture 'mamba'.*llama, qwen2, qwen3, gemma3"):
         ModelInfo.from_model(Fake())
+
+
+def test_ingest_text_or_tokens(load_model):
+    with open_session(load_model, "llama-gqa") as a, open_session(load_model, "llama-gqa") as b:
+        la = a.ingest("The cat sat on the mat.")
+        lb = b.ingest(b.tokenize("The cat sat on the mat.", bos=True))
+        assert a.tokens == b.tokens and a.tokens[0] == a.model.bos
+        assert np.array_equal(la, lb)
+        more = a.ingest(" And then it slept.")  # continuing: no second BOS
+        assert a.n_past == len(a.tokens) and a.model.bos not in a.tokens[1:] and more.shape == la.shape

@@ -155,7 +155,7 @@ def capture_softmax(model, name: str, blob: bytes, T: int, bias: dict | None = N
     return got
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2", "gemma3", "smollm2"])
+@pytest.mark.parametrize("name", TINY_VARIANTS + ["smollm2"])
 def test_bias_on_one_kv_head_changes_only_its_group(load_model, name, rng):
     model = load_model(name)
     with make_ctx(model, name) as ctx:
