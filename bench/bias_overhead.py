@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, document_text, machine
+from common import RESULTS, ROOT, document_text, machine, pyplot, save_figure
 
 CONFIGS = ["stock", "bias off", "bias on"]
 PREFILL = 512
@@ -95,12 +95,8 @@ def stock_libdir() -> str:
 
 
 def plot(summary: dict, title: str, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     colors = ["#999999", "#4c72b0", "#dd8452"]
@@ -112,9 +108,7 @@ def plot(summary: dict, title: str, path: Path) -> bool:
     axes[1].bar(CONFIGS, [summary[c]["prefill_tok_s"] for c in CONFIGS], color=colors)
     axes[1].set_ylabel(f"prefill tokens/s ({PREFILL}-token batch)")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from common import RESULTS, document_text, machine
+from common import RESULTS, document_text, machine, pyplot, save_figure
 
 CONFIGS = ["no callback", "callback idle", "capture"]
 
@@ -35,20 +35,14 @@ def run_once(model, text: str, cfg: str, n_ctx: int, threads: int) -> tuple[floa
 
 
 def plot(summary: dict, title: str, path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.bar(CONFIGS, [summary[c]["tok_s"] for c in CONFIGS], color=["#999999", "#4c72b0", "#dd8452"])
     ax.set_ylabel("ingestion tokens/s (median)")
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -36,3 +36,21 @@ def document_text() -> tuple[str, str]:
             return json.loads(fh.readline())["document"], f"{data.name}, story 1"
     sample = (ROOT / "kvlocal" / "data" / "sample_document.txt").read_text()
     return sample * 20, "kvlocal/data/sample_document.txt, repeated"
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
