@@ -88,12 +88,13 @@ class Segment:
         return len(self.positions)
 
 
-def shared_segment(snap: KVSnapshot, cells) -> Segment:
-    """Original cells kept whole (all heads, bias 0): protected prefix, recent window, or all of it."""
+def shared_segment(snap: KVSnapshot, cells, bias: list[np.ndarray] | None = None) -> Segment:
+    """Original cells kept whole (all heads): protected prefix, recent window, or all of it.
+    ``bias``: the bias these cells already carry, per layer ``[N, H_kv]`` over all cells (default 0)."""
     idx = np.asarray(cells, dtype=np.intp).reshape(-1)
     n, h = len(idx), snap.keys[0].shape[1]
-    return Segment(snap.positions[idx].astype(np.int32), [k[idx] for k in snap.keys], [v[idx] for v in snap.values],
-                   [np.zeros((n, h), np.float32) for _ in snap.keys])
+    b = [np.zeros((n, h), np.float32) for _ in snap.keys] if bias is None else [np.asarray(x, np.float32)[idx] for x in bias]
+    return Segment(snap.positions[idx].astype(np.int32), [k[idx] for k in snap.keys], [v[idx] for v in snap.values], b)
 
 
 @dataclass

@@ -1,0 +1,22 @@
+"""Attention Matching on arrays (numpy + numba; nothing here imports the engine).
+
+Per (layer, KV head): pick a subset of the original keys, fit a bias beta per kept key so that
+attention mass matches, and refit the values so that attention outputs match (Zweiger et al.
+2026, arXiv 2602.16284; see ../shared/docs/attention-matching-spec.md).
+"""
+
+from .budgets import BUDGETS, JsonBudget, SensitivityBudget, UniformBudget, allocate, swap_allocation
+from .compact import CompactionReport, Compactor
+from .fit import BETA_FITTERS, VALUE_FITTERS, BoxNNLS, DirectValues, LeastSquaresValues, ZeroBeta
+from .methods import METHODS, Method, get_method
+from .metrics import head_errors
+from .omp import OMP, PROGRESSIVE_SCHEDULE
+from .problem import HeadProblem, HeadResult
+from .select import SELECTORS, HighestAttnKeys, RandomKeys, Recent, SinksAndRecent
+
+__all__ = [
+    "BETA_FITTERS", "BUDGETS", "METHODS", "OMP", "PROGRESSIVE_SCHEDULE", "SELECTORS", "VALUE_FITTERS", "BoxNNLS",
+    "CompactionReport", "Compactor", "DirectValues", "HeadProblem", "HeadResult", "HighestAttnKeys", "JsonBudget",
+    "LeastSquaresValues", "Method", "RandomKeys", "Recent", "SensitivityBudget", "SinksAndRecent", "UniformBudget",
+    "ZeroBeta", "allocate", "get_method", "head_errors", "swap_allocation",
+]

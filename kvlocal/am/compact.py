@@ -1,0 +1,213 @@
+"""The driver: compact a sequence's document range, layer by layer and KV head by KV head.
+
+What stays whole (bias 0): the cells before the document (BOS, system prompt, template), the
+cells after it (end of turn) and a configurable recent window at the end of the sequence.  The
+document range in between is compacted, optionally chunk by chunk (KV-based chunking: fixed
+token chunks of the one prefill, each compacted at the same ratio with its own queries).  Every
+(layer, KV head) gets its own budget and keeps its own keys; the result is packed into a
+``CompactedCache`` (numpy only, nothing here touches the engine).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import KvlocalError
+from ..kvcache import CompactedCache, HeadBlock, KVSnapshot, Segment, assemble, per_head_segment, shared_segment
+from ..queryset import QuerySet
+from .budgets import BUDGETS, BudgetPolicy, allocate
+from .methods import Method, get_method
+from .metrics import head_errors
+from .problem import HeadProblem
+
+
+@dataclass
+class CompactionReport:
+    method: str
+    ratio: float
+    n_document: int  # document cells compacted (protected cells excluded)
+    n_cells: int  # cells of the compacted cache (all segments)
+    kept_keys: int  # real (non-padding) keys over all compacted (layer, head) blocks
+    heads: int  # (layer, KV head) blocks per chunk
+    chunks: int
+    padding_fraction: float
+    seconds: float
+    notes: dict = field(default_factory=dict)  # fallback -> count
+    layer_errors: dict = field(default_factory=dict)  # il -> {"output_rel_l2", "mass_err"} on held-out queries
+    budgets: list = field(default_factory=list)  # per chunk [n_layers][n_head_kv]
+
+    @property
+    def effective_ratio(self) -> float:
+        """Document keys per kept key, averaged over heads."""
+        return self.n_document * self.heads / max(self.kept_keys, 1)
+
+
+class _Calibration:
+    """Head error curves on the document itself, for the sensitivity budget."""
+
+    def __init__(self, compactor: Compactor, problems: Callable[[int, int, int], HeadProblem], n_layers: int,
+                 n_head_kv: int, n_keys: int):
+        self.c, self.problems, self.shape, self.n_keys = compactor, problems, (n_layers, n_head_kv), n_keys
+
+    def head_curves(self, method: str, grid) -> np.ndarray:
+        fit = get_method(method)
+        out = np.zeros(self.shape + (len(grid),))
+        for li in range(self.shape[0]):
+            for h in range(self.shape[1]):
+                for g, ratio in enumerate(grid):
+                    p = self.problems(li, h, max(1, int(round(ratio * self.n_keys))))
+                    out[li, h, g] = head_errors(p, fit.fit(p))["output_rel_l2"]
+        return out
+
+
+@dataclass
+class Compactor:
+    method: str | Method = "am-highest"
+    ratio: float = 10.0  # document keys per kept key
+    budgets: str | BudgetPolicy = "uniform"
+    cap: float = 0.75  # at most this share of a block's keys per head
+    floor: int = 0  # at least this many keys per head
+    recent_window: int = 0  # last positions of the sequence kept whole
+    chunk_size: int | None = None  # compact the document in chunks of this many tokens
+    chunk_queries: str = "own"  # "own": queries anchored in the chunk (+ unanchored); "all"
+    max_queries_per_head: int | None = None
+    holdout: float = 0.0  # share of query tokens kept aside to measure the result
+    backend: str = "numba"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.ratio > 1:
+            raise KvlocalError(f"the compaction ratio must be > 1 (kept keys = document / ratio), got {self.ratio}")
+        if not 0 < self.cap <= 1 or self.floor < 0 or self.recent_window < 0:
+            raise KvlocalError("need 0 < cap <= 1, floor >= 0 and recent_window >= 0")
+        if self.chunk_size is not None and self.chunk_size < 2:
+            raise KvlocalError("chunk_size must be at least 2 tokens")
+        if self.chunk_queries not in ("own", "all") or not 0 <= self.holdout < 1:
+            raise KvlocalError("chunk_queries must be 'own' or 'all' and holdout in [0, 1)")
+        self.method = get_method(self.method)
+        if isinstance(self.budgets, str):
+            self.budgets = BUDGETS.create(self.budgets)
+
+    def compact(self, snap: KVSnapshot, doc_start: int, doc_end: int, queries: QuerySet | None = None,
+                bias: list[np.ndarray] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> tuple[CompactedCache, CompactionReport]:
+        """Compact the cells of ``snap`` whose positions lie in [doc_start, doc_end) (minus the
+        recent window).  ``queries``: reference queries of every base layer; ``bias``: the bias the
+        cells already carry (re-compaction), per layer ``[N, H_kv]``; ``progress(done, total)``."""
+        t0 = time.perf_counter()
+        method = self.method
+        T = snap.logical_length
+        pos = snap.positions
+        hi = min(doc_end, T - self.recent_window)
+        region = np.flatnonzero((pos >= doc_start) & (pos < hi))
+        if len(region) < 2:
+            raise KvlocalError(f"nothing to compact: {len(region)} document cells outside the protected ranges")
+        if method.needs_queries and (queries is None or queries.n_tokens == 0):
+            raise KvlocalError(f"method {method.name!r} needs reference queries ({', '.join(method.queries)})")
+        n_layers, n_head_kv = len(snap.keys), snap.keys[0].shape[1]
+        missing = [il for il in snap.layer_ids if queries is not None and il not in queries.layers]
+        if missing:
+            raise KvlocalError(f"the queries do not cover layers {missing}")
+        train, test = self._split(queries, n_head_kv)
+        chunks = [region] if self.chunk_size is None else \
+            [region[i:i + self.chunk_size] for i in range(0, len(region), self.chunk_size)]
+        if len(chunks) > 1 and len(chunks[-1]) < 2:  # a 1-token tail joins the previous chunk
+            chunks[-2] = np.concatenate([chunks[-2], chunks.pop()])
+
+        segments: list[Segment] = [shared_segment(snap, np.flatnonzero(pos < doc_start), bias)]
+        notes: Counter = Counter()
+        errors: dict = {}
+        all_budgets = []
+        kept = 0
+        steps, done = n_layers * len(chunks), 0
+        for cells in chunks:
+            lo_pos, hi_pos = int(pos[cells[0]]), int(pos[cells[-1]]) + 1
+            q_train = self._chunk_queries(train, lo_pos, hi_pos)
+            q_test = self._chunk_queries(test, lo_pos, hi_pos) if test is not None else None
+            view = {}  # (li) -> kv-head queries, computed once per layer
+
+            def problem(li, h, t, qs=q_train, cells=cells, cache=view):
+                il = snap.layer_ids[li]
+                if qs is None:
+                    q = np.zeros((1, snap.keys[li].shape[2]), np.float32)
+                else:
+                    if (il, id(qs)) not in cache:
+                        cache[(il, id(qs))] = qs.kv_heads(il, n_head_kv)
+                    q = cache[(il, id(qs))][h]
+                b = None if bias is None else np.asarray(bias[li], np.float32)[cells, h]
+                return HeadProblem(snap.keys[li][cells, h], snap.values[li][cells, h], q, t, bias=b,
+                                   positions=pos[cells], backend=self.backend, seed=self.seed * 100003 + li * 101 + h)
+
+            budgets = self._budgets(snap, len(cells), _Calibration(self, problem, n_layers, n_head_kv, len(cells)))
+            all_budgets.append(budgets.tolist())
+            blocks = []
+            for li in range(n_layers):
+                layer = []
+                for h in range(n_head_kv):
+                    p = problem(li, h, int(budgets[li, h]))
+                    res = method.fit(p)
+                    for k, v in res.notes.items():
+                        notes[f"{k}={v}"] += 1
+                    if q_test is not None and q_test.n_tokens:
+                        pt = problem(li, h, p.t, qs=q_test)
+                        e = head_errors(pt, res)
+                        acc = errors.setdefault(snap.layer_ids[li], {"output_rel_l2": 0.0, "mass_err": 0.0, "n": 0})
+                        acc["output_rel_l2"] += e["output_rel_l2"]
+                        acc["mass_err"] += e["mass_err"]
+                        acc["n"] += 1
+                    kept += res.t
+                    layer.append(HeadBlock(snap.keys[li][cells[res.indices], h], res.values, res.beta))
+                blocks.append(layer)
+                done += 1
+                if progress is not None:
+                    progress(done, steps)
+            segments.append(per_head_segment(blocks, lo_pos, hi_pos, snap.dtype))
+        segments.append(shared_segment(snap, np.flatnonzero(pos >= hi), bias))
+        cache = assemble([s for s in segments if s.n_cells], T)
+        for e in errors.values():
+            n = e.pop("n")
+            e["output_rel_l2"] /= n
+            e["mass_err"] /= n
+        report = CompactionReport(method.name, self.ratio, len(region), cache.n_cells, kept, n_layers * n_head_kv,
+                                  len(chunks), cache.padding_fraction, time.perf_counter() - t0, dict(notes), errors,
+                                  all_budgets)
+        cache.meta = {"method": method.name, "ratio": self.ratio}
+        return cache, report
+
+    # helpers ----------------------------------------------------------------------------------
+    def _split(self, queries: QuerySet | None, n_head_kv: int) -> tuple[QuerySet | None, QuerySet | None]:
+        """Subsample to the per-head query budget, then set ``holdout`` of the tokens aside."""
+        if queries is None:
+            return None, None
+        if self.max_queries_per_head is not None:
+            n_rep = next(iter(queries.layers.values())).shape[1] // n_head_kv
+            queries = queries.subsample(self.max_queries_per_head, n_rep, self.seed)
+        if not self.holdout:
+            return queries, None
+        rng = np.random.default_rng(self.seed + 1)
+        n_test = int(round(self.holdout * queries.n_tokens))
+        if n_test < 1 or n_test >= queries.n_tokens:
+            return queries, None
+        test = np.zeros(queries.n_tokens, bool)
+        test[rng.choice(queries.n_tokens, n_test, replace=False)] = True
+        return queries.take(np.flatnonzero(~test)), queries.take(np.flatnonzero(test))
+
+    def _chunk_queries(self, queries: QuerySet | None, lo: int, hi: int) -> QuerySet | None:
+        if queries is None or self.chunk_size is None or self.chunk_queries == "all":
+            return queries
+        own = queries.for_range(lo, hi)
+        return own if own.n_tokens else queries
+
+    def _budgets(self, snap: KVSnapshot, n_keys: int, calibration) -> np.ndarray:
+        n_layers, n_head_kv = len(snap.keys), snap.keys[0].shape[1]
+        heads = n_layers * n_head_kv
+        per_head = max(1, int(round(n_keys / self.ratio)))
+        total = per_head * heads
+        cap = max(int(self.cap * n_keys), per_head, self.floor)
+        props = self.budgets.proportions(snap.layer_ids, n_head_kv, calibration)
+        return allocate(total, props, min(cap, n_keys), min(self.floor, per_head))

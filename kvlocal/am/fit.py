@@ -1,0 +1,165 @@
+"""Fitting beta (mass matching, spec §4) and C_v (output matching, spec §5) for chosen keys.
+
+Both solve least squares through the normal equations (Cholesky) when they are well
+conditioned, and fall back to a QR/SVD least squares, then to a ridge solution; the value fit
+finally falls back to the original values V[S] if all else fails or does worse.  The fallback
+that ran is reported in the notes.  Nothing here returns NaN or inf.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+from scipy.optimize import lsq_linear
+
+from ..registry import Registry
+from . import kernels
+from .problem import HeadProblem
+
+BETA_FITTERS = Registry("beta fitter")
+VALUE_FITTERS = Registry("value fitter")
+
+_MAX_COND = 1e10  # beyond this the normal equations lose too many digits: use QR instead
+_RIDGE = 1e-6  # the reference's fallback ridge (fixed, unscaled)
+
+
+def solve_least_squares(X: np.ndarray, Y: np.ndarray, ridge: float = _RIDGE) -> tuple[np.ndarray, str]:
+    """min ||X C - Y|| for X [n, t]; returns (C, which solver ran): normal, lstsq or ridge."""
+    n, t = X.shape
+    if n >= t:
+        G = X.T @ X
+        try:
+            c, low = scipy.linalg.cho_factor(G, check_finite=False)
+            diag = np.abs(np.diag(c))
+            if diag.min() > 0 and (diag.max() / diag.min()) ** 2 < _MAX_COND:
+                C = scipy.linalg.cho_solve((c, low), X.T @ Y, check_finite=False)
+                if np.isfinite(C).all():
+                    return C, "normal"
+        except (np.linalg.LinAlgError, ValueError):
+            pass
+        try:
+            C = scipy.linalg.lstsq(X, Y, lapack_driver="gelsd", check_finite=False)[0]
+            if np.isfinite(C).all():
+                return C, "lstsq"
+        except (np.linalg.LinAlgError, ValueError):
+            pass
+    # underdetermined (n < t) or failed: ridge, in dual form when that is the smaller system
+    if n < t:
+        K = X @ X.T
+        K[np.diag_indices_from(K)] += ridge
+        C = X.T @ scipy.linalg.solve(K, Y, assume_a="pos", check_finite=False)
+    else:
+        G = X.T @ X
+        G[np.diag_indices_from(G)] += ridge
+        C = scipy.linalg.solve(G, X.T @ Y, assume_a="pos", check_finite=False)
+    if not np.isfinite(C).all():
+        C = np.zeros((t,) + Y.shape[1:])
+        return C, "zero"
+    return C, "ridge"
+
+
+# ---------------------------------------------------------------------------------------------
+# beta
+
+
+class BetaFitter:
+    def fit(self, p: HeadProblem, idx: np.ndarray) -> tuple[np.ndarray, dict]:
+        """log-weights ``log w`` [t] for the keys ``idx`` (on top of any bias they carry)."""
+        raise NotImplementedError
+
+
+@BETA_FITTERS.register("zero")
+@dataclass
+class ZeroBeta(BetaFitter):
+    def fit(self, p, idx):
+        return np.zeros(len(idx)), {}
+
+
+@BETA_FITTERS.register("nnls")
+@dataclass
+class BoxNNLS(BetaFitter):
+    """Box-constrained NNLS on the row-shifted mass features: min ||E[:, S] w - z||, lower <= w <= upper.
+
+    ``method="pg"`` (the reference): clamped least squares, then ``iters`` projected-gradient
+    steps with step 1/sigma^2, sigma^2 from ``power_iters`` power iterations from a seeded random
+    start.  ``method="exact"``: bounded-variable least squares (scipy's BVLS), the exact optimum."""
+
+    method: str = "pg"
+    iters: int = 2
+    lower: float = math.exp(-3)
+    upper: float = math.exp(3)
+    power_iters: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ("pg", "exact") or self.iters < 0 or not 0 < self.lower < self.upper:
+            raise ValueError(f"invalid NNLS settings {self}")
+
+    def fit(self, p, idx):
+        if len(idx) == 0:
+            return np.zeros(0), {}
+        M = p.features(idx)
+        y = p.stats().z
+        if self.method == "exact":
+            res = lsq_linear(M, y, bounds=(self.lower, self.upper), method="bvls")
+            return np.log(np.clip(res.x, self.lower, self.upper)), {"beta": "bvls"}
+        w, how = solve_least_squares(M, y)
+        w = np.clip(w, self.lower, self.upper)
+        if self.iters:
+            G, b = M.T @ M, M.T @ y
+            v = np.random.default_rng([self.seed, p.seed]).standard_normal(len(idx))
+            sigma2 = kernels.power_sigma2(G, v / np.linalg.norm(v), self.power_iters)
+            pg = kernels.projected_gradient if p.backend == "numba" else kernels.projected_gradient_numpy
+            w = pg(G, b, w, self.lower, self.upper, self.iters, 1.0 / sigma2)
+        return np.log(w), {"beta": how}
+
+
+# ---------------------------------------------------------------------------------------------
+# values
+
+
+def compacted_attention(p: HeadProblem, idx: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """X [n, t]: softmax over the kept keys of q . k / sqrt(d) + beta, with beta rounded to float32
+    exactly as the native bias holds it."""
+    S = p.logits(keys=idx).astype(np.float64) + beta.astype(np.float32).astype(np.float64)
+    S -= S.max(axis=1, keepdims=True)
+    np.exp(S, out=S)
+    S /= S.sum(axis=1, keepdims=True)
+    return S
+
+
+class ValueFitter:
+    def fit(self, p: HeadProblem, idx: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, dict]:
+        raise NotImplementedError
+
+
+@VALUE_FITTERS.register("direct")
+@dataclass
+class DirectValues(ValueFitter):
+    """C_v = V[S]: the kept keys' own values (the eviction baselines)."""
+
+    def fit(self, p, idx, beta):
+        return p.values[idx].astype(np.float64), {}
+
+
+@VALUE_FITTERS.register("lsq")
+@dataclass
+class LeastSquaresValues(ValueFitter):
+    """C_v = argmin ||X C_v - Y||: X the compacted attention, Y the block's original outputs."""
+
+    ridge: float = _RIDGE
+
+    def fit(self, p, idx, beta):
+        if len(idx) == 0:
+            return np.zeros((0, p.d)), {}
+        X = compacted_attention(p, idx, beta)
+        Y = p.stats().outputs
+        C, how = solve_least_squares(X, Y, self.ridge)
+        direct = p.values[idx].astype(np.float64)
+        if how in ("ridge", "zero"):  # never do worse than copying the original values
+            if np.linalg.norm(X @ C - Y) > np.linalg.norm(X @ direct - Y):
+                return direct, {"values": f"{how}->direct"}
+        return C, {"values": how}

@@ -1,0 +1,98 @@
+"""Methods by name: a method is a key selector, a beta fitter and a value fitter.
+
+    am-highest        HighestAttnKeys (rms) + box NNLS (clamped LS + 2 PG steps, beta in [-3, 3]) + LS values
+    am-highest-exact  the same with exact box NNLS (BVLS)
+    am-omp            OMP (1 key per step, refit every step, beta <= 7, drop beta < -7) + LS values
+    am-omp-fast       OMP (4 keys per step, refit every 2nd step) + LS values
+    am-omp-prog       OMP with the progressive schedule (1/1 to 300 keys, 2/2 to 1500, then 4/2)
+    truncate          keep the most recent keys            (beta = 0, C_v = V[S])
+    streaming-llm     4 sink keys + the most recent        (beta = 0, C_v = V[S])
+    h2o               mean attention of context queries    (beta = 0, C_v = V[S])
+    snapkv            mean attention, max-pooled over 7    (beta = 0, C_v = V[S])
+    kvzip-uniform     max attention of repeat queries      (beta = 0, C_v = V[S])
+    random            a seeded random subset               (beta = 0, C_v = V[S])
+
+Each method also names the query source it was designed for (``queries``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..registry import Registry
+from .fit import BoxNNLS, DirectValues, LeastSquaresValues, ValueFitter, ZeroBeta
+from .omp import OMP, PROGRESSIVE_SCHEDULE
+from .problem import HeadProblem, HeadResult
+from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, SinksAndRecent
+
+METHODS = Registry("compaction method")
+
+
+@dataclass
+class Method:
+    selector: KeySelector
+    beta: object | None  # a BetaFitter, or None: the selector's own weights (OMP)
+    values: ValueFitter
+    queries: tuple[str, ...] = ("repeat",)
+    needs_queries: bool = True
+    name: str = field(default="custom")
+
+    def fit(self, p: HeadProblem) -> HeadResult:
+        if p.t >= p.T:  # nothing to compact: every key with the bias it has, C_v = V
+            beta = np.zeros(p.T, np.float32) if p.bias is None else p.bias.copy()
+            return HeadResult(np.arange(p.T), beta, p.values.copy(), {"identity": True})
+        if p.t == 0:
+            return HeadResult(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, p.d), np.float32))
+        sel = self.selector.select(p)
+        idx = np.asarray(sel.indices, np.int64)
+        notes: dict = {}
+        if self.beta is None:
+            if sel.weights is None:
+                raise ValueError(f"{type(self.selector).__name__} gives no weights: set a beta fitter")
+            log_w = np.log(sel.weights)
+        else:
+            log_w, notes_b = self.beta.fit(p, idx)
+            notes.update(notes_b)
+        beta = log_w + (p.bias[idx] if p.bias is not None else 0.0)
+        beta = np.asarray(beta, np.float32)
+        values, notes_v = self.values.fit(p, idx, beta)
+        notes.update(notes_v)
+        return HeadResult(idx, beta, np.asarray(values, np.float32), notes)
+
+
+def _baseline(selector: KeySelector, queries: tuple[str, ...] = (), needs_queries: bool = False) -> Method:
+    return Method(selector, ZeroBeta(), DirectValues(), queries, needs_queries)
+
+
+_FACTORIES = {
+    "am-highest": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), LeastSquaresValues()),
+    "am-highest-exact": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(method="exact"), LeastSquaresValues()),
+    "am-omp": lambda: Method(OMP(k_choice=1, refit_interval=1), None, LeastSquaresValues()),
+    "am-omp-fast": lambda: Method(OMP(k_choice=4, refit_interval=2), None, LeastSquaresValues()),
+    "am-omp-prog": lambda: Method(OMP(schedule=PROGRESSIVE_SCHEDULE), None, LeastSquaresValues()),
+    "truncate": lambda: _baseline(Recent()),
+    "streaming-llm": lambda: _baseline(SinksAndRecent(sinks=4)),
+    "h2o": lambda: _baseline(HighestAttnKeys("mean"), ("context",), True),
+    "snapkv": lambda: _baseline(HighestAttnKeys("mean", pool="max", pool_kernel=7), ("self-study",), True),
+    "kvzip-uniform": lambda: _baseline(HighestAttnKeys("max"), ("repeat",), True),
+    "random": lambda: _baseline(RandomKeys()),
+}
+
+
+def _register(name: str, factory) -> None:
+    def make() -> Method:
+        method = factory()
+        method.name = name
+        return method
+
+    METHODS.register(name)(make)
+
+
+for _name, _factory in _FACTORIES.items():
+    _register(_name, _factory)
+
+
+def get_method(method: str | Method) -> Method:
+    return METHODS.create(method) if isinstance(method, str) else method

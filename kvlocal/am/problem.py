@@ -1,0 +1,143 @@
+"""One Attention Matching problem: a (layer, KV head) block of keys, its values and its queries.
+
+Logit convention (the one the native bias executes): ``s_ij = q_i . k_j / sqrt(d) + bias_j``;
+a compacted block answers with ``q . C_k / sqrt(d) + beta`` (beta not scaled).  Statistics over
+all T keys are computed once, in blocks of queries (the n x T score matrix is never held whole,
+except by OMP, one head at a time).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kernels
+
+BACKENDS = ("numba", "numpy")
+
+
+@dataclass
+class BlockStats:
+    """Per query: row max m and mass z over the block; block-local outputs Y = softmax(s) V;
+    per key: sum, sum of squares and max over queries of the block-local attention A = E / z."""
+
+    m: np.ndarray  # float32 [n]
+    z: np.ndarray  # float64 [n]
+    outputs: np.ndarray  # float64 [n, d]
+    a_sum: np.ndarray  # float64 [T]
+    a_sq: np.ndarray
+    a_max: np.ndarray
+
+
+@dataclass
+class HeadProblem:
+    keys: np.ndarray  # [T, d]
+    values: np.ndarray  # [T, d]
+    queries: np.ndarray  # [n, d], pooled over the GQA group
+    t: int  # keys to keep
+    bias: np.ndarray | None = None  # [T] logit bias the keys already carry (re-compaction)
+    positions: np.ndarray | None = None  # [T] original positions (recency baselines)
+    backend: str = "numba"
+    block: int = 1024
+    seed: int = 0
+    _stats: BlockStats | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.keys = np.ascontiguousarray(self.keys, np.float32)
+        self.values = np.ascontiguousarray(self.values, np.float32)
+        self.queries = np.ascontiguousarray(self.queries, np.float32)
+        T, d = self.keys.shape
+        if T < 1 or self.values.shape != (T, d) or self.queries.ndim != 2 or self.queries.shape[1] != d:
+            raise ValueError(f"shapes K {self.keys.shape}, V {self.values.shape}, Q {self.queries.shape} "
+                             "must be [T, d], [T, d], [n, d] with T >= 1")
+        if len(self.queries) < 1:
+            raise ValueError("a head needs at least one reference query")
+        if not (np.isfinite(self.keys).all() and np.isfinite(self.values).all() and np.isfinite(self.queries).all()):
+            raise ValueError("keys, values and queries must be finite")
+        if not 0 <= self.t:
+            raise ValueError(f"target size must be >= 0, got {self.t}")
+        if self.bias is not None:
+            self.bias = np.asarray(self.bias, np.float32)
+            if self.bias.shape != (T,) or np.isnan(self.bias).any() or np.isposinf(self.bias).any():
+                raise ValueError("bias must be [T] without NaN or +inf")
+        if self.positions is None:
+            self.positions = np.arange(T)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}")
+
+    @property
+    def T(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.queries.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.d)
+
+    def logits(self, rows: slice | np.ndarray = slice(None), keys: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``q . k / sqrt(d)`` (no bias) for query rows x keys (all keys if None)."""
+        k = self.keys if keys is None else self.keys[keys]
+        return np.ascontiguousarray((self.queries[rows] @ k.T) * np.float32(self.scale))
+
+    def _softmax(self, S: np.ndarray, bias: np.ndarray | None):
+        f = kernels.softmax_rows_inplace if self.backend == "numba" else kernels.softmax_rows_numpy
+        return f(S, bias)
+
+    def stats(self) -> BlockStats:
+        """One blocked pass over the queries (memory: block x T floats)."""
+        if self._stats is None:
+            col = kernels.column_stats if self.backend == "numba" else kernels.column_stats_numpy
+            m = np.empty(self.n, np.float32)
+            z = np.empty(self.n, np.float64)
+            out = np.empty((self.n, self.d), np.float64)
+            a_sum, a_sq, a_max = np.zeros(self.T), np.zeros(self.T), np.zeros(self.T)
+            for lo in range(0, self.n, self.block):
+                rows = slice(lo, min(self.n, lo + self.block))
+                E = self.logits(rows)
+                m[rows], z[rows] = self._softmax(E, self.bias)
+                out[rows] = (E @ self.values) / z[rows, None]
+                s1, s2, mx = col(E, z[rows])
+                a_sum += s1
+                a_sq += s2
+                np.maximum(a_max, mx, out=a_max)
+            self._stats = BlockStats(m, z, out, a_sum, a_sq, a_max)
+        return self._stats
+
+    def mass_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """The full mass-feature matrix E [n, T] (float32) and z [n]: OMP's working set."""
+        E = self.logits()
+        _, z = self._softmax(E, self.bias)
+        return E, z
+
+    def features(self, keys: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """Mass features of chosen keys against the block's row max: ``exp(s[:, keys] + bias - m)``
+        as float64 [n, len(keys)].  ``bias`` defaults to the keys' existing bias."""
+        st = self.stats()
+        S = self.logits(keys=keys).astype(np.float64)
+        b = self.bias[keys] if (bias is None and self.bias is not None) else bias
+        if b is not None:
+            S += b
+        return np.exp(S - st.m[:, None])
+
+
+@dataclass
+class HeadResult:
+    """Kept original keys (ascending indices), their beta [t'] and fitted values [t', d]."""
+
+    indices: np.ndarray
+    beta: np.ndarray
+    values: np.ndarray
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def t(self) -> int:
+        return len(self.indices)
