@@ -65,12 +65,15 @@ class RepeatPrefill(QuerySource):
         doc = np.asarray(session.tokens[layout.doc_start:layout.doc_end], np.int32)
         before, after = session.template_around(
             [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": CONTENT_MARK}])
-        tokens = np.concatenate([session.tokenize(before), doc, session.tokenize(after)])
+        pre = session.tokenize(before)
+        tokens = np.concatenate([pre, doc, session.tokenize(after)])
         self._check_room(session, len(tokens), "repeat-prefill")
         capture = self._capture(session)
         with session.fork() as seq, session.capturing(capture):
             session.ingest(tokens, seq_id=seq, desc="repeat-prefill")
-        return capture.result()
+        queries = capture.result()
+        queries.anchors[len(pre):len(pre) + len(doc)] = np.arange(layout.doc_start, layout.doc_end)
+        return queries
 
 
 SELF_STUDY_PROMPTS: tuple[tuple[str, ...], ...] = (

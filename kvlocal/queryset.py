@@ -2,7 +2,9 @@
 
 A ``QuerySet`` holds, for each captured layer, ``[n_tokens, n_head, d]`` queries scaled so
 that attention logits are ``q . k / sqrt(d)`` (see ModelInfo.query_scale), together with the
-absolute position of each token row.  Rows are the same tokens in every layer.
+absolute position of each token row and its anchor: the document position the token reads or
+copies (its own position for context-prefill, the copied token's for repeat-prefill), -1 for
+tokens about the whole document.  Rows are the same tokens in every layer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ class QuerySet:
     layers: dict[int, np.ndarray]  # il -> [n_tokens, n_head, d]
     positions: np.ndarray  # int32 [n_tokens]
     sources: list[str] = field(default_factory=list)
+    anchors: np.ndarray | None = None  # int32 [n_tokens], -1: no particular document position
+
+    def __post_init__(self):
+        if self.anchors is None:
+            self.anchors = np.full(len(self.positions), -1, np.int32)
 
     @property
     def n_tokens(self) -> int:
@@ -38,7 +45,12 @@ class QuerySet:
 
     def take(self, rows) -> QuerySet:
         rows = np.asarray(rows, dtype=np.intp)
-        return QuerySet({il: q[rows] for il, q in self.layers.items()}, self.positions[rows], list(self.sources))
+        return QuerySet({il: q[rows] for il, q in self.layers.items()}, self.positions[rows], list(self.sources),
+                        self.anchors[rows])
+
+    def for_range(self, lo: int, hi: int) -> QuerySet:
+        """Rows anchored in document positions [lo, hi) plus the unanchored rows."""
+        return self.take(np.flatnonzero(((self.anchors >= lo) & (self.anchors < hi)) | (self.anchors < 0)))
 
     def subsample(self, per_kv_head: int, n_rep: int, seed: int = 0) -> QuerySet:
         """At most ``per_kv_head`` queries per KV head: ceil(per_kv_head / n_rep) token rows, drawn
@@ -60,7 +72,8 @@ class QuerySet:
         if any(set(p.layers) != layers for p in parts):
             raise ValueError("query sets cover different layers")
         return QuerySet({il: np.concatenate([p.layers[il] for p in parts]) for il in sorted(layers)},
-                        np.concatenate([p.positions for p in parts]), [s for p in parts for s in p.sources])
+                        np.concatenate([p.positions for p in parts]), [s for p in parts for s in p.sources],
+                        np.concatenate([p.anchors for p in parts]))
 
     def nbytes(self) -> int:
         return sum(q.nbytes for q in self.layers.values())

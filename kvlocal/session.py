@@ -186,7 +186,9 @@ class Session:
         self.ingest_seconds = time.perf_counter() - t0
         self.layout = DocumentLayout(len(prefix), len(prefix) + len(doc), total)
         if capture is not None:
-            self.context_queries = capture.result()
+            queries = capture.result()
+            queries.anchors[: len(doc)] = queries.positions[: len(doc)]  # each document token reads itself
+            self.context_queries = queries
         return self.layout
 
     def generate(self, prompt: Sequence[int], *, max_tokens: int = 256, sampler: Sampler = GREEDY,
