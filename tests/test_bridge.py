@@ -222,8 +222,15 @@ def test_query_sources_leave_the_document_cache_alone(load_model, name):
         blob = s.state()
         context = QUERY_SOURCES.create("context").collect(s, layout)
         assert np.array_equal(context.positions, np.arange(layout.doc_start, layout.length))
+        doc_rows = np.arange(layout.n_doc)
+        assert np.array_equal(context.anchors[doc_rows], np.arange(layout.doc_start, layout.doc_end))
+        assert (context.anchors[layout.n_doc:] == -1).all()  # end-of-turn tokens read no document token
         repeat = QUERY_SOURCES.create("repeat").collect(s, layout)
         assert s.state() == blob
+        copied = repeat.anchors[repeat.anchors >= 0]
+        assert np.array_equal(copied, np.arange(layout.doc_start, layout.doc_end))
+        chunk = repeat.for_range(layout.doc_start, layout.doc_start + 10)
+        assert (chunk.anchors < layout.doc_start + 10).all() and (chunk.anchors >= 0).sum() == 10
         assert repeat.positions[0] == layout.length and repeat.n_tokens > layout.n_doc
         assert np.array_equal(repeat.positions, np.arange(layout.length, layout.length + repeat.n_tokens))
         study = SelfStudy(budget=40, max_new_tokens=16, seed=3)

@@ -1,0 +1,350 @@
+"""Attention Matching core (numpy + numba, no engine): the spec's §12 checklist.
+
+Random problems use peaked attention (keys and queries of norm ~2 sqrt(d)); real ones are the
+K/V and context-prefill queries a tiny model and SmolLM2 extracted (fixtures below).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp, softmax
+
+from conftest import TEXT, session_kwargs
+from kvlocal.am import (
+    METHODS, OMP, PROGRESSIVE_SCHEDULE, BoxNNLS, Compactor, HeadProblem, JsonBudget, LeastSquaresValues,
+    SensitivityBudget, allocate, get_method, head_errors, swap_allocation,
+)
+from kvlocal.am.fit import compacted_attention, solve_least_squares
+from kvlocal.errors import KvlocalError
+
+
+def random_problem(T=96, n=256, d=16, t=12, seed=0, spread=2.0, **kw):
+    rng = np.random.default_rng(seed)
+    K = rng.normal(size=(T, d)) * spread
+    Q = rng.normal(size=(n, d)) * spread
+    V = rng.normal(size=(T, d))
+    return HeadProblem(K, V, Q, t, **kw)
+
+
+def attention(q, K, V, bias=None):
+    s = q @ K.T / math.sqrt(K.shape[1]) + (0 if bias is None else bias)
+    return softmax(s, axis=-1) @ V, logsumexp(s, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# identities
+
+
+def test_t_equals_T_gives_beta_zero_and_the_original_values():
+    p = random_problem(T=40, n=300, t=40)
+    idx = np.arange(p.T)
+    for beta_fit in (BoxNNLS(), BoxNNLS(method="exact", lower=1e-6, upper=1e6)):
+        log_w, _ = beta_fit.fit(p, idx)
+        assert np.abs(log_w).max() < 1e-5
+    C, notes = LeastSquaresValues().fit(p, idx, np.zeros(p.T, np.float32))
+    assert np.abs(C - p.values).max() < 1e-4
+    sel = OMP(drop_cutoff=None).select(random_problem(T=40, n=300, t=40))
+    assert np.array_equal(sel.indices, idx) and np.abs(np.log(sel.weights)).max() < 1e-5
+    # the method as a whole: attention reproduced for any query, with any bias the keys carry
+    bias = np.random.default_rng(1).normal(size=p.T).astype(np.float32)
+    q = np.random.default_rng(2).normal(size=(7, p.d)) * 3
+    for name in ("am-highest", "am-omp"):
+        res = get_method(name).fit(random_problem(T=40, n=300, t=40, bias=bias))
+        out, lse = attention(q, p.keys[res.indices], res.values, res.beta)
+        out0, lse0 = attention(q, p.keys, p.values, bias)
+        assert np.abs(out - out0).max() < 1e-5 and np.abs(lse - lse0).max() < 1e-5
+
+
+def test_concatenation_identity():
+    rng = np.random.default_rng(3)
+    K, V, Kf, Vf = (rng.normal(size=s) for s in [(30, 8), (30, 8), (11, 8), (11, 8)])
+    q = rng.normal(size=(5, 8)) * 2
+    full, _ = attention(q, np.vstack([K, Kf]), np.vstack([V, Vf]))
+    o1, l1 = attention(q, K, V)
+    o2, l2 = attention(q, Kf, Vf)
+    w1 = 1 / (1 + np.exp(l2 - l1))
+    assert np.abs(full - (w1[:, None] * o1 + (1 - w1)[:, None] * o2)).max() < 1e-12
+    # so a block matching output and mass on q matches with any suffix: the t = T compaction
+    p = random_problem(T=30, n=200, d=8, t=30)
+    res = get_method("am-highest").fit(p)
+    for _ in range(3):
+        Kf, Vf = rng.normal(size=(rng.integers(1, 20), 8)), rng.normal(size=(1, 8))
+        Vf = np.repeat(Vf, len(Kf), axis=0)
+        a, _ = attention(q, np.vstack([p.keys[res.indices], Kf]), np.vstack([res.values, Vf]),
+                         np.concatenate([res.beta, np.zeros(len(Kf))]))
+        b, _ = attention(q, np.vstack([p.keys, Kf]), np.vstack([p.values, Vf]))
+        assert np.abs(a - b).max() < 1e-5
+
+
+def test_omp_mass_error_falls_with_t_and_vanishes_at_T():
+    errs = []
+    for t in (6, 12, 24, 48, 96):
+        p = random_problem(T=96, n=400, t=t, seed=4)
+        res = get_method("am-omp").fit(p)
+        errs.append(head_errors(p, res)["mass_err"])
+    assert all(b <= a + 1e-9 for a, b in zip(errs, errs[1:], strict=False)), errs
+    assert errs[-1] < 1e-6 and errs[0] > 1e-3
+
+
+@pytest.mark.parametrize("method", ["am-highest", "am-omp", "am-omp-fast"])
+def test_value_fit_is_least_squares_optimal_and_beats_direct_values(method):
+    p = random_problem(T=128, n=512, t=16, seed=5)
+    res = get_method(method).fit(p)
+    X = compacted_attention(p, res.indices, res.beta)
+    Y = p.stats().outputs
+    C = res.values.astype(np.float64)
+    grad = X.T @ (X @ C - Y)
+    assert np.abs(grad).max() < 1e-4 * max(1.0, np.abs(X.T @ Y).max())
+    direct = p.values[res.indices].astype(np.float64)
+    assert np.linalg.norm(X @ C - Y) <= np.linalg.norm(X @ direct - Y) + 1e-9
+
+
+def test_row_weighted_nnls_matches_the_reference_and_not_the_unshifted_fit():
+    p = random_problem(T=64, n=300, t=10, seed=6, spread=2.5)
+    idx = np.sort(np.random.default_rng(0).choice(64, 10, replace=False))
+    fitter = BoxNNLS(seed=11)
+    log_w, _ = fitter.fit(p, idx)
+    # the reference's steps in plain numpy: lstsq + clamp, then 2 PGD steps with 1/sigma^2 from
+    # 3 power iterations started at the same seeded vector
+    M, y = p.features(idx), p.stats().z
+    w = np.clip(np.linalg.lstsq(M, y, rcond=None)[0], fitter.lower, fitter.upper)
+    G, b = M.T @ M, M.T @ y
+    v = np.random.default_rng([11, p.seed]).standard_normal(10)
+    v /= np.linalg.norm(v)
+    for _ in range(3):
+        u = G @ v
+        lam = np.linalg.norm(u)
+        v = u / lam
+    for _ in range(2):
+        w = np.clip(w - (G @ w - b) / lam, fitter.lower, fitter.upper)
+    assert np.abs(np.exp(log_w) - w).max() < 1e-6 * w.max()
+    # without the per-query max shift the problem is a different one
+    S = p.logits().astype(np.float64)
+    w_plain = np.clip(np.linalg.lstsq(np.exp(S[:, idx]), np.exp(S).sum(1), rcond=None)[0], fitter.lower, fitter.upper)
+    assert np.abs(w_plain - w).max() > 0.05 * w.max()
+
+
+def test_exact_nnls_fits_mass_at_least_as_well_as_projected_gradient():
+    p = random_problem(T=80, n=300, t=12, seed=7)
+    idx = get_method("am-highest").fit(p).indices
+    M, y = p.features(idx), p.stats().z
+    res = {}
+    for method in ("pg", "exact"):
+        log_w, _ = BoxNNLS(method=method).fit(p, idx)
+        w = np.exp(log_w)
+        assert np.all(w >= BoxNNLS().lower * (1 - 1e-9)) and np.all(w <= BoxNNLS().upper * (1 + 1e-9))
+        res[method] = np.linalg.norm(M @ w - y)
+    assert res["exact"] <= res["pg"] + 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# OMP bookkeeping
+
+
+def test_omp_numba_refits_match_the_plain_lstsq_reference():
+    for seed in range(3):
+        a = OMP().select(random_problem(T=120, n=300, t=20, seed=seed))
+        b = OMP().select(random_problem(T=120, n=300, t=20, seed=seed, backend="numpy"))
+        assert np.array_equal(a.indices, b.indices)
+        assert np.abs(np.log(a.weights) - np.log(b.weights)).max() < 1e-5
+
+
+def test_omp_bookkeeping():
+    p = random_problem(T=200, n=300, t=40, seed=8)
+    for omp in (OMP(), OMP(k_choice=4, refit_interval=2), OMP(k_choice=3, refit_interval=3, drop_cutoff=None)):
+        sel = omp.select(p)
+        assert len(sel.indices) <= p.t and len(set(sel.indices.tolist())) == len(sel.indices)
+        assert np.all(np.diff(sel.indices) > 0) and np.all(sel.weights >= omp.lower)
+        assert np.all(sel.weights > omp.lower * 10), "lazily added keys must be refit before returning"
+    # the schedule switches at 300 and 1500 keys
+    omp = OMP(schedule=PROGRESSIVE_SCHEDULE)
+    assert [omp.step(n) for n in (0, 299, 300, 1499, 1500, 9999)] == [(1, 1), (1, 1), (2, 2), (2, 2), (4, 2), (4, 2)]
+
+
+def test_omp_drops_keys_below_the_cutoff():
+    # many copies of one key: after a few picks their weights become redundant and fall below e^-7
+    rng = np.random.default_rng(9)
+    K = np.repeat(rng.normal(size=(4, 16)) * 2, 25, axis=0)
+    p = HeadProblem(K, rng.normal(size=(100, 16)), rng.normal(size=(200, 16)) * 2, 20)
+    sel = OMP().select(p)
+    assert len(sel.indices) <= 20 and np.all(np.isfinite(sel.weights))
+    # 4 distinct keys: the copies are dropped round after round, and what comes back is useful
+    assert np.all(np.log(sel.weights) >= -7) and len(sel.indices) < 20
+    no_drop = OMP(drop_cutoff=None).select(p)
+    assert len(no_drop.indices) == 20 and (np.log(no_drop.weights) < -7).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# budgets
+
+
+def test_allocate_sums_exactly_with_floors_and_caps():
+    rng = np.random.default_rng(10)
+    for _ in range(50):
+        shape = (int(rng.integers(1, 6)), int(rng.integers(1, 5)))
+        p = rng.dirichlet(np.full(np.prod(shape), 0.3)).reshape(shape)
+        n_keys = int(rng.integers(20, 400))
+        floor = int(rng.integers(0, 3))
+        cap = max(floor, int(0.75 * n_keys))
+        total = int(rng.integers(floor * p.size, cap * p.size + 1))
+        b = allocate(total, p, cap, floor)
+        assert b.shape == shape and b.sum() == total and b.min() >= floor and b.max() <= cap
+    b = allocate(100, np.array([0.97, 0.01, 0.01, 0.01]), cap=40)  # water-filling past the cap
+    assert b.tolist()[0] == 40 and b.sum() == 100
+    with pytest.raises(KvlocalError):
+        allocate(1000, np.ones(4), cap=100)
+
+
+def test_swap_solver_moves_budget_to_the_heads_that_need_it():
+    from kvlocal.am.budgets import interpolate_curves
+
+    grid = np.array([0.02, 0.05, 0.1, 0.2, 0.4])
+    sensitive = 1 - 2 * grid  # every extra key helps a lot
+    flat = 0.1 * (1 - grid)  # extra keys barely help
+    curves = np.array([sensitive, flat, sensitive, flat])
+    targets = (0.05, 0.1)
+    p = swap_allocation(curves, grid, targets=targets)
+    assert abs(p.sum() - 1) < 1e-12
+    assert p[0] > 0.25 > p[1] and p[2] > 0.25 > p[3]
+
+    def total(q):
+        return np.mean([interpolate_curves(curves, grid, q * 4 * tau).sum() for tau in targets])
+
+    assert total(p) < total(np.full(4, 0.25))
+
+
+# ---------------------------------------------------------------------------------------------
+# adversarial inputs
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("case", ["duplicate keys", "zero keys", "huge norms", "n < t", "one query"])
+def test_adversarial_inputs_give_finite_results(method, case):
+    rng = np.random.default_rng(12)
+    T, d = 60, 16
+    K, V, Q, t = rng.normal(size=(T, d)), rng.normal(size=(T, d)), rng.normal(size=(100, d)), 12
+    if case == "duplicate keys":
+        K[:, :] = K[0]
+    elif case == "zero keys":
+        K[:] = 0
+    elif case == "huge norms":
+        K *= 1e3
+        Q *= 1e3
+    elif case == "n < t":
+        Q, t = Q[:5], 30
+    elif case == "one query":
+        Q = Q[:1]
+    res = get_method(method).fit(HeadProblem(K, V, Q, t))
+    assert 0 < res.t <= t and np.isfinite(res.values).all()
+    assert not np.isnan(res.beta).any() and not np.isposinf(res.beta).any() and np.isfinite(res.beta).any()
+
+
+def test_least_squares_fallbacks_never_return_nan():
+    X = np.ones((3, 8))  # n < t and rank 1
+    C, how = solve_least_squares(X, np.arange(6.0).reshape(3, 2))
+    assert how == "ridge" and np.isfinite(C).all()
+    C, how = solve_least_squares(np.vstack([np.ones(8)] * 20), np.ones((20, 2)))  # singular normal equations
+    assert how in ("lstsq", "ridge") and np.isfinite(C).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver on real extracted K/V: every method x every wrapper
+
+
+@pytest.fixture(scope="module")
+def tiny_doc(load_model):
+    from kvlocal.session import Session
+
+    with Session(load_model("llama-gqa"), n_ctx=1024, capture=True, **session_kwargs("llama-gqa")) as s:
+        layout = s.ingest_document(TEXT, capture_queries=True)
+        return s.snapshot(), layout, s.context_queries, s.info
+
+
+WRAPPERS = {
+    "uniform": dict(),
+    "json budgets": dict(budgets="json-fixture"),
+    "sensitivity budgets": dict(budgets=SensitivityBudget(grid=(0.05, 0.2, 0.5), targets=(0.1, 0.2))),
+    "chunked": dict(chunk_size=90),
+    "recent window": dict(recent_window=40),
+    "floor and holdout": dict(floor=2, holdout=0.2, max_queries_per_head=400),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_with_every_wrapper(tiny_doc, method, wrapper):
+    snap, layout, queries, info = tiny_doc
+    kw = dict(WRAPPERS[wrapper])
+    if kw.get("budgets") == "json-fixture":
+        table = {f"L{il}H{h}": float(1 + il + 2 * h) for il in info.base_layers for h in range(info.n_head_kv)}
+        table["L0H1"] = 0.0  # a zero-budget head
+        kw["budgets"] = JsonBudget(table)
+    compactor = Compactor(method=method, ratio=8, **kw)
+    cache, report = compactor.compact(snap, layout.doc_start, layout.doc_end, queries)
+    cache.validate(info)
+    assert cache.logical_length == layout.length
+    assert report.n_cells < snap.n_cells and report.kept_keys > 0
+    keep = np.asarray(report.budgets).sum(axis=(1, 2))  # per chunk, over heads
+    window = kw.get("recent_window", 0)
+    n_doc = min(layout.doc_end, layout.length - window) - layout.doc_start
+    assert report.n_document == n_doc
+    assert abs(keep.sum() - n_doc * report.heads / 8) <= report.heads * report.chunks
+    # the protected cells come through untouched
+    n_tail = layout.length - (layout.doc_start + n_doc)
+    assert np.array_equal(cache.keys[0][: layout.doc_start], snap.keys[0][: layout.doc_start])
+    assert np.array_equal(cache.keys[1][-n_tail:], snap.keys[1][-n_tail:])
+    assert not cache.bias[1][-n_tail:].any() and not cache.bias[0][: layout.doc_start].any()
+    if wrapper == "json budgets":
+        zero_head = cache.bias[0][layout.doc_start: cache.n_cells - n_tail, 1]
+        assert np.isneginf(zero_head).all()  # a zero-budget head is all padding
+    if wrapper == "floor and holdout" and get_method(method).needs_queries:
+        assert set(report.layer_errors) == set(info.base_layers)
+
+
+def test_compactor_rejects_bad_settings(tiny_doc):
+    snap, layout, queries, _ = tiny_doc
+    for bad in (dict(ratio=1.0), dict(ratio=0.5), dict(cap=0), dict(chunk_size=1), dict(holdout=1.0)):
+        with pytest.raises(KvlocalError):
+            Compactor(**bad)
+    with pytest.raises(KvlocalError, match="needs reference queries"):
+        Compactor(method="am-highest").compact(snap, layout.doc_start, layout.doc_end, None)
+    with pytest.raises(KvlocalError, match="nothing to compact"):
+        Compactor(recent_window=10_000).compact(snap, layout.doc_start, layout.doc_end, queries)
+
+
+def test_json_budgets_from_a_file(tmp_path, tiny_doc):
+    _, _, _, info = tiny_doc
+    path = tmp_path / "budgets.json"
+    path.write_text(json.dumps({f"L{il}H{h}": 1.0 for il in info.base_layers for h in range(info.n_head_kv)}))
+    p = JsonBudget(path).proportions(info.base_layers, info.n_head_kv)
+    assert np.allclose(p, 1 / p.size)
+    path.write_text(json.dumps({"L0H0": 1.0}))
+    with pytest.raises(KvlocalError, match="L0H1"):
+        JsonBudget(path).proportions(info.base_layers, info.n_head_kv)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_attention_matching_beats_eviction_on_held_out_queries(load_model, name):
+    """Real K/V and queries: at 8x, AM reconstructs held-out attention better than every baseline,
+    and the compacted cache runs in the engine."""
+    from kvlocal.session import Session
+
+    with Session(load_model(name), n_ctx=1024, capture=True, **session_kwargs(name)) as s:
+        layout = s.ingest_document(TEXT, capture_queries=True)
+        snap = s.snapshot()
+        err = {}
+        for method in ("am-highest", "am-omp-fast", "truncate", "streaming-llm", "h2o", "random"):
+            cache, report = Compactor(method=method, ratio=8, holdout=0.25, seed=1).compact(
+                snap, layout.doc_start, layout.doc_end, s.context_queries)
+            err[method] = np.mean([e["output_rel_l2"] for e in report.layer_errors.values()])
+            if method == "am-highest":
+                s.inject(cache, snap)
+                assert s.n_past == layout.length
+                assert np.isfinite(s.decode(s.chat_tokens([{"role": "user", "content": "Hi"}]))).all()
+                s.restore(snap.state.to_bytes())
+        best_baseline = min(err[m] for m in ("truncate", "streaming-llm", "h2o", "random"))
+        assert err["am-highest"] < best_baseline and err["am-omp-fast"] < best_baseline, err
