@@ -10,12 +10,16 @@ token chunks of the one prefill, each compacted at the same ratio with its own q
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..errors import KvlocalError
 from ..kvcache import CompactedCache, HeadBlock, KVSnapshot, Segment, assemble, per_head_segment, shared_segment
@@ -56,13 +60,19 @@ class _Calibration:
 
     def head_curves(self, method: str, grid) -> np.ndarray:
         fit = get_method(method)
-        out = np.zeros(self.shape + (len(grid),))
-        for li in range(self.shape[0]):
-            for h in range(self.shape[1]):
-                for g, ratio in enumerate(grid):
-                    p = self.problems(li, h, max(1, int(round(ratio * self.n_keys))))
-                    out[li, h, g] = head_errors(p, fit.fit(p))["output_rel_l2"]
-        return out
+
+        def curve(li, h):
+            out = []
+            for ratio in grid:
+                p = self.problems(li, h, max(1, int(round(ratio * self.n_keys))))
+                out.append(head_errors(p, fit.fit(p))["output_rel_l2"])
+            return out
+
+        curves = np.zeros(self.shape + (len(grid),))
+        heads = [(li, h) for li in range(self.shape[0]) for h in range(self.shape[1])]
+        for (li, h), c in self.c._map(curve, heads):
+            curves[li, h] = c
+        return curves
 
 
 @dataclass
@@ -79,6 +89,7 @@ class Compactor:
     holdout: float = 0.0  # share of query tokens kept aside to measure the result
     backend: str = "numba"
     seed: int = 0
+    workers: int | None = None  # threads solving heads in parallel (default: one per core)
 
     def __post_init__(self):
         if not self.ratio > 1:
@@ -145,27 +156,30 @@ class Compactor:
 
             budgets = self._budgets(snap, len(cells), _Calibration(self, problem, n_layers, n_head_kv, len(cells)))
             all_budgets.append(budgets.tolist())
-            blocks = []
-            for li in range(n_layers):
-                layer = []
-                for h in range(n_head_kv):
-                    p = problem(li, h, int(budgets[li, h]))
-                    res = method.fit(p)
-                    for k, v in res.notes.items():
-                        notes[f"{k}={v}"] += 1
-                    if q_test is not None and q_test.n_tokens:
-                        pt = problem(li, h, p.t, qs=q_test)
-                        e = head_errors(pt, res)
-                        acc = errors.setdefault(snap.layer_ids[li], {"output_rel_l2": 0.0, "mass_err": 0.0, "n": 0})
-                        acc["output_rel_l2"] += e["output_rel_l2"]
-                        acc["mass_err"] += e["mass_err"]
-                        acc["n"] += 1
-                    kept += res.t
-                    layer.append(HeadBlock(snap.keys[li][cells[res.indices], h], res.values, res.beta))
-                blocks.append(layer)
-                done += 1
-                if progress is not None:
-                    progress(done, steps)
+
+            def solve(li, h, problem=problem, budgets=budgets, q_test=q_test):
+                p = problem(li, h, int(budgets[li, h]))
+                res = method.fit(p)
+                err = head_errors(problem(li, h, p.t, qs=q_test), res) if q_test is not None and q_test.n_tokens else None
+                return res, err
+
+            blocks = [[None] * n_head_kv for _ in range(n_layers)]
+            left = [n_head_kv] * n_layers
+            for (li, h), (res, err) in self._map(solve, [(li, h) for li in range(n_layers) for h in range(n_head_kv)]):
+                for k, v in res.notes.items():
+                    notes[f"{k}={v}"] += 1
+                if err is not None:
+                    acc = errors.setdefault(snap.layer_ids[li], {"output_rel_l2": 0.0, "mass_err": 0.0, "n": 0})
+                    acc["output_rel_l2"] += err["output_rel_l2"]
+                    acc["mass_err"] += err["mass_err"]
+                    acc["n"] += 1
+                kept += res.t
+                blocks[li][h] = HeadBlock(snap.keys[li][cells[res.indices], h], res.values, res.beta)
+                left[li] -= 1
+                if not left[li]:
+                    done += 1
+                    if progress is not None:
+                        progress(done, steps)
             segments.append(per_head_segment(blocks, lo_pos, hi_pos, snap.dtype))
         segments.append(shared_segment(snap, np.flatnonzero(pos >= hi), bias))
         cache = assemble([s for s in segments if s.n_cells], T)
@@ -180,6 +194,26 @@ class Compactor:
         return cache, report
 
     # helpers ----------------------------------------------------------------------------------
+    def _map(self, fn, tasks):
+        """Yield (task, fn(*task)) in completion order, on ``workers`` threads.
+
+        Heads are independent: each worker solves whole heads with single-threaded BLAS and numba
+        (both release the GIL), which on 2 cores is ~2.5x faster than multithreaded BLAS per head."""
+        workers = self.workers or os.cpu_count() or 1
+        if workers == 1 or len(tasks) == 1:
+            for task in tasks:
+                yield task, fn(*task)
+            return
+
+        def run(task):
+            numba.set_num_threads(1)  # thread-local
+            return task, fn(*task)
+
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(run, task) for task in tasks]
+            for future in as_completed(futures):
+                yield future.result()
+
     def _split(self, queries: QuerySet | None, n_head_kv: int) -> tuple[QuerySet | None, QuerySet | None]:
         """Subsample to the per-head query budget, then set ``holdout`` of the tokens aside."""
         if queries is None:

@@ -26,16 +26,25 @@ _MAX_COND = 1e10  # beyond this the normal equations lose too many digits: use Q
 _RIDGE = 1e-6  # the reference's fallback ridge (fixed, unscaled)
 
 
-def solve_least_squares(X: np.ndarray, Y: np.ndarray, ridge: float = _RIDGE) -> tuple[np.ndarray, str]:
-    """min ||X C - Y|| for X [n, t]; returns (C, which solver ran): normal, lstsq or ridge."""
+def gram(X: np.ndarray) -> np.ndarray:
+    """X^T X in float64, computed in float32 as the reference solvers work (sgemm: twice dgemm's speed)."""
+    X32 = np.asarray(X, np.float32)
+    return (X32.T @ X32).astype(np.float64)
+
+
+def solve_least_squares(X: np.ndarray, Y: np.ndarray, ridge: float = _RIDGE,
+                        G: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """min ||X C - Y|| for X [n, t]; returns (C, which solver ran): normal, lstsq or ridge.
+    ``G``: X^T X when the caller has it already."""
     n, t = X.shape
     if n >= t:
-        G = X.T @ X
+        G = gram(X) if G is None else G
         try:
             c, low = scipy.linalg.cho_factor(G, check_finite=False)
             diag = np.abs(np.diag(c))
             if diag.min() > 0 and (diag.max() / diag.min()) ** 2 < _MAX_COND:
-                C = scipy.linalg.cho_solve((c, low), X.T @ Y, check_finite=False)
+                XtY = (np.asarray(X, np.float32).T @ np.asarray(Y, np.float32)).astype(np.float64)
+                C = scipy.linalg.cho_solve((c, low), XtY, check_finite=False)
                 if np.isfinite(C).all():
                     return C, "normal"
         except (np.linalg.LinAlgError, ValueError):
@@ -50,11 +59,17 @@ def solve_least_squares(X: np.ndarray, Y: np.ndarray, ridge: float = _RIDGE) -> 
     if n < t:
         K = X @ X.T
         K[np.diag_indices_from(K)] += ridge
-        C = X.T @ scipy.linalg.solve(K, Y, assume_a="pos", check_finite=False)
+        try:
+            C = X.T @ scipy.linalg.solve(K, Y, assume_a="pos", check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            C = np.full((t,) + Y.shape[1:], np.nan)
     else:
         G = X.T @ X
         G[np.diag_indices_from(G)] += ridge
-        C = scipy.linalg.solve(G, X.T @ Y, assume_a="pos", check_finite=False)
+        try:
+            C = scipy.linalg.solve(G, X.T @ Y, assume_a="pos", check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            C = np.full((t,) + Y.shape[1:], np.nan)
     if not np.isfinite(C).all():
         C = np.zeros((t,) + Y.shape[1:])
         return C, "zero"
@@ -106,10 +121,11 @@ class BoxNNLS(BetaFitter):
         if self.method == "exact":
             res = lsq_linear(M, y, bounds=(self.lower, self.upper), method="bvls")
             return np.log(np.clip(res.x, self.lower, self.upper)), {"beta": "bvls"}
-        w, how = solve_least_squares(M, y)
+        G = gram(M)
+        w, how = solve_least_squares(M, y, G=G)
         w = np.clip(w, self.lower, self.upper)
         if self.iters:
-            G, b = M.T @ M, M.T @ y
+            b = M.T @ y
             v = np.random.default_rng([self.seed, p.seed]).standard_normal(len(idx))
             sigma2 = kernels.power_sigma2(G, v / np.linalg.norm(v), self.power_iters)
             pg = kernels.projected_gradient if p.backend == "numba" else kernels.projected_gradient_numpy

@@ -40,9 +40,10 @@ class HeadProblem:
     bias: np.ndarray | None = None  # [T] logit bias the keys already carry (re-compaction)
     positions: np.ndarray | None = None  # [T] original positions (recency baselines)
     backend: str = "numba"
-    block: int = 1024
+    block: int = 2048
     seed: int = 0
     _stats: BlockStats | None = field(default=None, repr=False)
+    _qs: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.keys = np.ascontiguousarray(self.keys, np.float32)
@@ -83,14 +84,21 @@ class HeadProblem:
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.d)
 
-    def logits(self, rows: slice | np.ndarray = slice(None), keys: np.ndarray | None = None) -> np.ndarray:
+    @property
+    def scaled_queries(self) -> np.ndarray:
+        """Q / sqrt(d), float32 (scaling the n x d queries is cheaper than the n x T logits)."""
+        if self._qs is None:
+            self._qs = self.queries * np.float32(self.scale)
+        return self._qs
+
+    def logits(self, rows: slice | np.ndarray = slice(None), keys: np.ndarray | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
         """float32 ``q . k / sqrt(d)`` (no bias) for query rows x keys (all keys if None)."""
         k = self.keys if keys is None else self.keys[keys]
-        return np.ascontiguousarray((self.queries[rows] @ k.T) * np.float32(self.scale))
-
-    def _softmax(self, S: np.ndarray, bias: np.ndarray | None):
-        f = kernels.softmax_rows_inplace if self.backend == "numba" else kernels.softmax_rows_numpy
-        return f(S, bias)
+        q = self.scaled_queries[rows]
+        if out is None:
+            return q @ k.T
+        return np.dot(q, k.T, out=out)
 
     def stats(self) -> BlockStats:
         """One blocked pass over the queries (memory: block x T floats)."""
@@ -100,10 +108,11 @@ class HeadProblem:
             z = np.empty(self.n, np.float64)
             out = np.empty((self.n, self.d), np.float64)
             a_sum, a_sq, a_max = np.zeros(self.T), np.zeros(self.T), np.zeros(self.T)
+            buf = np.empty((min(self.block, self.n), self.T), np.float32)
             for lo in range(0, self.n, self.block):
                 rows = slice(lo, min(self.n, lo + self.block))
-                E = self.logits(rows)
-                m[rows], z[rows] = self._softmax(E, self.bias)
+                E = self.logits(rows, out=buf[: rows.stop - lo])
+                m[rows], z[rows] = kernels.softmax_rows_inplace(E, self.bias)
                 out[rows] = (E @ self.values) / z[rows, None]
                 s1, s2, mx = col(E, z[rows])
                 a_sum += s1
@@ -115,7 +124,7 @@ class HeadProblem:
     def mass_features(self) -> tuple[np.ndarray, np.ndarray]:
         """The full mass-feature matrix E [n, T] (float32) and z [n]: OMP's working set."""
         E = self.logits()
-        _, z = self._softmax(E, self.bias)
+        _, z = kernels.softmax_rows_inplace(E, self.bias)
         return E, z
 
     def features(self, keys: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
