@@ -348,3 +348,21 @@ def test_attention_matching_beats_eviction_on_held_out_queries(load_model, name)
                 s.restore(snap.state.to_bytes())
         best_baseline = min(err[m] for m in ("truncate", "streaming-llm", "h2o", "random"))
         assert err["am-highest"] < best_baseline and err["am-omp-fast"] < best_baseline, err
+
+
+def test_results_are_deterministic_for_a_seed(tiny_doc):
+    snap, layout, queries, _ = tiny_doc
+    for method in ("am-highest", "am-omp-fast", "random"):
+        a, _ = Compactor(method, ratio=6, seed=3, holdout=0.2).compact(snap, layout.doc_start, layout.doc_end, queries)
+        b, _ = Compactor(method, ratio=6, seed=3, holdout=0.2, workers=1).compact(
+            snap, layout.doc_start, layout.doc_end, queries)
+        assert all(np.array_equal(x, y) for x, y in zip(a.keys + a.bias + a.values, b.keys + b.bias + b.values,
+                                                      strict=True))
+
+
+def test_head_curves_fall_with_more_keys(tiny_doc):
+    snap, layout, queries, info = tiny_doc
+    curves = Compactor(holdout=0.2).head_curves(snap, layout.doc_start, layout.doc_end, queries,
+                                                grid=(0.05, 0.2, 0.6))
+    assert curves.shape == (len(info.base_layers), info.n_head_kv, 3)
+    assert np.all(curves[..., -1] <= curves[..., 0] + 1e-9)
