@@ -366,3 +366,16 @@ def test_head_curves_fall_with_more_keys(tiny_doc):
                                                 grid=(0.05, 0.2, 0.6))
     assert curves.shape == (len(info.base_layers), info.n_head_kv, 3)
     assert np.all(curves[..., -1] <= curves[..., 0] + 1e-9)
+
+
+def test_committed_smollm2_budgets_fit_the_model(load_model):
+    from importlib import resources
+
+    from kvlocal.modelinfo import ModelInfo
+
+    info = ModelInfo.from_model(load_model("smollm2"))
+    path = resources.files("kvlocal.data").joinpath("budgets/SmolLM2-135M-Instruct.json")
+    p = JsonBudget(str(path)).proportions(info.base_layers, info.n_head_kv)
+    assert p.shape == (30, 3) and abs(p.sum() - 1) < 1e-9 and p.min() >= 0
+    b = allocate(90 * 100, p, cap=750)
+    assert b.sum() == 9000 and b.max() <= 750

@@ -6,7 +6,7 @@ floor per head and a cap (by default 75 % of the block) filled by water-filling:
 head cannot take goes to the others in proportion.
 
 Policies: ``uniform``; ``json`` (a file ``{"L{layer}H{kv_head}": proportion}``, the reference
-format, over model layer ids); ``sensitivity`` (computed: per-head reconstruction-error curves
+format, over model layer ids; keys starting with "_" carry metadata); ``sensitivity`` (computed: per-head reconstruction-error curves
 on a calibration document, then the spec's ratio-agnostic swap solver).
 """
 
@@ -113,7 +113,7 @@ class JsonBudget(BudgetPolicy):
                 if not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
                     raise KvlocalError(f"head budgets: {key} must be a non-negative number, got {v!r}")
                 out[li, h] = v
-        extra = set(table) - {f"L{il}H{h}" for il in layer_ids for h in range(n_head_kv)}
+        extra = {k for k in table if not k.startswith("_")} - {f"L{il}H{h}" for il in layer_ids for h in range(n_head_kv)}
         if extra:
             raise KvlocalError(f"head budgets name heads this model does not compact: {sorted(extra)[:5]}")
         if out.sum() <= 0:

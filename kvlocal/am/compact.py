@@ -52,11 +52,13 @@ class CompactionReport:
 
 
 class _Calibration:
-    """Head error curves on the document itself, for the sensitivity budget."""
+    """Head error curves (held-out output error when kept at each grid ratio), for sensitivity budgets."""
 
-    def __init__(self, compactor: Compactor, problems: Callable[[int, int, int], HeadProblem], n_layers: int,
-                 n_head_kv: int, n_keys: int):
-        self.c, self.problems, self.shape, self.n_keys = compactor, problems, (n_layers, n_head_kv), n_keys
+    def __init__(self, compactor: Compactor, problem: Callable, train: QuerySet | None, test: QuerySet | None,
+                 n_layers: int, n_head_kv: int, n_keys: int):
+        self.c, self.problem, self.train = compactor, problem, train
+        self.test = test if test is not None and test.n_tokens else train
+        self.shape, self.n_keys = (n_layers, n_head_kv), n_keys
 
     def head_curves(self, method: str, grid) -> np.ndarray:
         fit = get_method(method)
@@ -64,8 +66,9 @@ class _Calibration:
         def curve(li, h):
             out = []
             for ratio in grid:
-                p = self.problems(li, h, max(1, int(round(ratio * self.n_keys))))
-                out.append(head_errors(p, fit.fit(p))["output_rel_l2"])
+                t = max(1, int(round(ratio * self.n_keys)))
+                res = fit.fit(self.problem(li, h, t, self.train))
+                out.append(head_errors(self.problem(li, h, t, self.test), res)["output_rel_l2"])
             return out
 
         curves = np.zeros(self.shape + (len(grid),))
@@ -140,27 +143,15 @@ class Compactor:
             lo_pos, hi_pos = int(pos[cells[0]]), int(pos[cells[-1]]) + 1
             q_train = self._chunk_queries(train, lo_pos, hi_pos)
             q_test = self._chunk_queries(test, lo_pos, hi_pos) if test is not None else None
-            view = {}  # (li) -> kv-head queries, computed once per layer
-
-            def problem(li, h, t, qs=q_train, cells=cells, cache=view):
-                il = snap.layer_ids[li]
-                if qs is None:
-                    q = np.zeros((1, snap.keys[li].shape[2]), np.float32)
-                else:
-                    if (il, id(qs)) not in cache:
-                        cache[(il, id(qs))] = qs.kv_heads(il, n_head_kv)
-                    q = cache[(il, id(qs))][h]
-                b = None if bias is None else np.asarray(bias[li], np.float32)[cells, h]
-                return HeadProblem(snap.keys[li][cells, h], snap.values[li][cells, h], q, t, bias=b,
-                                   positions=pos[cells], backend=self.backend, seed=self.seed * 100003 + li * 101 + h)
-
-            budgets = self._budgets(snap, len(cells), _Calibration(self, problem, n_layers, n_head_kv, len(cells)))
+            problem = self._problems(snap, cells, bias)
+            calibration = _Calibration(self, problem, q_train, q_test, n_layers, n_head_kv, len(cells))
+            budgets = self._budgets(snap, len(cells), calibration)
             all_budgets.append(budgets.tolist())
 
-            def solve(li, h, problem=problem, budgets=budgets, q_test=q_test):
-                p = problem(li, h, int(budgets[li, h]))
+            def solve(li, h, problem=problem, budgets=budgets, q_train=q_train, q_test=q_test):
+                p = problem(li, h, int(budgets[li, h]), q_train)
                 res = method.fit(p)
-                err = head_errors(problem(li, h, p.t, qs=q_test), res) if q_test is not None and q_test.n_tokens else None
+                err = head_errors(problem(li, h, p.t, q_test), res) if q_test is not None and q_test.n_tokens else None
                 return res, err
 
             blocks = [[None] * n_head_kv for _ in range(n_layers)]
@@ -193,7 +184,39 @@ class Compactor:
         cache.meta = {"method": method.name, "ratio": self.ratio}
         return cache, report
 
+    def head_curves(self, snap: KVSnapshot, doc_start: int, doc_end: int, queries: QuerySet,
+                    method: str = "am-highest", grid=(0.02, 0.05, 0.1, 0.2, 0.4)) -> np.ndarray:
+        """Per (layer, KV head) held-out output error when that head alone keeps each ``grid``
+        share of the document's keys: ``[n_layers, n_head_kv, len(grid)]`` (for budgets)."""
+        pos = snap.positions
+        cells = np.flatnonzero((pos >= doc_start) & (pos < doc_end))
+        train, test = self._split(queries, snap.keys[0].shape[1])
+        problem = self._problems(snap, cells, None)
+        return _Calibration(self, problem, train, test, len(snap.keys), snap.keys[0].shape[1],
+                            len(cells)).head_curves(method, grid)
+
     # helpers ----------------------------------------------------------------------------------
+    def _problems(self, snap: KVSnapshot, cells: np.ndarray, bias: list[np.ndarray] | None) -> Callable:
+        """problem(li, h, t, queries) -> the HeadProblem of layer li, KV head h over ``cells``."""
+        views: dict = {}  # (il, id(queries)) -> [n_head_kv, n_rep * n, d], built once per layer
+        n_head_kv = snap.keys[0].shape[1]
+
+        def problem(li: int, h: int, t: int, qs: QuerySet | None) -> HeadProblem:
+            il = snap.layer_ids[li]
+            if qs is None:
+                q = np.zeros((1, snap.keys[li].shape[2]), np.float32)
+            else:
+                key = (il, id(qs))
+                if key not in views:
+                    views[key] = qs.kv_heads(il, n_head_kv)
+                q = views[key][h]
+            b = None if bias is None else np.asarray(bias[li], np.float32)[cells, h]
+            return HeadProblem(snap.keys[li][cells, h], snap.values[li][cells, h], q, t, bias=b,
+                               positions=snap.positions[cells], backend=self.backend,
+                               seed=self.seed * 100003 + li * 101 + h)
+
+        return problem
+
     def _map(self, fn, tasks):
         """Yield (task, fn(*task)) in completion order, on ``workers`` threads.
 
