@@ -41,6 +41,8 @@ bench: setup
 	$(PIP) install -q -e '.[bench]'
 	$(VPY) bench/bias_overhead.py
 	$(VPY) bench/capture_overhead.py
+	$(VPY) bench/compaction_speed.py
+	$(VPY) bench/budgets_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
