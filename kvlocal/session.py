@@ -20,6 +20,7 @@ from . import binding
 from .capture import QueryCapture
 from .errors import KvlocalError
 from .kvcache import CompactedCache, KVSnapshot
+from .statecodec import cells_in_state
 from .modelinfo import ModelInfo
 from .queryset import QuerySet
 from .sampling import GREEDY, Sampler
@@ -69,6 +70,7 @@ class Session:
             raise
         self.progress = progress
         self.tokens: list[int] = []  # the token history of sequence 0
+        self.cells = [0, 0]  # KV cells held by sequence 0 and (beyond them) by the scratch sequence
         self.layout: DocumentLayout | None = None
         self.context_queries: QuerySet | None = None
         self.compacted = False
@@ -89,6 +91,16 @@ class Session:
     @property
     def n_ctx(self) -> int:
         return self.ctx.n_ctx
+
+    def rewind(self, length: int) -> None:
+        """Forget sequence 0's tokens from logical position ``length`` on (e.g. the last answer)."""
+        if not 0 <= length <= self.n_past:
+            raise KvlocalError(f"cannot rewind to {length}: the sequence is {self.n_past} long")
+        n_drop = self.n_past - length
+        if n_drop:
+            self.ctx.seq_rm(0, length, -1)
+            self.cells[0] -= n_drop
+            del self.tokens[length:]
 
     @property
     def n_past(self) -> int:
@@ -126,10 +138,11 @@ class Session:
         start = self.ctx.pos_max(seq_id) + 1
         if start == 0 and seq_id == SCRATCH:
             raise KvlocalError("the scratch sequence is empty: use Session.fork()")
-        if start + len(toks) > self.n_ctx:
-            raise DocumentError(f"{start + len(toks)} tokens do not fit the context of {self.n_ctx}; "
-                                "create the session with a larger n_ctx")
+        if sum(self.cells) + len(toks) > self.n_ctx:
+            raise DocumentError(f"{sum(self.cells) + len(toks)} KV cells are needed but the context holds "
+                                f"{self.n_ctx}; create the session with a larger n_ctx")
         out = self.ctx.decode(toks, pos=start, seq_id=seq_id, logits=logits)
+        self.cells[min(seq_id, 1)] += len(toks)
         if self._capture is not None:
             self._capture.add_positions(np.arange(start, start + len(toks), dtype=np.int32))
         if seq_id == 0:
@@ -214,10 +227,12 @@ class Session:
         """Scratch sequence 1 as a copy of sequence 0 for the duration of the block."""
         self.ctx.seq_rm(SCRATCH)
         self.ctx.seq_cp(0, SCRATCH)
+        self.cells[1] = 0
         try:
             yield SCRATCH
         finally:
             self.ctx.seq_rm(SCRATCH)
+            self.cells[1] = 0
 
     @contextlib.contextmanager
     def capturing(self, capture: QueryCapture | None) -> Iterator[QueryCapture | None]:
@@ -262,6 +277,7 @@ class Session:
             for il, bias in zip(self.info.base_layers, cache.bias, strict=True):
                 self.ctx.bias_set(il, bias)
         self.compacted = True
+        self.cells = [cache.n_cells, 0]
         del self.tokens[cache.logical_length:]  # history beyond T is gone with the old cells
         if self.n_past != cache.logical_length:
             raise KvlocalError(f"after injecting, decoding would continue at {self.n_past}, not "
@@ -273,4 +289,5 @@ class Session:
         self.ctx.bias_enable(False)
         self.ctx.set_seq_state(blob, 0)
         self.compacted = False
+        self.cells = [cells_in_state(blob), 0]
         del self.tokens[self.n_past:]  # blobs of this session are prefixes of its history

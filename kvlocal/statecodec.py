@@ -185,6 +185,16 @@ def _parse_stream(r: _Reader, n_cells: int, cell_ext: bool) -> StreamState:
     return StreamState(pos, seq_ids, ext, bool(v_trans), layers)
 
 
+def cells_in_state(blob: bytes) -> int:
+    """Cells of the first cache section of a sequence blob, from its header alone."""
+    r = _Reader(blob)
+    if r.scalar("<I", "magic") != SEQ_MAGIC:
+        raise StateFormatError("not a llama.cpp sequence state")
+    r.scalar("<i", "seq_id")
+    n_stream = r.scalar("<I", "n_stream")
+    return sum(r.scalar("<I", "cell_count") for _ in range(min(n_stream, 1)))
+
+
 def parse_seq_state(blob: bytes | memoryview, *, cell_ext: bool = False, n_caches: int | None = None) -> SeqState:
     """Parse a ``llama_state_seq_get_data`` blob.
 
