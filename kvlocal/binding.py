@@ -528,9 +528,10 @@ class Context(_Native):
             raise _engine_error(f"llama_state_seq_get_data_ext wrote {n} of {size} bytes")
         return bytes(buf)
 
-    def set_seq_state(self, blob: bytes, seq_id: int = 0, flags: int = 0) -> int:
+    def set_seq_state(self, blob: bytes | bytearray, seq_id: int = 0, flags: int = 0) -> int:
         """Restore a state blob into ``seq_id`` (replacing its cells); returns bytes read."""
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        kind = ctypes.c_uint8 * len(blob)
+        buf = kind.from_buffer(blob) if isinstance(blob, bytearray) else kind.from_buffer_copy(blob)
         _LOG_TAIL.clear()
         n = ll.llama_state_seq_set_data_ext(self.handle, buf, len(blob), seq_id, flags)
         if n == 0:

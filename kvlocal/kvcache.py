@@ -20,11 +20,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import KvlocalError
-from .statecodec import LayerKV, SeqState, StreamState, parse_seq_state
+from .statecodec import GGML_F16, CacheState, LayerKV, SeqState, StreamState, parse_seq_state
 
 
 class InjectError(KvlocalError):
     """A compacted cache does not fit the model or breaks llama.cpp's position rules."""
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or inf; for float16 by the exponent bits (numpy's float16 isfinite is slow)."""
+    a = np.asarray(a)
+    if a.dtype == np.float16:
+        return not bool(((a.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    return bool(np.isfinite(a).all())
 
 
 def _live_index(cache) -> int:
@@ -59,6 +67,27 @@ class KVSnapshot:
             values.append(layer.v.reshape(shape))
         return cls(state, info.base_layers, base.pos.copy(), keys, values)
 
+    @classmethod
+    def from_arrays(cls, positions: np.ndarray, keys: list[np.ndarray], values: list[np.ndarray],
+                    layer_ids, swa_section: bytes | None = None) -> KVSnapshot:
+        """A snapshot from stored arrays (F16, transposed V as flash-attention-off contexts hold it);
+        ``swa_section``: the SWA cache section written by ``swa_section()``."""
+        n = len(positions)
+        layers = [LayerKV(GGML_F16, np.ascontiguousarray(k, np.float16).reshape(n, -1), GGML_F16,
+                          np.ascontiguousarray(v, np.float16).reshape(n, -1)) for k, v in zip(keys, values, strict=True)]
+        base = StreamState(np.asarray(positions, np.int32), [np.zeros(1, np.int32) for _ in range(n)], None, True, layers)
+        caches = [CacheState([base])]
+        if swa_section is not None:
+            caches.append(parse_seq_state(swa_section, n_caches=1).caches[0])
+        return cls(SeqState(0, caches), tuple(layer_ids), base.pos.copy(),
+                   [np.asarray(k, np.float16) for k in keys], [np.asarray(v, np.float16) for v in values])
+
+    def swa_section(self) -> bytes | None:
+        """The SWA cache section (iSWA models) as a one-section state blob, or None."""
+        if len(self.state.caches) < 2:
+            return None
+        return SeqState(self.state.seq_id, [self.state.caches[1]]).to_bytes()
+
     @property
     def n_cells(self) -> int:
         return len(self.positions)
@@ -82,6 +111,7 @@ class Segment:
     keys: list[np.ndarray]
     values: list[np.ndarray]
     bias: list[np.ndarray]
+    origin: list[np.ndarray]  # per layer [n, H_kv]: original position of the key each slot holds, -1 padding
 
     @property
     def n_cells(self) -> int:
@@ -94,7 +124,9 @@ def shared_segment(snap: KVSnapshot, cells, bias: list[np.ndarray] | None = None
     idx = np.asarray(cells, dtype=np.intp).reshape(-1)
     n, h = len(idx), snap.keys[0].shape[1]
     b = [np.zeros((n, h), np.float32) for _ in snap.keys] if bias is None else [np.asarray(x, np.float32)[idx] for x in bias]
-    return Segment(snap.positions[idx].astype(np.int32), [k[idx] for k in snap.keys], [v[idx] for v in snap.values], b)
+    pos = snap.positions[idx].astype(np.int32)
+    origin = [np.repeat(pos[:, None], h, axis=1) for _ in snap.keys]
+    return Segment(pos, [k[idx] for k in snap.keys], [v[idx] for v in snap.values], b, origin)
 
 
 @dataclass
@@ -104,6 +136,7 @@ class HeadBlock:
     keys: np.ndarray
     values: np.ndarray
     bias: np.ndarray
+    positions: np.ndarray | None = None  # [t] original positions of the kept keys (-1 if unknown)
 
 
 def per_head_segment(blocks: list[list[HeadBlock]], pos_lo: int, pos_hi: int, dtype=np.float16) -> Segment:
@@ -122,13 +155,14 @@ def per_head_segment(blocks: list[list[HeadBlock]], pos_lo: int, pos_hi: int, dt
         raise InjectError("every head is empty")
     if pos_hi - pos_lo < 1:
         raise InjectError(f"empty position range [{pos_lo}, {pos_hi})")
-    keys, values, bias = [], [], []
+    keys, values, bias, origin = [], [], [], []
     for il, layer in enumerate(blocks):
         if len(layer) != n_head:
             raise InjectError(f"layer {il} has {len(layer)} heads, layer 0 {n_head}")
         k = np.zeros((n, n_head, d), dtype)
         v = np.zeros((n, n_head, d), dtype)
         b = np.full((n, n_head), -np.inf, np.float32)
+        o = np.full((n, n_head), -1, np.int32)
         for h, blk in enumerate(layer):
             t = blk.keys.shape[0]
             if blk.keys.shape != (t, d) or blk.values.shape != (t, d) or blk.bias.shape != (t,):
@@ -137,11 +171,14 @@ def per_head_segment(blocks: list[list[HeadBlock]], pos_lo: int, pos_hi: int, dt
             k[:t, h] = blk.keys
             v[:t, h] = blk.values
             b[:t, h] = blk.bias
+            if blk.positions is not None:
+                o[:t, h] = blk.positions
         keys.append(k)
         values.append(v)
         bias.append(b)
+        origin.append(o)
     positions = (pos_lo + (np.arange(n) * (pos_hi - pos_lo)) // n).astype(np.int32)
-    return Segment(positions, keys, values, bias)
+    return Segment(positions, keys, values, bias, origin)
 
 
 @dataclass
@@ -154,6 +191,7 @@ class CompactedCache:
     bias: list[np.ndarray]
     logical_length: int
     meta: dict = field(default_factory=dict)
+    origin: list[np.ndarray] | None = None  # per layer [N, H_kv] original positions, -1 padding
 
     @property
     def n_cells(self) -> int:
@@ -186,7 +224,7 @@ class CompactedCache:
             if k.shape != (n, h, d) or v.shape != (n, h, d) or b.shape != (n, h):
                 raise InjectError(f"layer {il}: K {k.shape}, V {v.shape}, bias {b.shape}; expected "
                                   f"[{n}, {h}, {d}] and [{n}, {h}]")
-            if not (np.isfinite(k).all() and np.isfinite(v).all()):
+            if not (all_finite(k) and all_finite(v)):
                 raise InjectError(f"layer {il}: K/V hold NaN or inf")
             if np.isnan(b).any() or np.isposinf(b).any():
                 raise InjectError(f"layer {il}: bias holds NaN or +inf")
@@ -229,7 +267,8 @@ def assemble(segments: list[Segment], logical_length: int) -> CompactedCache:
     cat = [np.concatenate([s.keys[il] for s in segments]) for il in range(n_layers)]
     vat = [np.concatenate([s.values[il] for s in segments]) for il in range(n_layers)]
     bat = [np.concatenate([s.bias[il] for s in segments]).astype(np.float32) for il in range(n_layers)]
-    return CompactedCache(positions, cat, vat, bat, int(logical_length))
+    oat = [np.concatenate([s.origin[il] for s in segments]).astype(np.int32) for il in range(n_layers)]
+    return CompactedCache(positions, cat, vat, bat, int(logical_length), origin=oat)
 
 
 def identity_compaction(snap: KVSnapshot, doc_start: int, doc_end: int) -> CompactedCache:
@@ -237,8 +276,8 @@ def identity_compaction(snap: KVSnapshot, doc_start: int, doc_end: int) -> Compa
     ``doc_end`` on kept whole, every head keeping every document key with bias 0 and its own values.
     Injected, it must reproduce the original cache's logits exactly."""
     doc = np.arange(doc_start, doc_end)
-    blocks = [[HeadBlock(k[doc, h], v[doc, h], np.zeros(len(doc), np.float32)) for h in range(k.shape[1])]
-              for k, v in zip(snap.keys, snap.values, strict=True)]
+    blocks = [[HeadBlock(k[doc, h], v[doc, h], np.zeros(len(doc), np.float32), snap.positions[doc])
+               for h in range(k.shape[1])] for k, v in zip(snap.keys, snap.values, strict=True)]
     return assemble([shared_segment(snap, np.arange(doc_start)),
                      per_head_segment(blocks, doc_start, doc_end, snap.dtype),
                      shared_segment(snap, np.arange(doc_end, snap.n_cells))], snap.logical_length)

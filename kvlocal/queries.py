@@ -102,8 +102,7 @@ class SelfStudy(QuerySource):
         if self.budget < 1 or self.max_new_tokens < 1:
             raise KvlocalError("self-study needs a positive token budget")
         sampler = Sampler(self.temperature, self.top_k, self.top_p, self.seed)
-        end_of_answer = session.tokenize(session.template_around(
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": CONTENT_MARK}])[1])
+        end_of_answer = session.turn_end()
         capture = self._capture(session)
         left = self.budget
         with session.capturing(capture):

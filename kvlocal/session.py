@@ -123,6 +123,11 @@ class Session:
             raise KvlocalError("the chat template dropped the message content")
         return before, after
 
+    def turn_end(self) -> np.ndarray:
+        """Tokens that close an assistant turn (ChatML: ``<|im_end|>\n``)."""
+        return self.tokenize(self.template_around(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": CONTENT_MARK}])[1])
+
     def chat_tokens(self, messages: Sequence[dict], add_assistant: bool = True) -> np.ndarray:
         """A conversation turn continuing the cached context (no BOS)."""
         if self.model.chat_template() is None:

@@ -234,31 +234,40 @@ def _check_stream(s: StreamState) -> None:
                 raise StateFormatError(f"{what} must be a 2-D {_row_dtype(t)} array for type {t}, got {a.dtype} {a.shape}")
 
 
-def write_seq_state(state: SeqState) -> bytes:
+def _cell_metadata(s: StreamState) -> bytes:
+    if s.ext is None and all(len(x) == 1 for x in s.seq_ids):  # the usual case, vectorised
+        rec = np.empty(s.n_cells, dtype=[("pos", "<i4"), ("n", "<u4"), ("seq", "<i4")])
+        rec["pos"], rec["n"] = s.pos, 1
+        rec["seq"] = [x[0] for x in s.seq_ids]
+        return rec.tobytes()
+    parts = []
+    for i in range(s.n_cells):
+        parts.append(struct.pack("<iI", int(s.pos[i]), len(s.seq_ids[i])))
+        if s.ext is not None:
+            parts.append(s.ext[i].astype("<i4").tobytes())
+        parts.append(np.asarray(s.seq_ids[i], "<i4").tobytes())
+    return b"".join(parts)
+
+
+def write_seq_state(state: SeqState) -> bytearray:
     """Serialize ``state`` to the exact bytes llama.cpp writes (and reads back)."""
-    out = bytearray(struct.pack("<Ii", SEQ_MAGIC, state.seq_id))
+    parts: list = [struct.pack("<Ii", SEQ_MAGIC, state.seq_id)]
     for cache in state.caches:
-        out += struct.pack("<I", len(cache.streams))
+        parts.append(struct.pack("<I", len(cache.streams)))
         for s in cache.streams:
             if s is None or s.n_cells == 0:
-                out += struct.pack("<I", 0)
+                parts.append(struct.pack("<I", 0))
                 continue
             _check_stream(s)
-            out += struct.pack("<I", s.n_cells)
-            for i in range(s.n_cells):
-                out += struct.pack("<iI", int(s.pos[i]), len(s.seq_ids[i]))
-                if s.ext is not None:
-                    out += s.ext[i].astype("<i4").tobytes()
-                out += np.asarray(s.seq_ids[i], "<i4").tobytes()
-            out += struct.pack("<II", int(s.v_trans), len(s.layers))
+            parts += [struct.pack("<I", s.n_cells), _cell_metadata(s), struct.pack("<II", int(s.v_trans), len(s.layers))]
             for layer in s.layers:
-                out += struct.pack("<iQ", layer.k_type, layer.k.shape[1] * layer.k.dtype.itemsize)
-                out += np.ascontiguousarray(layer.k).tobytes()
+                parts.append(struct.pack("<iQ", layer.k_type, layer.k.shape[1] * layer.k.dtype.itemsize))
+                parts.append(memoryview(np.ascontiguousarray(layer.k)).cast("B"))
             for layer in s.layers:
                 if not s.v_trans:
-                    out += struct.pack("<iQ", layer.v_type, layer.v.shape[1] * layer.v.dtype.itemsize)
-                    out += np.ascontiguousarray(layer.v).tobytes()
+                    parts.append(struct.pack("<iQ", layer.v_type, layer.v.shape[1] * layer.v.dtype.itemsize))
+                    parts.append(memoryview(np.ascontiguousarray(layer.v)).cast("B"))
                 else:
-                    out += struct.pack("<iII", layer.v_type, layer.v.dtype.itemsize, layer.v.shape[1])
-                    out += np.ascontiguousarray(layer.v.T).tobytes()
-    return bytes(out)
+                    parts.append(struct.pack("<iII", layer.v_type, layer.v.dtype.itemsize, layer.v.shape[1]))
+                    parts.append(memoryview(np.ascontiguousarray(layer.v.T)).cast("B"))
+    return bytearray().join(parts)

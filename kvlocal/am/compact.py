@@ -165,7 +165,8 @@ class Compactor:
                     acc["mass_err"] += err["mass_err"]
                     acc["n"] += 1
                 kept += res.t
-                blocks[li][h] = HeadBlock(snap.keys[li][cells[res.indices], h], res.values, res.beta)
+                kept_cells = cells[res.indices]
+                blocks[li][h] = HeadBlock(snap.keys[li][kept_cells, h], res.values, res.beta, pos[kept_cells])
                 left[li] -= 1
                 if not left[li]:
                     done += 1

@@ -1,0 +1,219 @@
+"""The ``kvlocal`` command: compact a document, chat with it, ask it, inspect a session file.
+
+    kvlocal compact DOC -m MODEL --ratio 10 [--method am-highest] [--queries repeat] -o DOC.kvs
+    kvlocal chat DOC.kvs -m MODEL
+    kvlocal ask DOC.kvs -m MODEL "question"
+    kvlocal info DOC.kvs
+
+Flags follow llama.cpp: -m/--model, -c/--ctx-size, -t/--threads.  Errors print one line and
+exit with status 1 (2 for bad usage); nothing is written unless the whole command succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import KvlocalError
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _read_document(arg: str) -> str:
+    if arg == "-":
+        return sys.stdin.read()
+    path = Path(arg)
+    if not path.is_file():
+        raise KvlocalError(f"document not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise KvlocalError(f"{path} is not UTF-8 text") from exc
+
+
+def _check_output(path: str) -> None:
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise KvlocalError(f"output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise KvlocalError(f"cannot write to {parent}")
+
+
+def cmd_compact(a) -> int:
+    from .api import Compaction
+
+    text = _read_document(a.document)
+    _check_output(a.output)
+    queries = a.queries.split(",") if a.queries else None
+    t0 = time.perf_counter()
+    with Compaction(a.model, n_ctx=a.ctx_size, threads=a.threads, progress=not a.quiet, verbose=a.verbose) as kv:
+        layout = kv.ingest(text, system=a.system)
+        report = kv.compact(ratio=a.ratio, method=a.method, queries=queries, budgets=a.budgets,
+                            recent_window=a.recent_window, chunk_size=a.chunk_size,
+                            max_queries_per_head=a.max_queries, seed=a.seed)
+        size = kv.save(a.output)
+        t = kv.timings
+    total = time.perf_counter() - t0
+    r = report
+    print(f"compacted {Path(a.document).name}: {r['tokens_before']} tokens ({layout.n_doc} document) -> "
+          f"{r['cells_after']} cells, {r['method']} at {r['ratio']:g}x (effective {r['effective_ratio']:.1f}x), "
+          f"queries {'+'.join(r['queries'])}")
+    print(f"  KV cache   {_size(r['kv_bytes_before'])} -> {_size(r['kv_bytes_after'])}"
+          f" ({100 * r['padding_fraction']:.0f} % padding); session file {_size(size)} -> {a.output}")
+    print(f"  time       ingest {t['ingest_s']:.1f} s, queries {t['queries_s']:.1f} s, fit {t['fit_s']:.1f} s, "
+          f"save {t['save_s']:.2f} s (total {total:.1f} s)")
+    if r["heldout_output_rel_l2"] is not None:
+        print(f"  quality    held-out attention error {r['heldout_output_rel_l2']:.3f} (relative L2 of outputs), "
+              f"mass error {r['heldout_mass_err']:.3f} (mean over layers)")
+    if r["fallbacks"]:
+        print("  solvers    " + ", ".join(f"{k} x{v}" for k, v in sorted(r["fallbacks"].items())))
+    return 0
+
+
+def _sampler(a):
+    from .sampling import Sampler
+
+    return Sampler(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+
+
+def cmd_ask(a) -> int:
+    from .api import CompactedSession
+
+    with CompactedSession(a.session, a.model, threads=a.threads, verbose=a.verbose) as s:
+        for piece in s.ask(a.question, max_tokens=a.n_predict, stream=True, sampler=_sampler(a)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from .api import CompactedSession
+
+    with CompactedSession(a.session, a.model, threads=a.threads, verbose=a.verbose) as s:
+        m = s.meta
+        print(f"kvlocal chat: {Path(a.session).name} ({m['cache.n_cells']} cells standing for "
+              f"{m['cache.logical_length']} tokens, {m['compaction.method']} {m['compaction.ratio']:g}x), "
+              f"loaded in {s.load_seconds:.2f} s. Empty line or Ctrl-D to quit, /reset to forget the conversation.")
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print()
+                break
+            if not line.strip():
+                break
+            if line.strip() == "/reset":
+                s.reset()
+                continue
+            for piece in s.chat(line, max_tokens=a.n_predict, stream=True, sampler=_sampler(a)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .sessionfile import read_info
+
+    meta = read_info(a.session)
+    if a.json:
+        print(json.dumps(meta, indent=1, sort_keys=True))
+        return 0
+    report = meta["compaction.report"]
+    print(f"{a.session}: kvlocal session format {meta['format_version']} (kvlocal {meta['kvlocal_version']}, "
+          f"created {meta['created']})")
+    print(f"  model      {meta['model.name']} ({meta['model.arch']}, {meta['model.n_layer']} layers, "
+          f"{meta['model.n_head']}/{meta['model.n_head_kv']} heads, head dim {meta['model.head_dim']})")
+    print(f"  llama.cpp  llama-cpp-python {meta['native.llama_cpp_python']}, patch {meta['native.patch_hash'][:12]}")
+    print(f"  cache      {meta['cache.n_cells']} cells standing for {meta['cache.logical_length']} tokens "
+          f"(document {meta['doc.start']}..{meta['doc.end']}), layers {len(meta['cache.layers'])}"
+          + (", with SWA section" if meta["cache.has_swa"] else ""))
+    print(f"  compaction {meta['compaction.method']} at {meta['compaction.ratio']:g}x, queries "
+          f"{meta['compaction.queries']}, budgets {meta['compaction.budgets']}")
+    if report.get("heldout_output_rel_l2") is not None:
+        print(f"  quality    held-out attention error {report['heldout_output_rel_l2']:.3f}, "
+              f"mass error {report['heldout_mass_err']:.3f}")
+    if report.get("timings"):
+        print("  timings    " + ", ".join(f"{k} {v:.2f}" for k, v in report["timings"].items()))
+    print(f"  chat       {len(meta['chat.messages'])} messages")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .am.methods import METHODS
+
+    ap = argparse.ArgumentParser(prog="kvlocal", description="Compact the KV cache of a local GGUF model.")
+    ap.add_argument("--version", action="version", version=f"kvlocal {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, model=True):
+        if model:
+            p.add_argument("-m", "--model", required=True, help="GGUF model file")
+            p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
+            p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+
+    c = sub.add_parser("compact", help="ingest a document, compact its KV cache and save it")
+    c.add_argument("document", help="UTF-8 text file, or - for stdin")
+    common(c)
+    c.add_argument("-o", "--output", required=True, help="session file to write (.kvs)")
+    c.add_argument("-c", "--ctx-size", type=int, default=None, help="context size (default: sized to the document)")
+    c.add_argument("--ratio", type=float, default=10.0, help="document tokens per kept key (default 10)")
+    c.add_argument("--method", default="am-highest", choices=METHODS.names())
+    c.add_argument("--queries", default=None,
+                   help="query sources, comma-separated: context, repeat, self-study (default: the method's)")
+    c.add_argument("--budgets", default="uniform", help="uniform, sensitivity, or a JSON file of head proportions")
+    c.add_argument("--recent-window", type=int, default=0, help="last tokens kept uncompacted")
+    c.add_argument("--chunk-size", type=int, default=None, help="compact the document in chunks of this many tokens")
+    c.add_argument("--max-queries", type=int, default=4096, help="reference queries per KV head")
+    c.add_argument("--system", default=None, help="system prompt placed before the document")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_compact)
+
+    for name, func, help_ in (("chat", cmd_chat, "chat with a compacted session"),
+                              ("ask", cmd_ask, "ask a compacted session one question")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("session", help="session file (.kvs)")
+        common(p)
+        if name == "ask":
+            p.add_argument("question")
+        p.add_argument("-n", "--n-predict", type=int, default=256, help="max tokens per answer")
+        p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+        p.add_argument("--top-k", type=int, default=40)
+        p.add_argument("--top-p", type=float, default=0.95)
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=func)
+
+    i = sub.add_parser("info", help="show what a session file records (no model needed)")
+    i.add_argument("session")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KvlocalError as exc:
+        print(f"kvlocal: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kvlocal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Compacted sessions on disk: a GGUF container written and read with the ``gguf`` package.
+
+Any GGUF tool can list a session file.  Metadata (all under ``kvlocal.``): format version,
+kvlocal version, the llama.cpp build (llama-cpp-python version, patch hash, bias ABI), the model
+fingerprint, the logical length T, the document layout and its protected tokens, the chat so
+far, and how it was compacted (method, ratio, query sources, budgets, timings, quality).
+Tensors, the compacted layers stacked in the order of ``kvlocal.cache.layers`` (one tensor per
+kind keeps the reader fast: the gguf package spends ~0.1 ms per tensor): ``cache.positions``
+[N] int32; ``cache.k``/``cache.v`` [layers, N, H_kv, d] F16; ``cache.beta`` [layers, N, H_kv]
+F32 and ``cache.origin`` [layers, N, H_kv] int32 (the original position of the key each slot
+holds, -1 for padding); ``swa.state`` (iSWA models: the sliding-window section of the
+llama.cpp state, as bytes).
+
+Session files are untrusted input: nothing is unpickled or evaluated, every field is checked
+for presence, type, shape and range, and a SHA-256 over all tensor bytes catches corrupted
+data.  Any defect raises ``SessionFileError``.  Writes go to a temporary file in the same
+directory, are flushed to disk, then renamed over the target: an interrupted save leaves the
+previous file intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KvlocalError
+from .kvcache import all_finite
+
+FORMAT_VERSION = 1
+ARCH = "kvlocal-session"
+_P = "kvlocal."
+
+
+class SessionFileError(KvlocalError):
+    """A session file is missing, corrupt, of another version, or does not fit."""
+
+
+# field -> type; "str", "u32", "f32", "bool", "i32s" (int32 array), "json"
+FIELDS = {
+    "format_version": "u32",
+    "kvlocal_version": "str",
+    "created": "str",
+    "native.llama_cpp_python": "str",
+    "native.patch_hash": "str",
+    "native.bias_abi": "u32",
+    "model.name": "str",
+    "model.arch": "str",
+    "model.n_layer": "u32",
+    "model.n_head": "u32",
+    "model.n_head_kv": "u32",
+    "model.head_dim": "u32",
+    "model.n_embd": "u32",
+    "model.n_vocab": "u32",
+    "model.n_ctx_train": "u32",
+    "model.rope": "str",
+    "model.file_sha256": "str",
+    "model.tokenizer_sha256": "str",
+    "cache.logical_length": "u32",
+    "cache.n_cells": "u32",
+    "cache.layers": "i32s",
+    "cache.has_swa": "bool",
+    "doc.start": "u32",
+    "doc.end": "u32",
+    "doc.n_prefix": "u32",
+    "doc.n_suffix": "u32",
+    "doc.prefix_tokens": "i32s?",  # absent when empty (GGUF has no empty arrays)
+    "doc.suffix_tokens": "i32s?",
+    "chat.messages": "json",
+    "compaction.method": "str",
+    "compaction.ratio": "f32",
+    "compaction.queries": "str",
+    "compaction.budgets": "str",
+    "compaction.report": "json",
+    "checksum.sha256": "str",
+}
+
+
+@dataclass
+class SessionData:
+    meta: dict  # the FIELDS above (without the "kvlocal." prefix)
+    positions: np.ndarray  # int32 [N]
+    keys: list[np.ndarray]  # per compacted layer [N, H_kv, d] float16
+    values: list[np.ndarray]
+    bias: list[np.ndarray]  # float32 [N, H_kv]
+    origin: list[np.ndarray]  # int32 [N, H_kv]
+    swa_state: bytes | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return list(self.meta["cache.layers"])
+
+    @property
+    def prefix_tokens(self) -> list[int]:
+        return list(self.meta.get("doc.prefix_tokens", []))
+
+    @property
+    def suffix_tokens(self) -> list[int]:
+        return list(self.meta.get("doc.suffix_tokens", []))
+
+
+_ORDER = ("cache.positions", "cache.k", "cache.v", "cache.beta", "cache.origin")
+
+
+def _tensor_order(has_swa: bool) -> list[str]:
+    return list(_ORDER) + (["swa.state"] if has_swa else [])
+
+
+def _tensors(data: SessionData) -> dict[str, np.ndarray]:
+    out = {"cache.positions": np.ascontiguousarray(data.positions, np.int32),
+           "cache.k": np.stack([np.asarray(k, np.float16) for k in data.keys]),
+           "cache.v": np.stack([np.asarray(v, np.float16) for v in data.values]),
+           "cache.beta": np.stack([np.asarray(b, np.float32) for b in data.bias]),
+           "cache.origin": np.stack([np.asarray(o, np.int32) for o in data.origin])}
+    if data.swa_state is not None:
+        out["swa.state"] = np.frombuffer(data.swa_state, np.int8)
+    return out
+
+
+def _checksum(tensors: dict[str, np.ndarray], order: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in order:
+        h.update(name.encode() + b"\0")
+        h.update(memoryview(np.ascontiguousarray(tensors[name])).cast("B"))
+    return h.hexdigest()
+
+
+def write_session(path: str | os.PathLike, data: SessionData) -> int:
+    """Write ``data`` atomically; returns the file size in bytes."""
+    import gguf
+
+    path = Path(path)
+    tensors = _tensors(data)
+    order = _tensor_order(data.swa_state is not None)
+    meta = dict(data.meta, **{"checksum.sha256": _checksum(tensors, order), "format_version": FORMAT_VERSION})
+    meta["doc.n_prefix"], meta["doc.n_suffix"] = len(data.prefix_tokens), len(data.suffix_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, ARCH)
+        for key, kind in FIELDS.items():
+            value = meta.get(key)
+            if value is None:
+                if kind.endswith("?"):
+                    continue
+                raise SessionFileError(f"missing session field {key}")
+            name = _P + key
+            if kind == "str":
+                w.add_string(name, str(value))
+            elif kind == "u32":
+                w.add_uint32(name, int(value))
+            elif kind == "f32":
+                w.add_float32(name, float(value))
+            elif kind == "bool":
+                w.add_bool(name, bool(value))
+            elif kind == "json":
+                w.add_string(name, json.dumps(value))
+            elif kind.startswith("i32s"):
+                if len(value) or not kind.endswith("?"):
+                    w.add_array(name, [int(v) for v in value])
+        for name in order:
+            w.add_tensor(name, tensors[name])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _field(reader, key: str, kind: str):
+    import gguf
+
+    f = reader.fields.get(_P + key)
+    if f is None:
+        if kind.endswith("?"):
+            return None
+        raise SessionFileError(f"missing field {_P + key}")
+    t = f.types
+    want = {"str": [gguf.GGUFValueType.STRING], "u32": [gguf.GGUFValueType.UINT32],
+            "f32": [gguf.GGUFValueType.FLOAT32], "bool": [gguf.GGUFValueType.BOOL],
+            "json": [gguf.GGUFValueType.STRING]}.get(kind.rstrip("?"))
+    if kind.startswith("i32s"):
+        if t != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32]:
+            raise SessionFileError(f"field {_P + key} must be an int32 array")
+        return [int(v) for v in f.contents()]
+    if t != want:
+        raise SessionFileError(f"field {_P + key} has type {[x.name for x in t]}, expected {kind}")
+    value = f.contents()
+    if kind == "json":
+        try:
+            value = json.loads(value)
+        except (TypeError, ValueError) as exc:
+            raise SessionFileError(f"field {_P + key} is not valid JSON") from exc
+    elif kind == "f32" and not math.isfinite(value):
+        raise SessionFileError(f"field {_P + key} is not finite")
+    return value
+
+
+def _open(path: str | os.PathLike):
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise SessionFileError(f"session file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as exc:  # noqa: BLE001 - the gguf reader raises many types on corrupt input
+        raise SessionFileError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+    arch = reader.fields.get("general.architecture")
+    try:
+        arch_name = arch.contents() if arch is not None else None
+    except Exception:  # noqa: BLE001
+        arch_name = None
+    if arch_name != ARCH:
+        raise SessionFileError(f"{path} is a GGUF file but not a kvlocal session (architecture {arch_name!r})")
+    return reader
+
+
+def _meta(reader, path) -> dict:
+    version = _field(reader, "format_version", "u32")
+    if version != FORMAT_VERSION:
+        raise SessionFileError(f"{path} uses session format {version}; this kvlocal reads format {FORMAT_VERSION}")
+    meta = {}
+    for key, kind in FIELDS.items():
+        value = _field(reader, key, kind)
+        if value is not None:
+            meta[key] = value
+    _check_meta(meta, path)
+    return meta
+
+
+def _check_meta(m: dict, path) -> None:
+    def bad(msg):
+        raise SessionFileError(f"{path}: {msg}")
+
+    for key in ("model.n_layer", "model.n_head", "model.n_head_kv", "model.head_dim", "cache.n_cells",
+                "cache.logical_length"):
+        if m[key] < 1:
+            bad(f"{key} must be positive")
+    if m["model.n_head"] % m["model.n_head_kv"]:
+        bad("query heads do not split into the KV heads")
+    layers = m["cache.layers"]
+    if not layers or len(set(layers)) != len(layers) or not all(0 <= il < m["model.n_layer"] for il in layers):
+        bad("cache.layers must list distinct layers of the model")
+    if m["cache.n_cells"] > m["cache.logical_length"]:  # never more cells than the tokens they stand for
+        bad("more cells than the logical length")
+    if not m["doc.start"] <= m["doc.end"] <= m["cache.logical_length"]:
+        bad("document range outside the logical length")
+    for key, n_key in (("doc.prefix_tokens", "doc.n_prefix"), ("doc.suffix_tokens", "doc.n_suffix")):
+        toks = m.get(key, [])
+        if len(toks) != m[n_key] or any(not 0 <= t < m["model.n_vocab"] for t in toks):
+            bad(f"{key} does not match its count or the vocabulary")
+    if m["doc.n_prefix"] != m["doc.start"]:
+        bad("protected prefix length disagrees with the document start")
+    msgs = m["chat.messages"]
+    if not isinstance(msgs, list) or not all(
+            isinstance(x, dict) and set(x) == {"role", "content"} and x["role"] in ("system", "user", "assistant")
+            and isinstance(x["content"], str) for x in msgs):
+        bad("chat.messages must be a list of {role, content}")
+    if not isinstance(m["compaction.report"], dict):
+        bad("compaction.report must be an object")
+    if not m["compaction.ratio"] > 1:
+        bad("compaction.ratio must be > 1")
+    for key in ("checksum.sha256", "model.file_sha256", "model.tokenizer_sha256"):
+        v = m[key]
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+            bad(f"{key} is not a SHA-256 hex digest")
+
+
+def read_info(path: str | os.PathLike) -> dict:
+    """Every metadata field, after checking it (no model needed, tensor data not read)."""
+    reader = _open(path)
+    return _meta(reader, path)
+
+
+def read_session(path: str | os.PathLike) -> SessionData:
+    """Read and check a session file; tensors are memory-mapped views, verified by checksum."""
+    reader = _open(path)
+    m = _meta(reader, path)
+    n, h, d = m["cache.n_cells"], m["model.n_head_kv"], m["model.head_dim"]
+    n_l = len(m["cache.layers"])
+    order = _tensor_order(m["cache.has_swa"])
+    spec = {"cache.positions": ((n,), np.int32), "cache.k": ((n_l, n, h, d), np.float16),
+            "cache.v": ((n_l, n, h, d), np.float16), "cache.beta": ((n_l, n, h), np.float32),
+            "cache.origin": ((n_l, n, h), np.int32)}
+    tensors = {}
+    for t in reader.tensors:
+        if t.name in tensors:
+            raise SessionFileError(f"{path}: tensor {t.name} appears twice")
+        tensors[t.name] = t.data
+    if set(tensors) != set(order):
+        raise SessionFileError(f"{path}: tensors {sorted(set(order) ^ set(tensors))[:4]} missing or unexpected")
+    for name, (shape, dtype) in spec.items():
+        a = tensors[name]
+        if a.dtype != dtype or tuple(a.shape) != shape:
+            raise SessionFileError(f"{path}: tensor {name} is {a.dtype} {tuple(a.shape)}, expected {np.dtype(dtype)} {shape}")
+    if m["cache.has_swa"] and (tensors["swa.state"].dtype != np.int8 or tensors["swa.state"].ndim != 1):
+        raise SessionFileError(f"{path}: swa.state must be a byte vector")
+    if _checksum(tensors, order) != m["checksum.sha256"]:
+        raise SessionFileError(f"{path}: tensor data does not match its checksum (the file is corrupt)")
+    data = SessionData(
+        meta=m, positions=tensors["cache.positions"], keys=list(tensors["cache.k"]), values=list(tensors["cache.v"]),
+        bias=list(tensors["cache.beta"]), origin=list(tensors["cache.origin"]),
+        swa_state=tensors["swa.state"].tobytes() if m["cache.has_swa"] else None)
+    _check_arrays(data, path)
+    return data
+
+
+def _check_arrays(data: SessionData, path) -> None:
+    m = data.meta
+    T = m["cache.logical_length"]
+    pos = data.positions
+    if pos.min() < 0 or pos.max() != T - 1:
+        raise SessionFileError(f"{path}: cell positions must lie in [0, T-1] with T-1 = {T - 1} present")
+    for il, k, v, b, o in zip(data.layer_ids, data.keys, data.values, data.bias, data.origin, strict=True):
+        if not (all_finite(k) and all_finite(v)):
+            raise SessionFileError(f"{path}: layer {il} K/V hold NaN or inf")
+        if np.isnan(b).any() or np.isposinf(b).any() or np.isneginf(b).all(axis=0).any():
+            raise SessionFileError(f"{path}: layer {il} bias is NaN, +inf, or -inf for a whole head")
+        if o.min() < -1 or o.max() >= T:
+            raise SessionFileError(f"{path}: layer {il} origin positions out of range")
