@@ -237,6 +237,7 @@ class Compaction(_Conversation):
             "cache.layers": list(self.snapshot.layer_ids), "cache.has_swa": self.snapshot.swa_section() is not None,
             "doc.start": lay.doc_start, "doc.end": lay.doc_end, "doc.prefix_tokens": prefix,
             "doc.suffix_tokens": suffix, "chat.messages": self.messages,
+            "chat.tokens": self.session.tokens[self.base:],
             "compaction.method": self.report["method"], "compaction.ratio": self.report["ratio"],
             "compaction.queries": ",".join(self.report["queries"]), "compaction.budgets": self.report["budgets"],
             "compaction.report": {**self.report, "timings": dict(self.timings)},
@@ -248,6 +249,7 @@ class Compaction(_Conversation):
 
 
 def _budgets(spec: str):
+    """A budget policy from its CLI/API spelling: a policy name or a JSON file."""
     if spec in ("uniform", "sensitivity"):
         return spec
     if Path(spec).is_file():
@@ -317,14 +319,9 @@ class CompactedSession(_Conversation):
         self.session.inject(cache, snap)
         self.meta = m
         self.base = self.session.n_past
-        self.messages = []
-        for msg in m["chat.messages"]:  # replay the conversation saved with the session
-            if msg["role"] == "user":
-                self.session.decode(self.session.chat_tokens([msg]), logits="none")
-            else:
-                self.session.decode(np.concatenate([self.session.tokenize(msg["content"], special=False),
-                                                    self.session.turn_end()]), logits="none")
-            self.messages.append(dict(msg))
+        self.messages = [dict(msg) for msg in m["chat.messages"]]
+        if m.get("chat.tokens"):  # replay the conversation saved with the session, token for token
+            self.session.ingest(np.asarray(m["chat.tokens"], np.int32), desc="chat")
 
     def close(self) -> None:
         if getattr(self, "session", None) is not None:

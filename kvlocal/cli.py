@@ -53,9 +53,18 @@ def _check_output(path: str) -> None:
 def cmd_compact(a) -> int:
     from .api import Compaction
 
+    from .am import Compactor
+    from .api import _budgets
+    from .queries import QUERY_SOURCES
+
     text = _read_document(a.document)
     _check_output(a.output)
     queries = a.queries.split(",") if a.queries else None
+    # settings are checked before the (long) ingestion
+    Compactor(a.method, ratio=a.ratio, budgets=_budgets(a.budgets), recent_window=a.recent_window,
+              chunk_size=a.chunk_size)
+    for q in queries or []:
+        QUERY_SOURCES.get(q)
     t0 = time.perf_counter()
     with Compaction(a.model, n_ctx=a.ctx_size, threads=a.threads, progress=not a.quiet, verbose=a.verbose) as kv:
         layout = kv.ingest(text, system=a.system)

@@ -73,13 +73,17 @@ FIELDS = {
     "doc.prefix_tokens": "i32s?",  # absent when empty (GGUF has no empty arrays)
     "doc.suffix_tokens": "i32s?",
     "chat.messages": "json",
+    "chat.n_tokens": "u32",
+    "chat.tokens": "i32s?",  # the conversation's exact tokens after the document, replayed on load
     "compaction.method": "str",
     "compaction.ratio": "f32",
     "compaction.queries": "str",
     "compaction.budgets": "str",
     "compaction.report": "json",
-    "checksum.sha256": "str",
+    "checksum.meta": "str",  # SHA-256 over every other field, canonically encoded
+    "checksum.sha256": "str",  # SHA-256 over the tensors
 }
+_CHECKSUMS = ("checksum.meta", "checksum.sha256")
 
 
 @dataclass
@@ -132,6 +136,26 @@ def _checksum(tensors: dict[str, np.ndarray], order: list[str]) -> str:
     return h.hexdigest()
 
 
+def _canonical(value, kind: str):
+    """A field as it reads back from the file (float32 rounding, JSON round trip)."""
+    if value is None:
+        return None
+    kind = kind.rstrip("?")
+    if kind == "f32":
+        return float(np.float32(value))
+    if kind == "json":
+        return json.loads(json.dumps(value))
+    if kind == "i32s":
+        return [int(v) for v in value]
+    return {"str": str, "u32": int, "bool": bool}[kind](value)
+
+
+def _meta_checksum(meta: dict) -> str:
+    canon = {k: _canonical(meta.get(k), kind) for k, kind in FIELDS.items() if k not in _CHECKSUMS}
+    canon = {k: v for k, v in canon.items() if v is not None and v != []}  # absent and empty read back alike
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
 def write_session(path: str | os.PathLike, data: SessionData) -> int:
     """Write ``data`` atomically; returns the file size in bytes."""
     import gguf
@@ -141,6 +165,8 @@ def write_session(path: str | os.PathLike, data: SessionData) -> int:
     order = _tensor_order(data.swa_state is not None)
     meta = dict(data.meta, **{"checksum.sha256": _checksum(tensors, order), "format_version": FORMAT_VERSION})
     meta["doc.n_prefix"], meta["doc.n_suffix"] = len(data.prefix_tokens), len(data.suffix_tokens)
+    meta["chat.n_tokens"] = len(meta.get("chat.tokens") or [])
+    meta["checksum.meta"] = _meta_checksum(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -235,14 +261,21 @@ def _open(path: str | os.PathLike):
 
 
 def _meta(reader, path) -> dict:
-    version = _field(reader, "format_version", "u32")
-    if version != FORMAT_VERSION:
-        raise SessionFileError(f"{path} uses session format {version}; this kvlocal reads format {FORMAT_VERSION}")
-    meta = {}
-    for key, kind in FIELDS.items():
-        value = _field(reader, key, kind)
-        if value is not None:
-            meta[key] = value
+    try:
+        version = _field(reader, "format_version", "u32")
+        if version != FORMAT_VERSION:
+            raise SessionFileError(f"{path} uses session format {version}; this kvlocal reads format {FORMAT_VERSION}")
+        meta = {}
+        for key, kind in FIELDS.items():
+            value = _field(reader, key, kind)
+            if value is not None:
+                meta[key] = value
+    except SessionFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed values make the gguf package raise anything
+        raise SessionFileError(f"{path}: unreadable metadata ({type(exc).__name__}: {exc})") from exc
+    if _meta_checksum(meta) != meta["checksum.meta"]:
+        raise SessionFileError(f"{path}: the metadata does not match its checksum (the file is corrupt)")
     _check_meta(meta, path)
     return meta
 
@@ -264,7 +297,8 @@ def _check_meta(m: dict, path) -> None:
         bad("more cells than the logical length")
     if not m["doc.start"] <= m["doc.end"] <= m["cache.logical_length"]:
         bad("document range outside the logical length")
-    for key, n_key in (("doc.prefix_tokens", "doc.n_prefix"), ("doc.suffix_tokens", "doc.n_suffix")):
+    for key, n_key in (("doc.prefix_tokens", "doc.n_prefix"), ("doc.suffix_tokens", "doc.n_suffix"),
+                       ("chat.tokens", "chat.n_tokens")):
         toks = m.get(key, [])
         if len(toks) != m[n_key] or any(not 0 <= t < m["model.n_vocab"] for t in toks):
             bad(f"{key} does not match its count or the vocabulary")
@@ -279,7 +313,7 @@ def _check_meta(m: dict, path) -> None:
         bad("compaction.report must be an object")
     if not m["compaction.ratio"] > 1:
         bad("compaction.ratio must be > 1")
-    for key in ("checksum.sha256", "model.file_sha256", "model.tokenizer_sha256"):
+    for key in ("checksum.meta", "checksum.sha256", "model.file_sha256", "model.tokenizer_sha256"):
         v = m[key]
         if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
             bad(f"{key} is not a SHA-256 hex digest")
@@ -301,11 +335,22 @@ def read_session(path: str | os.PathLike) -> SessionData:
     spec = {"cache.positions": ((n,), np.int32), "cache.k": ((n_l, n, h, d), np.float16),
             "cache.v": ((n_l, n, h, d), np.float16), "cache.beta": ((n_l, n, h), np.float32),
             "cache.origin": ((n_l, n, h), np.int32)}
-    tensors = {}
-    for t in reader.tensors:
-        if t.name in tensors:
-            raise SessionFileError(f"{path}: tensor {t.name} appears twice")
-        tensors[t.name] = t.data
+    try:
+        ends = [int(t.data_offset) + int(t.n_bytes) for t in reader.tensors]
+        align = int(getattr(reader, "alignment", 32) or 32)
+        tensors = {}
+        for t in reader.tensors:
+            if t.name in tensors:
+                raise SessionFileError(f"{path}: tensor {t.name} appears twice")
+            tensors[t.name] = t.data
+    except SessionFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise SessionFileError(f"{path}: unreadable tensor table ({type(exc).__name__}: {exc})") from exc
+    expected = -(-max(ends, default=0) // align) * align
+    if Path(path).stat().st_size != expected:
+        raise SessionFileError(f"{path}: {Path(path).stat().st_size} bytes where the tensors end at {expected}: "
+                               "the file is truncated or has trailing data")
     if set(tensors) != set(order):
         raise SessionFileError(f"{path}: tensors {sorted(set(order) ^ set(tensors))[:4]} missing or unexpected")
     for name, (shape, dtype) in spec.items():
@@ -316,24 +361,21 @@ def read_session(path: str | os.PathLike) -> SessionData:
         raise SessionFileError(f"{path}: swa.state must be a byte vector")
     if _checksum(tensors, order) != m["checksum.sha256"]:
         raise SessionFileError(f"{path}: tensor data does not match its checksum (the file is corrupt)")
-    data = SessionData(
+    _check_arrays(tensors, m["cache.logical_length"], path)
+    return SessionData(
         meta=m, positions=tensors["cache.positions"], keys=list(tensors["cache.k"]), values=list(tensors["cache.v"]),
         bias=list(tensors["cache.beta"]), origin=list(tensors["cache.origin"]),
         swa_state=tensors["swa.state"].tobytes() if m["cache.has_swa"] else None)
-    _check_arrays(data, path)
-    return data
 
 
-def _check_arrays(data: SessionData, path) -> None:
-    m = data.meta
-    T = m["cache.logical_length"]
-    pos = data.positions
+def _check_arrays(t: dict[str, np.ndarray], T: int, path) -> None:
+    """Values a checksum cannot vouch for (it only proves the file is what was written)."""
+    pos, b, o = t["cache.positions"], t["cache.beta"], t["cache.origin"]
     if pos.min() < 0 or pos.max() != T - 1:
         raise SessionFileError(f"{path}: cell positions must lie in [0, T-1] with T-1 = {T - 1} present")
-    for il, k, v, b, o in zip(data.layer_ids, data.keys, data.values, data.bias, data.origin, strict=True):
-        if not (all_finite(k) and all_finite(v)):
-            raise SessionFileError(f"{path}: layer {il} K/V hold NaN or inf")
-        if np.isnan(b).any() or np.isposinf(b).any() or np.isneginf(b).all(axis=0).any():
-            raise SessionFileError(f"{path}: layer {il} bias is NaN, +inf, or -inf for a whole head")
-        if o.min() < -1 or o.max() >= T:
-            raise SessionFileError(f"{path}: layer {il} origin positions out of range")
+    if not (all_finite(t["cache.k"]) and all_finite(t["cache.v"])):
+        raise SessionFileError(f"{path}: K/V hold NaN or inf")
+    if np.isnan(b).any() or np.isposinf(b).any() or np.isneginf(b).all(axis=1).any():
+        raise SessionFileError(f"{path}: the bias is NaN, +inf, or -inf for a whole head")
+    if o.min() < -1 or o.max() >= T:
+        raise SessionFileError(f"{path}: origin positions out of range")

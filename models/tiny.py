@@ -17,7 +17,7 @@ the files are deterministic for a given variant and seed.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +76,12 @@ def _vocab():
     return tokens, scores, types
 
 
-def write_tiny(path: str | Path, variant: str, seed: int = 0) -> Path:
-    """Write the tiny model ``variant`` to ``path`` (deterministic for a given seed)."""
+def write_tiny(path: str | Path, variant: str, seed: int = 0, arch: str | None = None) -> Path:
+    """Write the tiny model ``variant`` to ``path`` (deterministic for a given seed); ``arch``
+    relabels its architecture (for tests of architectures kvlocal does not support)."""
     import gguf
 
-    spec = VARIANTS[variant]
+    spec = VARIANTS[variant] if arch is None else replace(VARIANTS[variant], arch=arch)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
