@@ -240,12 +240,79 @@ def _field(reader, key: str, kind: str):
     return value
 
 
+# GGUF value types: size of a scalar (8 = string, 9 = array), from the GGUF specification
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_MAX_KV, _MAX_TENSORS, _MAX_NAME = 256, 64, 1024
+_TENSOR_ITEM = {0: 4, 1: 2, 24: 1, 25: 2, 26: 4, 27: 8, 28: 8}  # F32, F16, I8, I16, I32, I64, F64
+
+
+def _prescan(data: memoryview, file_size: int, path) -> None:
+    """Walk the GGUF header with every count bounded by the bytes that remain, before the gguf
+    package reads it: its reader trusts counts, and a forged count makes it exhaust memory."""
+    import struct
+
+    size, off = len(data), 0
+
+    def take(fmt: str):
+        nonlocal off
+        n = struct.calcsize(fmt)
+        if off + n > size:
+            raise SessionFileError(f"{path}: truncated GGUF header")
+        v = struct.unpack_from(fmt, data, off)
+        off += n
+        return v if len(v) > 1 else v[0]
+
+    def string(limit: int) -> None:
+        nonlocal off
+        n = take("<Q")
+        if n > limit or off + n > size:
+            raise SessionFileError(f"{path}: a GGUF string of {n} bytes does not fit")
+        off += n
+
+    magic, version, n_tensors, n_kv = take("<4sIQQ")
+    if magic != b"GGUF" or version != 3 or n_tensors > _MAX_TENSORS or n_kv > _MAX_KV:
+        raise SessionFileError(f"{path}: not a GGUF v3 file of a plausible size")
+    for _ in range(n_kv):
+        string(_MAX_NAME)
+        vtype = take("<I")
+        if vtype == 8:
+            string(size)
+        elif vtype == 9:
+            sub, count = take("<IQ")
+            if sub == 8:
+                if count > (size - off) // 8:
+                    raise SessionFileError(f"{path}: a GGUF array of {count} strings does not fit")
+                for _ in range(count):
+                    string(size)
+            elif sub in _GGUF_SCALAR and count * _GGUF_SCALAR[sub] <= size - off:
+                off += count * _GGUF_SCALAR[sub]
+            else:
+                raise SessionFileError(f"{path}: a GGUF array (type {sub}, {count} items) does not fit")
+        elif vtype in _GGUF_SCALAR:
+            off += _GGUF_SCALAR[vtype]
+        else:
+            raise SessionFileError(f"{path}: unknown GGUF value type {vtype}")
+    for _ in range(n_tensors):
+        string(_MAX_NAME)
+        n_dims = take("<I")
+        if not 1 <= n_dims <= 4:
+            raise SessionFileError(f"{path}: a tensor with {n_dims} dimensions")
+        dims = [take("<Q") for _ in range(n_dims)]
+        ttype, t_off = take("<IQ")
+        n_bytes = _TENSOR_ITEM.get(ttype, 0) * int(np.prod(np.array(dims, dtype=np.float64)))
+        if ttype not in _TENSOR_ITEM or n_bytes > file_size or t_off > file_size:
+            raise SessionFileError(f"{path}: a tensor of type {ttype} and shape {dims} does not fit the file")
+
+
 def _open(path: str | os.PathLike):
     import gguf
 
     path = Path(path)
     if not path.is_file():
         raise SessionFileError(f"session file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:  # the header is small; 64 MiB bounds what a forged one can make us read
+        _prescan(memoryview(fh.read(min(size, 64 << 20))), size, path)
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except Exception as exc:  # noqa: BLE001 - the gguf reader raises many types on corrupt input

@@ -301,7 +301,7 @@ def test_cli_bad_input_exits_nonzero_and_writes_nothing(tiny_dir, tmp_path, caps
         (["compact", tmp_path / "nodoc.txt", "-m", model, "-o", out], "document not found"),
         (["compact", doc, "-m", model, "-o", tmp_path / "no" / "dir.kvs"], "does not exist"),
         (["ask", tmp_path / "none.kvs", "-m", model, "q"], "not found"),
-        (["info", doc], "not a readable GGUF"),
+        (["info", doc], "not a GGUF v3 file"),
     ]
     for args, message in cases:
         rc, _, err = run_cli(args, capsys)
