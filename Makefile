@@ -29,7 +29,7 @@ $(VENV)/.models-stamp: models/smollm2.py | deps
 	touch $@
 
 demo: setup
-	$(VPY) -m kvlocal.demo -m "$$($(VPY) -m models.smollm2)"
+	$(VPY) -m kvlocal.demo -m "$$($(VPY) -m models.smollm2)" -o $(VENV)/demo.kvs
 
 # pytest exits 5 when it collected no tests: a suite that checked nothing is a failure here
 test: setup

@@ -240,6 +240,7 @@ def test_adversarial_inputs_give_finite_results(method, case):
         Q = Q[:1]
     res = get_method(method).fit(HeadProblem(K, V, Q, t))
     assert 0 < res.t <= t and np.isfinite(res.values).all()
+    assert np.abs(res.values).max() <= 64 * np.abs(V).max()  # what an F16 cache can hold, and not overfit
     assert not np.isnan(res.beta).any() and not np.isposinf(res.beta).any() and np.isfinite(res.beta).any()
 
 

@@ -24,6 +24,7 @@ VALUE_FITTERS = Registry("value fitter")
 
 _MAX_COND = 1e10  # beyond this the normal equations lose too many digits: use QR instead
 _RIDGE = 1e-6  # the reference's fallback ridge (fixed, unscaled)
+_F16_MAX = 65504.0  # the KV cache holds values as F16
 
 
 def gram(X: np.ndarray) -> np.ndarray:
@@ -167,15 +168,27 @@ class LeastSquaresValues(ValueFitter):
     """C_v = argmin ||X C_v - Y||: X the compacted attention, Y the block's original outputs."""
 
     ridge: float = _RIDGE
+    max_scale: float = 64.0  # fitted values beyond this multiple of the block's largest |V| are overfit
 
     def fit(self, p, idx, beta):
         if len(idx) == 0:
             return np.zeros((0, p.d)), {}
         X = compacted_attention(p, idx, beta)
         Y = p.stats().outputs
-        C, how = solve_least_squares(X, Y, self.ridge)
         direct = p.values[idx].astype(np.float64)
-        if how in ("ridge", "zero"):  # never do worse than copying the original values
+        bound = min(self.max_scale * max(float(np.abs(p.values).max()), 1e-3), _F16_MAX)
+        C, how = solve_least_squares(X, Y, self.ridge)
+        if np.abs(C).max() > bound:
+            # nearly collinear attention columns: the exact fit cancels huge values; a ridge scaled to
+            # the problem trades a little fit for values the F16 cache can hold
+            G = gram(X)
+            lam = 1e-3 * np.trace(G) / len(idx)
+            G[np.diag_indices_from(G)] += lam
+            C = scipy.linalg.solve(G, X.T @ Y, assume_a="pos", check_finite=False)
+            how = "ridge-scaled"
+        if not np.isfinite(C).all() or np.abs(C).max() > bound:
+            return direct, {"values": f"{how}->direct"}
+        if how.startswith("ridge") or how == "zero":  # never do worse than copying the original values
             if np.linalg.norm(X @ C - Y) > np.linalg.norm(X @ direct - Y):
                 return direct, {"values": f"{how}->direct"}
         return C, {"values": how}
