@@ -43,6 +43,8 @@ bench: setup
 	$(VPY) bench/capture_overhead.py
 	$(VPY) bench/compaction_speed.py
 	$(VPY) bench/budgets_check.py
+	$(VPY) bench/reload.py
+	$(VPY) bench/fuzz_sessions.py -n 10000
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
