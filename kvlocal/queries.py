@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from .capture import QueryCapture
 from .errors import KvlocalError
@@ -105,7 +106,8 @@ class SelfStudy(QuerySource):
         end_of_answer = session.turn_end()
         capture = self._capture(session)
         left = self.budget
-        with session.capturing(capture):
+        bar = tqdm(total=self.budget, desc="self-study", unit="tok", disable=not session.progress, leave=False)
+        with bar, session.capturing(capture):
             for turns in self.prompts:
                 if left <= 0:
                     break
@@ -118,7 +120,9 @@ class SelfStudy(QuerySource):
                             prompt = np.concatenate([end_of_answer, prompt])
                         n_new = min(self.max_new_tokens, left)
                         self._check_room(session, len(prompt) + n_new, "self-study")
-                        left -= len(session.generate(prompt, max_tokens=n_new, sampler=sampler, seq_id=seq))
+                        n_out = len(session.generate(prompt, max_tokens=n_new, sampler=sampler, seq_id=seq))
+                        left -= n_out
+                        bar.update(n_out)
         return capture.result()
 
 
