@@ -45,6 +45,7 @@ bench: setup
 	$(VPY) bench/budgets_check.py
 	$(VPY) bench/reload.py
 	$(VPY) bench/fuzz_sessions.py -n 10000
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --out bench/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

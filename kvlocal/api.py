@@ -29,6 +29,7 @@ from .am import Compactor, CompactionReport, JsonBudget
 from .errors import KvlocalError
 from .kvcache import CompactedCache, KVSnapshot
 from .queries import QUERY_SOURCES, collect_queries
+from .queryset import QuerySet
 from .sampling import GREEDY, Sampler
 from .session import DocumentError, DocumentLayout, Session
 from .sessionfile import SessionData, SessionFileError, read_session, write_session
@@ -151,6 +152,7 @@ class Compaction(_Conversation):
         self.messages: list = []
         self.timings: dict = {}
         self.full_kv_bytes = 0
+        self._queries: dict = {}  # query source -> QuerySet, kept across compactions
 
     def close(self) -> None:
         if self.session is not None:
@@ -188,8 +190,8 @@ class Compaction(_Conversation):
         """Compact the ingested document in place and return the summary."""
         if self.session is None:
             raise KvlocalError("ingest a document first")
-        if self.cache is not None:
-            raise KvlocalError("this document is already compacted")
+        # compaction always starts from the full cache: compacting again replaces the last result
+        # (and the conversation held on top of it)
         compactor = Compactor(method, ratio=ratio, budgets=_budgets(budgets), recent_window=recent_window,
                               chunk_size=chunk_size, max_queries_per_head=max_queries_per_head, holdout=holdout,
                               seed=seed)
@@ -202,7 +204,14 @@ class Compaction(_Conversation):
             QUERY_SOURCES.get(src)
         s = self.session
         t0 = time.perf_counter()
-        qs = collect_queries(s, self.layout, sources) if method_obj.needs_queries else None
+        qs = None
+        if method_obj.needs_queries:
+            missing = [src for src in sources if QUERY_SOURCES.get(src).name not in self._queries]
+            if missing and self.cache is not None:
+                s.restore(self.snapshot.state.to_bytes())  # queries come from the full cache
+            for src in missing:
+                self._queries[QUERY_SOURCES.get(src).name] = collect_queries(s, self.layout, [src])
+            qs = QuerySet.concat([self._queries[QUERY_SOURCES.get(src).name] for src in sources])
         self.timings["queries_s"] = time.perf_counter() - t0
         show = self.progress if progress is None else progress
         with tqdm(total=len(self.snapshot.keys), desc="fit", unit="layer", disable=not show, leave=False) as bar:
@@ -216,6 +225,7 @@ class Compaction(_Conversation):
         self.timings["fit_s"] = report.seconds
         s.inject(cache, self.snapshot)
         self.cache = cache
+        self.messages = []
         self.report = _summary(report, self, sources, budgets)
         return self.report
 

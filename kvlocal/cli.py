@@ -160,6 +160,34 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_eval(a) -> int:
+    from . import binding
+    from .evaluation import cost as cost_mod
+    from .evaluation import report
+    from .evaluation.harness import EvalConfig, Evaluator
+
+    cfg = EvalConfig.smoke(data=a.data) if a.smoke else EvalConfig(data=a.data)
+    if a.ratios:
+        cfg.ratios = tuple(float(x) for x in a.ratios.split(","))
+    if a.articles:
+        cfg.articles = tuple(int(x) for x in a.articles.split(","))
+    if a.questions:
+        cfg.questions = a.questions
+    model = binding.Model(a.model)
+    ev = Evaluator(model, cfg, a.cache, progress=not a.quiet, threads=a.threads)
+    parts = tuple(a.parts.split(","))
+    ev.run(parts)
+    measured = None
+    if "cost" in parts:
+        measured = ev.cache.get("cost") or ev.cache.put(cost_mod.measure(
+            model, cfg.ratios, tokens=cfg.cost_tokens, data=cfg.data, threads=a.threads), "cost")
+    import platform
+
+    path = report.write(ev, Path(a.out), measured, machine=f"{platform.machine()}, {os.cpu_count()} cores")
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .am.methods import METHODS
 
@@ -204,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=0.95)
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=func)
+
+    e = sub.add_parser("eval", help="evaluate methods x ratios against the full cache and baselines")
+    common(e)
+    e.add_argument("--smoke", action="store_true", help="a seconds-long grid for testing the harness")
+    e.add_argument("--parts", default="quality,niah,cost", help="quality, niah, cost (comma-separated)")
+    e.add_argument("--ratios", default=None, help="e.g. 5,10,20,50")
+    e.add_argument("--articles", default=None, help="LEval-QuALITY article indices, e.g. 8,1,2")
+    e.add_argument("--questions", type=int, default=None, help="questions per article")
+    e.add_argument("--data", default=None, help="folder with leval-quality.jsonl and squality-dev.jsonl")
+    e.add_argument("--cache", default=str(Path.home() / ".cache" / "kvlocal" / "eval"),
+                   help="where grid cells are cached (runs resume from it)")
+    e.add_argument("--out", default="bench/results", help="folder for the report and plots")
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="show what a session file records (no model needed)")
     i.add_argument("session")

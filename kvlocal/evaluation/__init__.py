@@ -1,0 +1,1 @@
+"""Evaluation harness: what compaction keeps and what it costs, against the full cache and baselines."""

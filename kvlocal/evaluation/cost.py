@@ -1,0 +1,105 @@
+"""Speed and memory: decode speed with the full vs compacted caches, file sizes, peak RSS of a reload.
+
+One long document (a SQuALITY story cut to ``tokens``), compacted at each ratio with
+AM-HighestAttnKeys on context-prefill queries; decoding alternates between the full cache and
+the compacted ones in the same process.  Peak RSS is measured in fresh processes: ingesting the
+full document vs reloading the compacted session file, each followed by one answer.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .. import binding
+from ..api import Compaction
+from .data import squality_stories
+
+QUESTION = "What happens at the end of the story?"
+
+_RSS_SCRIPT = r"""
+import json, resource, sys, time
+from kvlocal import binding
+mode, model, arg = sys.argv[1:4]
+t0 = time.perf_counter()
+if mode == "full":
+    from kvlocal.session import Session
+    text = open(arg).read()
+    m = binding.Model(model)
+    n = len(m.tokenize(text, add_special=False))
+    s = Session(m, n_ctx=-(-(n + 1100) // 256) * 256, progress=False)
+    s.ingest_document(text)
+else:
+    from kvlocal.api import CompactedSession
+    c = CompactedSession(arg, model)
+    s = c.session
+ready = time.perf_counter() - t0
+s.generate(s.chat_tokens([{"role": "user", "content": "Who is the story about?"}]), max_tokens=8)
+print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ready_s": ready}))
+"""
+
+
+def _decode_ms(s, n: int) -> float:
+    """Median ms per generated token of one greedy answer (the session is rewound after)."""
+    start = s.n_past
+    logits = s.decode(s.chat_tokens([{"role": "user", "content": QUESTION}]))[-1]
+    times = []
+    tok = int(logits.argmax())
+    for _ in range(n):
+        t0 = time.perf_counter()
+        logits = s.decode([tok])[-1]
+        times.append(1000 * (time.perf_counter() - t0))
+        tok = int(logits.argmax())
+    s.rewind(start)
+    return statistics.median(times)
+
+
+def measure(model: binding.Model, ratios, tokens: int = 4000, decode_tokens: int = 48, rounds: int = 2,
+            data=None, threads: int | None = None) -> dict:
+    story = squality_stories(data)[0]
+    text = model.detokenize(model.tokenize(story, add_special=False)[:tokens])
+    out = {"tokens": tokens, "ratios": {}}
+    work = Path(tempfile.mkdtemp())
+    with Compaction(model, threads=threads, progress=False) as kv:
+        layout = kv.ingest(text)
+        out["ingest_s"] = kv.timings["ingest_s"]
+        out["full_kv_bytes"] = kv.full_kv_bytes
+        out["cells_full"] = layout.length
+        full_blob = kv.snapshot.state.to_bytes()
+        files = {}
+        for r in ratios:
+            rep = kv.compact(ratio=r, method="am-highest", queries="context", progress=False)
+            files[r] = work / f"r{r:g}.kvs"
+            size = kv.save(str(files[r]))
+            out["ratios"][str(r)] = {"cells": rep["cells_after"], "file_bytes": size, "kv_bytes": rep["kv_bytes_after"],
+                                     "fit_s": kv.timings["fit_s"], "decode_ms": []}
+        full_ms = []
+        for _ in range(rounds):  # alternate full and compacted caches in one process
+            kv.session.restore(full_blob)
+            full_ms.append(_decode_ms(kv.session, decode_tokens))
+            for r in ratios:
+                kv.compact(ratio=r, method="am-highest", queries="context", progress=False)
+                out["ratios"][str(r)]["decode_ms"].append(_decode_ms(kv.session, decode_tokens))
+        out["full_decode_ms"] = statistics.median(full_ms)
+        for r in ratios:
+            d = out["ratios"][str(r)]
+            d["decode_ms"] = statistics.median(d["decode_ms"])
+            d["speedup"] = out["full_decode_ms"] / d["decode_ms"]
+    doc = work / "doc.txt"
+    doc.write_text(text)
+    r_mid = sorted(ratios)[len(ratios) // 2]
+    out["rss"] = {"full": _rss("full", model.path, doc), f"reload {r_mid:g}x": _rss("reload", model.path, files[r_mid])}
+    return out
+
+
+def _rss(mode: str, model_path: Path, arg: Path) -> dict:
+    res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, mode, str(model_path), str(arg)], capture_output=True,
+                         text=True, timeout=900)
+    if res.returncode != 0:
+        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
+    return json.loads(res.stdout.strip().splitlines()[-1])

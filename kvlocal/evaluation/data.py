@@ -1,0 +1,88 @@
+"""Evaluation data: LEval-QuALITY articles and questions, and multi-needle haystacks (no engine)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import KvlocalError
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+LETTERS = "ABCD"
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str  # the question and its four options, as LEval writes them
+    answer: int  # index of the correct option
+
+
+@dataclass(frozen=True)
+class Article:
+    index: int
+    text: str
+    questions: tuple[Question, ...]
+
+
+def data_dir(path: str | Path | None = None) -> Path:
+    d = Path(path) if path else DEFAULT_DATA
+    if not (d / "leval-quality.jsonl").is_file():
+        raise KvlocalError(f"evaluation data not found in {d}: pass the folder holding leval-quality.jsonl")
+    return d
+
+
+def quality_articles(path: str | Path | None = None) -> list[Article]:
+    """The 15 LEval-QuALITY articles with their multiple-choice questions."""
+    out = []
+    with open(data_dir(path) / "leval-quality.jsonl") as fh:
+        for i, line in enumerate(fh):
+            row = json.loads(line)
+            qs = []
+            for text, gold in zip(row["instructions"], row["outputs"], strict=False):
+                m = re.match(r"\s*\(([ABCD])\)", gold)
+                if m:
+                    qs.append(Question(text.strip(), LETTERS.index(m.group(1))))
+            out.append(Article(i, row["input"], tuple(qs)))
+    return out
+
+
+def squality_stories(path: str | Path | None = None) -> list[str]:
+    with open(data_dir(path) / "squality-dev.jsonl") as fh:
+        return [json.loads(line)["document"] for line in fh]
+
+
+NEEDLE_KEYS = ("lighthouse", "orchard", "violin", "glacier", "lantern", "harbor", "compass", "meadow", "falcon",
+               "quarry", "teapot", "satellite", "cathedral", "marble", "bicycle", "volcano")
+
+
+@dataclass(frozen=True)
+class Haystack:
+    text: str
+    needles: tuple[tuple[str, str], ...]  # (key, seven-digit number)
+    continuation: str  # the story's text right after the cut, for next-token agreement
+
+
+def make_haystack(story: str, n_tokens: int, count_tokens, k: int = 8, seed: int = 0,
+                  continuation_words: int = 120) -> Haystack:
+    """Cut ``story`` to about ``n_tokens`` tokens and insert ``k`` needles
+    ("The special magic number for X is NNNNNNN.") at seeded depths between sentences."""
+    rng = random.Random(seed)
+    words = story.split()
+    lo, hi = 1, len(words)
+    while lo < hi:  # the longest word prefix within the budget (needles included)
+        mid = (lo + hi + 1) // 2
+        if count_tokens(" ".join(words[:mid])) + 16 * k <= n_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    body, rest = " ".join(words[:lo]), " ".join(words[lo:lo + continuation_words])
+    sentences = re.split(r"(?<=[.!?])\s+", body)
+    keys = rng.sample(NEEDLE_KEYS, k)
+    needles = tuple((key, str(rng.randrange(1_000_000, 10_000_000))) for key in keys)
+    slots = sorted(rng.sample(range(1, len(sentences)), min(k, len(sentences) - 1)))
+    for (key, number), slot in sorted(zip(needles, slots, strict=False), key=lambda x: -x[1]):
+        sentences.insert(slot, f"The special magic number for {key} is {number}.")
+    return Haystack(" ".join(sentences), needles, rest)

@@ -1,0 +1,271 @@
+"""The evaluation grid: methods x ratios x query sources, with the full cache and no context as references.
+
+Every cell of the grid is one JSON file in the cache folder, written when the cell is done, so an
+interrupted run resumes where it stopped; reference answers and summaries are cached the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import binding
+from ..am import Compactor
+from ..api import model_fingerprint
+from ..queries import collect_queries
+from ..session import Session
+from . import tasks
+from .data import Article, make_haystack, quality_articles, squality_stories
+
+STANDARD_METHODS = (
+    ("am-highest", ("repeat",)), ("am-highest", ("context",)), ("am-highest", ("repeat", "self-study")),
+    ("am-omp-fast", ("repeat",)),
+    ("truncate", ()), ("streaming-llm", ()), ("h2o", ("context",)), ("snapkv", ("self-study",)),
+    ("kvzip-uniform", ("repeat",)),
+)
+SUMMARY_PROMPT = "Summarize the document in detail. Keep every name, number, place and key event."
+
+
+@dataclass
+class EvalConfig:
+    methods: tuple = STANDARD_METHODS
+    ratios: tuple = (5, 10, 20, 50)
+    articles: tuple = (8, 1, 2)  # LEval-QuALITY indices: the three shortest articles (~3k tokens)
+    questions: int = 8  # per article
+    answer_tokens: int = 48
+    haystack_tokens: tuple = (3000,)
+    haystack_stories: tuple = (0, 1)  # SQuALITY dev stories
+    needles: int = 8
+    continuation_tokens: int = 96
+    summary_tokens: int = 320
+    max_queries: int = 4096
+    cost_tokens: int = 4000  # the long document of the speed and memory measurements
+    article_words: int | None = None  # cut articles to this many words (smoke runs on tiny models)
+    seed: int = 0
+    data: str | None = None
+
+    @classmethod
+    def smoke(cls, **kw) -> EvalConfig:
+        """One short document, two methods, two ratios: the harness's own test."""
+        base = dict(methods=(("am-highest", ("context",)), ("truncate", ())), ratios=(4, 8), articles=(8,),
+                    questions=2, answer_tokens=8, haystack_tokens=(600,), haystack_stories=(0,), needles=2,
+                    continuation_tokens=16, summary_tokens=24, max_queries=512, article_words=60,
+                    cost_tokens=300)
+        return cls(**{**base, **kw})
+
+
+def cell_id(method: str, queries: tuple, ratio: float) -> str:
+    return f"{method}+{'+'.join(queries) or 'none'}@{ratio:g}"
+
+
+class ResultCache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts[:-1], parts[-1] + ".json")
+
+    def get(self, *parts: str):
+        p = self.path(*parts)
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def put(self, value, *parts: str):
+        p = self.path(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value, indent=1))
+        os.replace(tmp, p)
+        return value
+
+
+def _pad(n: int) -> int:
+    return -(-n // 256) * 256
+
+
+@dataclass
+class _Doc:
+    """One ingested document: its session, snapshot and lazily collected queries."""
+
+    session: Session
+    layout: object
+    snap: object
+    blob: bytes
+    ingest_s: float
+    queries: dict = field(default_factory=dict)
+    query_s: dict = field(default_factory=dict)
+
+    def get_queries(self, sources: tuple):
+        parts = []
+        for src in sources:
+            if src not in self.queries:
+                self.session.restore(self.blob)
+                t0 = time.perf_counter()
+                self.queries[src] = collect_queries(self.session, self.layout, [src])
+                self.query_s[src] = time.perf_counter() - t0
+            parts.append(self.queries[src])
+        from ..queryset import QuerySet
+
+        return QuerySet.concat(parts) if parts else None
+
+
+class Evaluator:
+    def __init__(self, model: str | binding.Model, config: EvalConfig, cache_dir: str | Path,
+                 progress: bool = True, threads: int | None = None):
+        self.model = binding.Model(model) if isinstance(model, str) else model
+        self.cfg, self.progress, self.threads = config, progress, threads
+        fp = model_fingerprint(self.model)["model.file_sha256"][:12]
+        self.cache = ResultCache(Path(cache_dir) / f"{self.model.path.stem}-{fp}")
+        self.name = self.model.path.stem
+
+    # documents ------------------------------------------------------------------------------
+    def _open(self, text: str) -> _Doc:
+        n = len(self.model.tokenize(text, add_special=False))
+        s = Session(self.model, n_ctx=min(self.model.n_ctx_train, _pad(2 * n + 1400)), n_threads=self.threads,
+                    capture=True, progress=False)
+        t0 = time.perf_counter()
+        layout = s.ingest_document(text, system=tasks.SYSTEM, capture_queries=True)
+        ingest_s = time.perf_counter() - t0
+        doc = _Doc(s, layout, s.snapshot(), s.state(), ingest_s)
+        doc.queries["context"], doc.query_s["context"] = s.context_queries, 0.0
+        return doc
+
+    def _plain(self, text: str | None) -> Session:
+        """A session with ``text`` as the document (None: no document, the system prompt only)."""
+        n = len(self.model.tokenize(text or "", add_special=False))
+        s = Session(self.model, n_ctx=_pad(n + 1024), n_threads=self.threads, progress=False)
+        if text:
+            s.ingest_document(text, system=tasks.SYSTEM)
+        else:
+            s.ingest(s.model.apply_chat_template([{"role": "system", "content": tasks.SYSTEM}], add_assistant=False))
+        return s
+
+    def _compact(self, doc: _Doc, method: str, queries: tuple, ratio: float) -> dict:
+        # methods without queries ignore them for selection; they still score the held-out attention error
+        qs = doc.get_queries(queries) if queries else doc.queries["context"]
+        cache, report = Compactor(method, ratio=ratio, max_queries_per_head=self.cfg.max_queries, holdout=0.1,
+                                  seed=self.cfg.seed).compact(doc.snap, doc.layout.doc_start, doc.layout.doc_end, qs)
+        doc.session.inject(cache, doc.snap)
+        errors = report.layer_errors
+        return {"cells": cache.n_cells, "tokens": doc.layout.length, "effective_ratio": report.effective_ratio,
+                "padding": report.padding_fraction, "fit_s": report.seconds,
+                "query_s": sum(doc.query_s.get(q, 0.0) for q in queries), "ingest_s": doc.ingest_s,
+                "attn_rel_l2": float(np.mean([e["output_rel_l2"] for e in errors.values()])) if errors else None,
+                "mass_err": float(np.mean([e["mass_err"] for e in errors.values()])) if errors else None,
+                "layer_errors": {str(k): v for k, v in errors.items()}}
+
+    def _cells(self):
+        for method, queries in self.cfg.methods:
+            for ratio in self.cfg.ratios:
+                yield method, tuple(queries), ratio
+
+    # QuALITY retention ----------------------------------------------------------------------
+    def _score_quality(self, s: Session, article: Article, refs: list[list[int]]) -> dict:
+        qs = article.questions[: self.cfg.questions]
+        nll = [tasks.answer_nll(s, tasks.question_prompt(s, q), r) for q, r in zip(qs, refs, strict=True)]
+        mc = [tasks.multiple_choice(s, q) for q in qs]
+        return {"nll": nll, "mc": [bool(x) for x in mc]}
+
+    def quality(self, bar=None) -> None:
+        articles = quality_articles(self.cfg.data)
+        for ai in self.cfg.articles:
+            art = articles[ai]
+            if self.cfg.article_words:
+                art = Article(art.index, " ".join(art.text.split()[: self.cfg.article_words]), art.questions)
+            key = f"quality{ai}"
+            todo = [c for c in self._cells() if self.cache.get(key, cell_id(*c)) is None]
+            if not todo and all(self.cache.get(key, k) is not None for k in ("full", "none", "summary")):
+                if bar is not None:
+                    bar.update(len(list(self._cells())))
+                continue
+            doc = self._open(art.text)
+            s = doc.session
+            refs = self.cache.get(key, "refs")
+            if refs is None:
+                refs = self.cache.put([tasks.greedy(s, tasks.question_prompt(s, q), self.cfg.answer_tokens)
+                                       for q in art.questions[: self.cfg.questions]], key, "refs")
+            if self.cache.get(key, "full") is None:
+                self.cache.put({**self._score_quality(s, art, refs), "tokens": doc.layout.length,
+                                "ingest_s": doc.ingest_s}, key, "full")
+            if self.cache.get(key, "summary") is None:
+                s.restore(doc.blob)
+                t0 = time.perf_counter()
+                summary = s.model.detokenize(tasks.greedy(
+                    s, s.chat_tokens([{"role": "user", "content": SUMMARY_PROMPT}]), self.cfg.summary_tokens))
+                gen_s = time.perf_counter() - t0
+                with self._plain(summary) as ss:
+                    n_sum = len(self.model.tokenize(summary, add_special=False))
+                    self.cache.put({**self._score_quality(ss, art, refs), "summary_tokens": n_sum,
+                                    "effective_ratio": doc.layout.n_doc / max(n_sum, 1), "summary_s": gen_s}, key,
+                                   "summary")
+            if self.cache.get(key, "none") is None:
+                with self._plain(None) as sn:
+                    self.cache.put(self._score_quality(sn, art, refs), key, "none")
+            for cell in self._cells():
+                if self.cache.get(key, cell_id(*cell)) is None:
+                    info = self._compact(doc, *cell)
+                    self.cache.put({**info, **self._score_quality(s, art, refs)}, key, cell_id(*cell))
+                if bar is not None:
+                    bar.update(1)
+            doc.session.close()
+
+    # needles and next-token agreement -------------------------------------------------------
+    def _score_niah(self, s: Session, hay, cont: np.ndarray, ref_lp: np.ndarray | None) -> tuple[dict, np.ndarray]:
+        hits = [tasks.needle_found(s, k, n) for k, n in hay.needles]
+        out = {"hits": [bool(h) for h in hits]}
+        lp = tasks.continuation_logprobs(s, cont)
+        if ref_lp is not None:
+            out.update(tasks.agreement(ref_lp, lp))
+        return out, lp
+
+    def niah(self, bar=None) -> None:
+        stories = squality_stories(self.cfg.data)
+        for si in self.cfg.haystack_stories:
+            for n_tok in self.cfg.haystack_tokens:
+                key = f"niah{si}-{n_tok}"
+                if all(self.cache.get(key, cell_id(*c)) is not None for c in self._cells()) \
+                        and self.cache.get(key, "full") is not None:
+                    if bar is not None:
+                        bar.update(len(list(self._cells())))
+                    continue
+                hay = make_haystack(stories[si], n_tok, lambda t: len(self.model.tokenize(t, add_special=False)),
+                                    k=self.cfg.needles, seed=self.cfg.seed * 1000 + si)
+                cont = self.model.tokenize(" " + hay.continuation, add_special=False)[: self.cfg.continuation_tokens]
+                doc = self._open(hay.text)
+                full, ref_lp = self._score_niah(doc.session, hay, cont, None)
+                self.cache.put({**full, "tokens": doc.layout.length}, key, "full")
+                for cell in self._cells():
+                    if self.cache.get(key, cell_id(*cell)) is None:
+                        info = self._compact(doc, *cell)
+                        res, _ = self._score_niah(doc.session, hay, cont, ref_lp)
+                        self.cache.put({**info, **res}, key, cell_id(*cell))
+                    if bar is not None:
+                        bar.update(1)
+                doc.session.close()
+
+    def warm_up(self) -> None:
+        """Compile the numba kernels before anything is timed."""
+        from ..am import HeadProblem, get_method
+
+        x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+        for method in ("am-highest", "am-omp-fast"):
+            get_method(method).fit(HeadProblem(x, x, x, 8))
+
+    def run(self, parts=("quality", "niah")) -> None:
+        self.warm_up()
+        n = len(list(self._cells())) * (len(self.cfg.articles) * ("quality" in parts) + len(
+            self.cfg.haystack_stories) * len(self.cfg.haystack_tokens) * ("niah" in parts))
+        with tqdm(total=n, desc="eval cells", unit="cell", disable=not self.progress) as bar:
+            if "quality" in parts:
+                self.quality(bar)
+            if "niah" in parts:
+                self.niah(bar)
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
+

@@ -1,0 +1,251 @@
+"""Turn the cached grid into tables, plots and a verdict against the targets."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .harness import Evaluator, cell_id
+
+TARGET_R = {10: 0.95, 20: 0.90, 50: 0.80}
+TARGET_NIAH = {10: 0.95, 20: 0.85}
+BASELINES = ("truncate", "streaming-llm", "h2o", "snapkv", "kvzip-uniform")
+
+
+def label(method: str, queries) -> str:
+    return f"{method} ({'+'.join(queries)})" if queries else method
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def collect(ev: Evaluator) -> dict:
+    """Pooled metrics per (method label, ratio) and for the references."""
+    cfg, c = ev.cfg, ev.cache
+    q_keys = [f"quality{a}" for a in cfg.articles]
+    n_keys = [f"niah{s}-{n}" for s in cfg.haystack_stories for n in cfg.haystack_tokens]
+
+    def pooled(keys, cell, field):
+        out = []
+        for k in keys:
+            r = c.get(k, cell)
+            if r is not None and field in r:
+                v = r[field]
+                out += v if isinstance(v, list) else [v]
+        return out
+
+    refs = {name: {"nll": _mean(pooled(q_keys, name, "nll")), "mc": _mean(pooled(q_keys, name, "mc"))}
+            for name in ("full", "none", "summary")}
+    refs["summary"]["effective_ratio"] = _mean(pooled(q_keys, "summary", "effective_ratio"))
+    refs["full"]["niah"] = _mean(pooled(n_keys, "full", "hits"))
+    span = refs["none"]["nll"] - refs["full"]["nll"]
+
+    def retention(nll):
+        return (refs["none"]["nll"] - nll) / span if span and not math.isnan(nll) else float("nan")
+
+    refs["summary"]["R"] = retention(refs["summary"]["nll"])
+    rows = {}
+    for method, queries in cfg.methods:
+        for ratio in cfg.ratios:
+            cell = cell_id(method, tuple(queries), ratio)
+            nll = _mean(pooled(q_keys, cell, "nll"))
+            ingest = pooled(q_keys + n_keys, cell, "ingest_s")
+            work = [a + b for a, b in zip(pooled(q_keys + n_keys, cell, "query_s"),
+                                          pooled(q_keys + n_keys, cell, "fit_s"), strict=False)]
+            rows[(label(method, queries), ratio)] = {
+                "nll": nll, "R": retention(nll), "mc": _mean(pooled(q_keys, cell, "mc")),
+                "niah": _mean(pooled(n_keys, cell, "hits")), "kl": _mean(pooled(n_keys, cell, "kl")),
+                "top1": _mean(pooled(n_keys, cell, "top1")),
+                "attn": _mean(pooled(q_keys + n_keys, cell, "attn_rel_l2")),
+                "effective_ratio": _mean(pooled(q_keys, cell, "effective_ratio")),
+                "time_vs_ingest": _mean([w / i for w, i in zip(work, ingest, strict=False) if i]),
+                "fit_s": _mean(pooled(q_keys + n_keys, cell, "fit_s")),
+                "query_s": _mean(pooled(q_keys + n_keys, cell, "query_s")),
+                "padding": _mean(pooled(q_keys, cell, "padding")),
+                "done": len(pooled(q_keys + n_keys, cell, "fit_s")),
+            }
+    return {"refs": refs, "rows": rows, "expected": len(q_keys) + len(n_keys)}
+
+
+def _fmt(x, spec=".3f"):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def write(ev: Evaluator, out_dir: Path, cost: dict | None = None, machine: str = "") -> Path:
+    res = collect(ev)
+    refs, rows, cfg = res["refs"], res["rows"], ev.cfg
+    labels = list(dict.fromkeys(lbl for lbl, _ in rows))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"eval-{ev.name}"
+    lines = [
+        f"# Evaluation: {ev.name}",
+        "",
+        f"Written {time.strftime('%Y-%m-%d')} by `kvlocal eval` (`make bench`){', ' + machine if machine else ''}.",
+        "",
+        f"- QuALITY (LEval subset): articles {list(cfg.articles)}, {cfg.questions} questions each; reference answers "
+        f"= the model's own greedy answers with the full cache ({cfg.answer_tokens} tokens), scored by mean token NLL. "
+        "Retention R = (NLL_none − NLL_method) / (NLL_none − NLL_full).",
+        f"- Needles: {cfg.needles} needles at seeded depths in SQuALITY dev stories {list(cfg.haystack_stories)} cut "
+        f"to {list(cfg.haystack_tokens)} tokens; exact match of the 7-digit number. Next-token KL and top-1 "
+        f"agreement with the full cache over the next {cfg.continuation_tokens} story tokens.",
+        f"- Every compaction: at most {cfg.max_queries} queries per KV head, 10 % of the query tokens held out for the "
+        "attention error; uniform budgets; BOS/system/template tokens kept whole.",
+        f"- References: full cache NLL {_fmt(refs['full']['nll'])}, MC accuracy {_fmt(refs['full']['mc'], '.2f')}, "
+        f"needles {_fmt(refs['full']['niah'], '.2f')}; no context NLL {_fmt(refs['none']['nll'])}, MC "
+        f"{_fmt(refs['none']['mc'], '.2f')}; summarization (effective ratio {_fmt(refs['summary']['effective_ratio'], '.1f')}x) "
+        f"R {_fmt(refs['summary']['R'])}, MC {_fmt(refs['summary']['mc'], '.2f')}.",
+        "",
+    ]
+    for title, key, spec in (("Retention R (QuALITY reference answers)", "R", ".3f"),
+                             ("Needle exact match (fraction)", "niah", ".2f"),
+                             ("Next-token KL vs full cache (nats)", "kl", ".3f"),
+                             ("Next-token top-1 agreement", "top1", ".3f"),
+                             ("QuALITY multiple-choice accuracy (reported, not gated)", "mc", ".2f"),
+                             ("Held-out attention output error (relative L2, mean over layers)", "attn", ".3f"),
+                             ("Compaction time ÷ ingestion time (queries + fit)", "time_vs_ingest", ".2f")):
+        lines += [f"## {title}", "", "| method | " + " | ".join(f"{r:g}x" for r in cfg.ratios) + " |",
+                  "|---|" + "---|" * len(cfg.ratios)]
+        for lbl in labels:
+            lines.append(f"| {lbl} | " + " | ".join(_fmt(rows[(lbl, r)][key], spec) for r in cfg.ratios) + " |")
+        lines.append("")
+    lines += _layer_table(ev, 10 if 10 in cfg.ratios else cfg.ratios[len(cfg.ratios) // 2])
+    missing = [f"{lbl} {r:g}x" for (lbl, r), v in rows.items() if v["done"] < res["expected"]]
+    if missing:
+        lines += [f"Incomplete cells (resume with the same command): {', '.join(missing[:12])}", ""]
+    lines += _targets(rows, refs, cfg, labels)
+    if cost:
+        lines += _cost_lines(cost)
+    plots = _plots(rows, refs, cfg, labels, out_dir, stem)
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    path = out_dir / f"{stem}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _layer_table(ev: Evaluator, ratio) -> list[str]:
+    """Held-out attention output error and mass error per layer, pooled over the documents."""
+    cfg, c = ev.cfg, ev.cache
+    keys = [f"quality{a}" for a in cfg.articles] + [f"niah{s}-{n}" for s in cfg.haystack_stories
+                                                    for n in cfg.haystack_tokens]
+    cols = {}
+    for method, queries in cfg.methods:
+        per = {}
+        for k in keys:
+            r = c.get(k, cell_id(method, tuple(queries), ratio))
+            for il, e in (r or {}).get("layer_errors", {}).items():
+                per.setdefault(int(il), []).append((e["output_rel_l2"], e["mass_err"]))
+        if per:
+            cols[label(method, queries)] = per
+    if not cols:
+        return []
+    layers = sorted({il for per in cols.values() for il in per})
+    lines = [f"## Per layer at {ratio:g}x: held-out attention output error / mass error", "",
+             "| layer | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for il in layers:
+        cells = []
+        for per in cols.values():
+            v = per.get(il)
+            cells.append(f"{np.mean([x for x, _ in v]):.3f} / {np.mean([m for _, m in v]):.3f}" if v else "–")
+        lines.append(f"| {il} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _targets(rows, refs, cfg, labels) -> list[str]:
+    am = [lbl for lbl in labels if lbl.startswith("am-")]
+    base = [lbl for lbl in labels if lbl.split(" ")[0] in BASELINES]
+    out = ["## Targets", ""]
+    for r, goal in TARGET_R.items():
+        if r in cfg.ratios and am:
+            best = max(am, key=lambda lbl: np.nan_to_num(rows[(lbl, r)]["R"], nan=-9))
+            got = rows[(best, r)]["R"]
+            out.append(f"- R at {r}x >= {goal}: best AM {best} {_fmt(got)} — "
+                       + ("met." if got >= goal else f"missed by {_fmt(goal - got)}."))
+    full = refs["full"]["niah"]
+    for r, goal in TARGET_NIAH.items():
+        if r in cfg.ratios and am and full:
+            best = max(am, key=lambda lbl: np.nan_to_num(rows[(lbl, r)]["niah"], nan=-9))
+            rel = rows[(best, r)]["niah"] / full
+            out.append(f"- Needles at {r}x >= {goal:.0%} of the full cache ({_fmt(full, '.2f')}): best AM {best} "
+                       f"{_fmt(rows[(best, r)]['niah'], '.2f')} = {rel:.0%} — "
+                       + ("met." if rel >= goal else f"missed by {100 * (goal - rel):.0f} points."))
+    if am and base:
+        worse = []
+        for r in cfg.ratios:
+            best_am = max(np.nan_to_num(rows[(lbl, r)]["R"], nan=-9) for lbl in am)
+            for b in base:
+                if rows[(b, r)]["R"] >= best_am:
+                    worse.append(f"{b} at {r:g}x")
+        out.append("- AM above every eviction baseline at every ratio (retention): "
+                   + ("met." if not worse else "missed: " + ", ".join(worse) + "."))
+    return out + [""]
+
+
+def _cost_lines(cost: dict) -> list[str]:
+    lines = ["## Speed and cost (one run, same process for decoding)", "",
+             f"Document: {cost['tokens']} tokens of a SQuALITY story; ingestion {cost['ingest_s']:.1f} s; full KV cache "
+             f"{cost['full_kv_bytes'] / 2**20:.1f} MiB over {cost['cells_full']} cells; decode with the full cache "
+             f"{cost['full_decode_ms']:.1f} ms/token. Compaction: am-highest, context-prefill queries.", "",
+             "| ratio | cells | KV MiB | session file MiB | fit s | decode ms/token | decode speed-up |", "|---|---|---|---|---|---|---|"]
+    for r, d in cost["ratios"].items():
+        lines.append(f"| {float(r):g}x | {d['cells']} | {d['kv_bytes'] / 2**20:.2f} | {d['file_bytes'] / 2**20:.2f} | "
+                     f"{d['fit_s']:.1f} | {d['decode_ms']:.1f} | {d['speedup']:.2f}x |")
+    if "20" in cost["ratios"] or "20.0" in cost["ratios"]:
+        d = cost["ratios"].get("20", cost["ratios"].get("20.0"))
+        lines += ["", f"Decode speed-up at 20x: {d['speedup']:.2f}x (target >= 1.5x: "
+                  + ("met)." if d["speedup"] >= 1.5 else f"missed by {1.5 - d['speedup']:.2f}x).")]
+    rss = cost.get("rss", {})
+    if rss:
+        lines += ["", "Peak RSS in a fresh process (model mapped, one 8-token answer): "
+                  + "; ".join(f"{k}: {v.get('peak_rss_mib', float('nan')):.0f} MiB, ready in {v.get('ready_s', float('nan')):.2f} s"
+                              if "error" not in v else f"{k}: failed ({v['error']})" for k, v in rss.items()) + "."]
+    return lines + [""]
+
+
+def _plots(rows, refs, cfg, labels, out_dir: Path, stem: str) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for key, ylabel, ref in (("R", "retention R", None), ("niah", "needle exact match", refs["full"]["niah"])):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for lbl in labels:
+            ys = [rows[(lbl, r)][key] for r in cfg.ratios]
+            ax.plot(cfg.ratios, ys, marker="o", ls="-" if lbl.startswith("am-") else "--", label=lbl)
+        if ref is not None:
+            ax.axhline(ref, color="k", ls=":", label="full cache")
+        if key == "R" and not math.isnan(refs["summary"]["R"]):
+            ax.plot([refs["summary"]["effective_ratio"]], [refs["summary"]["R"]], "k*", ms=12, label="summarization")
+        ax.set_xscale("log")
+        ax.set_xticks(list(cfg.ratios), [f"{r:g}x" for r in cfg.ratios])
+        ax.set_xlabel("compaction ratio")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        p = out_dir / f"{stem}-{key}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in [x for x in (10, 20) if x in cfg.ratios]:
+        for lbl in labels:
+            d = rows[(lbl, r)]
+            ax.scatter(d["time_vs_ingest"], d["R"], marker="o" if r == 10 else "s")
+            ax.annotate(f"{lbl} {r}x", (d["time_vs_ingest"], d["R"]), fontsize=5)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("compaction time ÷ ingestion time")
+    ax.set_ylabel("retention R")
+    ax.set_title("compaction time vs quality (o 10x, s 20x)", fontsize=9)
+    fig.tight_layout()
+    p = out_dir / f"{stem}-pareto.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return paths + [p]

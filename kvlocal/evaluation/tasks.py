@@ -1,0 +1,74 @@
+"""Scoring on a prepared session: reference-answer NLL, multiple choice, needles, next-token agreement.
+
+Every function leaves the session as it found it (it rewinds to the length it started at).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+from scipy.special import log_softmax
+
+from ..session import Session
+from .data import LETTERS, Question
+
+SYSTEM = "You answer questions about the document the user shares."
+ANSWER_HINT = "\nAnswer with the letter of the correct option, then explain briefly."
+
+
+@contextlib.contextmanager
+def rewound(s: Session):
+    start = s.n_past
+    try:
+        yield
+    finally:
+        s.rewind(start)
+
+
+def question_prompt(s: Session, q: Question) -> np.ndarray:
+    return s.chat_tokens([{"role": "user", "content": q.text + ANSWER_HINT}])
+
+
+def greedy(s: Session, prompt: np.ndarray, max_tokens: int) -> list[int]:
+    with rewound(s):
+        return s.generate(prompt, max_tokens=max_tokens)
+
+
+def answer_nll(s: Session, prompt: np.ndarray, answer: list[int]) -> float:
+    """Mean negative log-likelihood per token of ``answer`` after ``prompt``."""
+    if not answer:
+        return float("nan")
+    with rewound(s):
+        logits = s.decode(np.concatenate([prompt, np.asarray(answer, np.int32)]), logits="all")
+    lp = log_softmax(logits[len(prompt) - 1: len(prompt) - 1 + len(answer)].astype(np.float64), axis=-1)
+    return float(-lp[np.arange(len(answer)), answer].mean())
+
+
+def multiple_choice(s: Session, q: Question) -> bool:
+    """Is the most likely letter after "Answer: (" the correct one?"""
+    prompt = np.concatenate([question_prompt(s, q), s.tokenize("Answer: (", special=False)])
+    letters = [int(s.tokenize(x, special=False)[-1]) for x in LETTERS]
+    with rewound(s):
+        logits = s.decode(prompt)[-1]
+    return int(np.argmax(logits[letters])) == q.answer
+
+
+def needle_found(s: Session, key: str, number: str, max_tokens: int = 16) -> bool:
+    prompt = s.chat_tokens([{"role": "user", "content":
+                             f"What is the special magic number for {key}? Answer with the number only."}])
+    return number in s.model.detokenize(greedy(s, prompt, max_tokens))
+
+
+def continuation_logprobs(s: Session, tokens: np.ndarray) -> np.ndarray:
+    """log p of every next token along ``tokens`` teacher-forced after the context: [len, n_vocab]."""
+    with rewound(s):
+        logits = s.decode(tokens, logits="all")
+    return log_softmax(logits.astype(np.float64), axis=-1).astype(np.float32)
+
+
+def agreement(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Mean KL(ref || got) per position and top-1 agreement of two next-token distributions."""
+    p = np.exp(ref.astype(np.float64))
+    kl = (p * (ref.astype(np.float64) - got.astype(np.float64))).sum(axis=-1)
+    return {"kl": float(kl.mean()), "top1": float((ref.argmax(-1) == got.argmax(-1)).mean())}
