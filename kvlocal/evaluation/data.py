@@ -19,6 +19,11 @@ class Question:
     text: str  # the question and its four options, as LEval writes them
     answer: int  # index of the correct option
 
+    @property
+    def stem(self) -> str:
+        """The question without its options."""
+        return re.split(r"\s*\(A\)", self.text, maxsplit=1)[0].strip()
+
 
 @dataclass(frozen=True)
 class Article:

@@ -167,7 +167,7 @@ class Evaluator:
     # QuALITY retention ----------------------------------------------------------------------
     def _score_quality(self, s: Session, article: Article, refs: list[list[int]]) -> dict:
         qs = article.questions[: self.cfg.questions]
-        nll = [tasks.answer_nll(s, tasks.question_prompt(s, q), r) for q, r in zip(qs, refs, strict=True)]
+        nll = [tasks.answer_nll(s, tasks.open_prompt(s, q), r) for q, r in zip(qs, refs, strict=True)]
         mc = [tasks.multiple_choice(s, q) for q in qs]
         return {"nll": nll, "mc": [bool(x) for x in mc]}
 
@@ -187,7 +187,7 @@ class Evaluator:
             s = doc.session
             refs = self.cache.get(key, "refs")
             if refs is None:
-                refs = self.cache.put([tasks.greedy(s, tasks.question_prompt(s, q), self.cfg.answer_tokens)
+                refs = self.cache.put([tasks.greedy(s, tasks.open_prompt(s, q), self.cfg.answer_tokens)
                                        for q in art.questions[: self.cfg.questions]], key, "refs")
             if self.cache.get(key, "full") is None:
                 self.cache.put({**self._score_quality(s, art, refs), "tokens": doc.layout.length,

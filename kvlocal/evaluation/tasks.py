@@ -15,6 +15,7 @@ from .data import LETTERS, Question
 
 SYSTEM = "You answer questions about the document the user shares."
 ANSWER_HINT = "\nAnswer with the letter of the correct option, then explain briefly."
+OPEN_HINT = "\nAnswer in one or two sentences, with details from the document."
 
 
 @contextlib.contextmanager
@@ -27,7 +28,14 @@ def rewound(s: Session):
 
 
 def question_prompt(s: Session, q: Question) -> np.ndarray:
+    """The multiple-choice prompt: the question with its options."""
     return s.chat_tokens([{"role": "user", "content": q.text + ANSWER_HINT}])
+
+
+def open_prompt(s: Session, q: Question) -> np.ndarray:
+    """The open-answer prompt of the retention metric: the question without its options, so that the
+    answer has to come from the document (the options alone make it predictable without one)."""
+    return s.chat_tokens([{"role": "user", "content": q.stem + OPEN_HINT}])
 
 
 def greedy(s: Session, prompt: np.ndarray, max_tokens: int) -> list[int]:
