@@ -121,7 +121,10 @@ def write(ev: Evaluator, out_dir: Path, cost: dict | None = None, machine: str =
     if cost:
         lines += _cost_lines(cost)
     plots = _plots(rows, refs, cfg, labels, out_dir, stem)
-    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    if plots is None:
+        lines += ["", "(plots skipped: matplotlib is not installed; `pip install 'kvlocal[eval]'`)"]
+    else:
+        lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     path = out_dir / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -206,14 +209,15 @@ def _cost_lines(cost: dict) -> list[str]:
     return lines + [""]
 
 
-def _plots(rows, refs, cfg, labels, out_dir: Path, stem: str) -> list[Path]:
+def _plots(rows, refs, cfg, labels, out_dir: Path, stem: str) -> list[Path] | None:
+    """The report's PNGs; None when matplotlib is missing (the report then says so)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
+        return None
     paths = []
     for key, ylabel, ref in (("R", "retention R", None), ("niah", "needle exact match", refs["full"]["niah"])):
         fig, ax = plt.subplots(figsize=(7, 4))
