@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from kvlocal.evaluation.data import make_haystack, quality_articles, squality_stories
+from kvlocal.evaluation.data import cut_to_tokens, make_haystack, quality_articles, squality_stories
 from kvlocal.evaluation.harness import EvalConfig, Evaluator, cell_id
 from kvlocal.evaluation.report import collect, write
 
@@ -14,6 +14,19 @@ def test_quality_articles_parse():
     assert len(arts) == 15 and sum(len(a.questions) for a in arts) >= 190
     q = arts[8].questions[0]
     assert "(A)" in q.text and 0 <= q.answer < 4
+
+
+def test_cut_to_tokens_keeps_whole_sentences_within_budget():
+    text = quality_articles()[2].text
+
+    def count(t):
+        return len(t.split())
+
+    cut, was_cut = cut_to_tokens(text, 500, count)
+    assert was_cut and count(cut) <= 500 and text.startswith(cut) and cut.rstrip("\"')]")[-1] in ".!?"
+    nxt = text[len(cut):].lstrip()
+    assert count(cut + " " + nxt.split(". ")[0] + ".") > 500  # the next sentence would not fit
+    assert cut_to_tokens(cut, 500, count) == (cut, False)
 
 
 def test_haystack_holds_every_needle_within_budget():

@@ -59,6 +59,24 @@ def squality_stories(path: str | Path | None = None) -> list[str]:
         return [json.loads(line)["document"] for line in fh]
 
 
+def cut_to_tokens(text: str, n_tokens: int, count_tokens) -> tuple[str, bool]:
+    """``text`` cut after the last whole sentence that keeps it within ``n_tokens`` tokens
+    (unchanged when it already fits); returns the text and whether it was cut."""
+    if count_tokens(text) <= n_tokens:
+        return text, False
+    ends = [m.end() for m in re.finditer(r"[.!?][\"')\]]*(?=\s)", text)]
+    lo, hi = 0, len(ends)  # the number of sentences kept
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_tokens(text[: ends[mid - 1]]) <= n_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        raise KvlocalError(f"the first sentence alone is longer than {n_tokens} tokens")
+    return text[: ends[lo - 1]], True
+
+
 NEEDLE_KEYS = ("lighthouse", "orchard", "violin", "glacier", "lantern", "harbor", "compass", "meadow", "falcon",
                "quarry", "teapot", "satellite", "cathedral", "marble", "bicycle", "volcano")
 

@@ -21,7 +21,7 @@ from ..api import model_fingerprint
 from ..queries import collect_queries
 from ..session import Session
 from . import tasks
-from .data import Article, make_haystack, quality_articles, squality_stories
+from .data import Article, cut_to_tokens, make_haystack, quality_articles, squality_stories
 
 STANDARD_METHODS = (
     ("am-highest", ("repeat",)), ("am-highest", ("context",)), ("am-highest", ("repeat", "self-study")),
@@ -47,6 +47,9 @@ class EvalConfig:
     max_queries: int = 4096
     cost_tokens: int = 4000  # the long document of the speed and memory measurements
     article_words: int | None = None  # cut articles to this many words (smoke runs on tiny models)
+    # articles longer than this are cut at a sentence end; None: what lets repeat-prefill (the
+    # document twice, plus prompts) fit the model's training context
+    max_doc_tokens: int | None = None
     seed: int = 0
     data: str | None = None
 
@@ -82,6 +85,9 @@ class ResultCache:
         tmp.write_text(json.dumps(value, indent=1))
         os.replace(tmp, p)
         return value
+
+
+_REPEAT_MARGIN = 1400  # tokens beside the document twice: template, system, repeat prompt, questions
 
 
 def _pad(n: int) -> int:
@@ -126,7 +132,7 @@ class Evaluator:
     # documents ------------------------------------------------------------------------------
     def _open(self, text: str) -> _Doc:
         n = len(self.model.tokenize(text, add_special=False))
-        s = Session(self.model, n_ctx=min(self.model.n_ctx_train, _pad(2 * n + 1400)), n_threads=self.threads,
+        s = Session(self.model, n_ctx=min(self.model.n_ctx_train, _pad(2 * n + _REPEAT_MARGIN)), n_threads=self.threads,
                     capture=True, progress=False)
         t0 = time.perf_counter()
         layout = s.ingest_document(text, system=tasks.SYSTEM, capture_queries=True)
@@ -164,6 +170,11 @@ class Evaluator:
             for ratio in self.cfg.ratios:
                 yield method, tuple(queries), ratio
 
+    def max_doc_tokens(self) -> int:
+        if self.cfg.max_doc_tokens is not None:
+            return self.cfg.max_doc_tokens
+        return (self.model.n_ctx_train - _REPEAT_MARGIN) // 2
+
     # QuALITY retention ----------------------------------------------------------------------
     def _score_quality(self, s: Session, article: Article, refs: list[list[int]]) -> dict:
         qs = article.questions[: self.cfg.questions]
@@ -177,6 +188,9 @@ class Evaluator:
             art = articles[ai]
             if self.cfg.article_words:
                 art = Article(art.index, " ".join(art.text.split()[: self.cfg.article_words]), art.questions)
+            text, was_cut = cut_to_tokens(art.text, self.max_doc_tokens(),
+                                          lambda t: len(self.model.tokenize(t, add_special=False)))
+            art = Article(art.index, text, art.questions)
             key = f"quality{ai}"
             todo = [c for c in self._cells() if self.cache.get(key, cell_id(*c)) is None]
             if not todo and all(self.cache.get(key, k) is not None for k in ("full", "none", "summary")):
@@ -191,7 +205,8 @@ class Evaluator:
                                        for q in art.questions[: self.cfg.questions]], key, "refs")
             if self.cache.get(key, "full") is None:
                 self.cache.put({**self._score_quality(s, art, refs), "tokens": doc.layout.length,
-                                "ingest_s": doc.ingest_s}, key, "full")
+                                "doc_tokens": doc.layout.n_doc, "cut": was_cut, "ingest_s": doc.ingest_s},
+                               key, "full")
             if self.cache.get(key, "summary") is None:
                 s.restore(doc.blob)
                 t0 = time.perf_counter()

@@ -72,6 +72,17 @@ def collect(ev: Evaluator) -> dict:
     return {"refs": refs, "rows": rows, "expected": len(q_keys) + len(n_keys)}
 
 
+def _article_sizes(ev: Evaluator) -> str:
+    parts = []
+    for a in ev.cfg.articles:
+        full = ev.cache.get(f"quality{a}", "full") or {}
+        n = full.get("doc_tokens")
+        if n is not None:
+            parts.append(f"{a}: {n:,}" + (" (cut at a sentence end so that repeat-prefill fits the context)"
+                                          if full.get("cut") else ""))
+    return f"Document tokens: {'; '.join(parts)}." if parts else ""
+
+
 def _fmt(x, spec=".3f"):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -89,7 +100,7 @@ def write(ev: Evaluator, out_dir: Path, cost: dict | None = None, machine: str =
         "",
         f"- QuALITY (LEval subset): articles {list(cfg.articles)}, {cfg.questions} questions each; reference answers "
         f"= the model's own greedy answers with the full cache ({cfg.answer_tokens} tokens), scored by mean token NLL. "
-        "Retention R = (NLL_none − NLL_method) / (NLL_none − NLL_full).",
+        "Retention R = (NLL_none − NLL_method) / (NLL_none − NLL_full). " + _article_sizes(ev),
         f"- Needles: {cfg.needles} needles at seeded depths in SQuALITY dev stories {list(cfg.haystack_stories)} cut "
         f"to {list(cfg.haystack_tokens)} tokens; exact match of the 7-digit number. Next-token KL and top-1 "
         f"agreement with the full cache over the next {cfg.continuation_tokens} story tokens.",
