@@ -192,6 +192,9 @@ class Evaluator:
                                           lambda t: len(self.model.tokenize(t, add_special=False)))
             art = Article(art.index, text, art.questions)
             key = f"quality{ai}"
+            if self.cache.get(key, "doc") is None:
+                self.cache.put({"doc_tokens": len(self.model.tokenize(text, add_special=False)), "cut": was_cut},
+                               key, "doc")
             todo = [c for c in self._cells() if self.cache.get(key, cell_id(*c)) is None]
             if not todo and all(self.cache.get(key, k) is not None for k in ("full", "none", "summary")):
                 if bar is not None:
@@ -205,8 +208,7 @@ class Evaluator:
                                        for q in art.questions[: self.cfg.questions]], key, "refs")
             if self.cache.get(key, "full") is None:
                 self.cache.put({**self._score_quality(s, art, refs), "tokens": doc.layout.length,
-                                "doc_tokens": doc.layout.n_doc, "cut": was_cut, "ingest_s": doc.ingest_s},
-                               key, "full")
+                                "ingest_s": doc.ingest_s}, key, "full")
             if self.cache.get(key, "summary") is None:
                 s.restore(doc.blob)
                 t0 = time.perf_counter()

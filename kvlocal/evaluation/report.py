@@ -75,7 +75,7 @@ def collect(ev: Evaluator) -> dict:
 def _article_sizes(ev: Evaluator) -> str:
     parts = []
     for a in ev.cfg.articles:
-        full = ev.cache.get(f"quality{a}", "full") or {}
+        full = ev.cache.get(f"quality{a}", "doc") or {}
         n = full.get("doc_tokens")
         if n is not None:
             parts.append(f"{a}: {n:,}" + (" (cut at a sentence end so that repeat-prefill fits the context)"
