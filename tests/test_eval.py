@@ -63,3 +63,20 @@ def test_smoke_grid_runs_resumes_and_reports(load_model, tmp_path):
                     "attention output error", "Compaction time", "Per layer", "Targets"):
         assert section in report
     assert (tmp_path / "out" / "eval-tiny-llama-gqa-s0-R.png").is_file()
+
+
+def test_cost_measures_children_not_the_parent(load_model):
+    """Decode timing and file sizes per ratio, and peak RSS of fresh processes: a child started
+    from a big parent must report its own peak (ru_maxrss would report the parent's)."""
+    import numpy as np
+
+    from kvlocal.evaluation import cost
+
+    ballast = np.ones(600 * 2**20 // 8)  # 600 MiB resident in this process
+    out = cost.measure(load_model("llama-gqa"), (4, 8), tokens=300, decode_tokens=4, rounds=1)
+    assert ballast.sum() > 0
+    assert out["cells_full"] > out["ratios"]["4"]["cells"] > out["ratios"]["8"]["cells"]
+    assert 0 < out["ratios"]["8"]["file_bytes"] and out["ratios"]["4"]["speedup"] > 0
+    for k, v in out["rss"].items():
+        assert "error" not in v, (k, v)
+        assert 0 < v["peak_rss_mib"] < 500 and v["ready_s"] > 0
