@@ -45,7 +45,9 @@ bench: setup
 	$(VPY) bench/budgets_check.py
 	$(VPY) bench/reload.py
 	$(VPY) bench/fuzz_sessions.py -n 10000
-	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --out bench/results
+	$(VPY) bench/niah_diagnosis.py
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --out bench/results \
+		--notes bench/notes/eval-SmolLM2-135M-Instruct.Q4_1.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

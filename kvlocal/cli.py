@@ -183,7 +183,14 @@ def cmd_eval(a) -> int:
             model, cfg.ratios, tokens=cfg.cost_tokens, data=cfg.data, threads=a.threads), "cost")
     import platform
 
-    path = report.write(ev, Path(a.out), measured, machine=f"{platform.machine()}, {os.cpu_count()} cores")
+    notes = None
+    if a.notes:
+        try:
+            notes = Path(a.notes).read_text()
+        except OSError as e:
+            raise KvlocalError(f"cannot read the notes file {a.notes}: {e.strerror}") from None
+    path = report.write(ev, Path(a.out), measured, machine=f"{platform.machine()}, {os.cpu_count()} cores",
+                        notes=notes)
     print(f"report: {path}")
     return 0
 
@@ -244,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", default=str(Path.home() / ".cache" / "kvlocal" / "eval"),
                    help="where grid cells are cached (runs resume from it)")
     e.add_argument("--out", default="bench/results", help="folder for the report and plots")
+    e.add_argument("--notes", default=None, help="a markdown file appended to the report as its analysis")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 

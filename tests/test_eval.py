@@ -58,9 +58,9 @@ def test_smoke_grid_runs_resumes_and_reports(load_model, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in ev.cache.root.rglob("*.json")}
     Evaluator(model, cfg, tmp_path / "cache", progress=False).run(("quality", "niah"))
     assert before == {p: p.stat().st_mtime_ns for p in ev.cache.root.rglob("*.json")}
-    report = write(ev, tmp_path / "out").read_text()
-    for section in ("Retention R", "Needle exact match", "Next-token KL", "top-1", "multiple-choice",
-                    "attention output error", "Compaction time", "Per layer", "Targets"):
+    report = write(ev, tmp_path / "out", notes="Why: a tiny random model.").read_text()
+    for section in ("## Analysis", "Why: a tiny random model.", "Retention R", "Needle exact match", "Next-token KL", "top-1", "multiple-choice",
+                    "attention output error", "Compaction time", "query generation", "Per layer", "Targets"):
         assert section in report
     assert (tmp_path / "out" / "eval-tiny-llama-gqa-s0-R.png").is_file()
 
