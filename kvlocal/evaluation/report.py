@@ -264,6 +264,7 @@ def _plots(rows, refs, cfg, labels, out_dir: Path, stem: str) -> list[Path] | No
         if key == "R" and not math.isnan(refs["summary"]["R"]):
             ax.plot([refs["summary"]["effective_ratio"]], [refs["summary"]["R"]], "k*", ms=12, label="summarization")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(list(cfg.ratios), [f"{r:g}x" for r in cfg.ratios])
         ax.set_xlabel("compaction ratio")
         ax.set_ylabel(ylabel)
