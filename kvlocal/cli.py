@@ -166,6 +166,12 @@ def cmd_eval(a) -> int:
     from .evaluation import report
     from .evaluation.harness import EvalConfig, Evaluator
 
+    notes = None  # read first: a bad path fails before an hour of work
+    if a.notes:
+        try:
+            notes = Path(a.notes).read_text()
+        except OSError as e:
+            raise KvlocalError(f"cannot read the notes file {a.notes}: {e.strerror}") from None
     cfg = EvalConfig.smoke(data=a.data) if a.smoke else EvalConfig(data=a.data)
     if a.ratios:
         cfg.ratios = tuple(float(x) for x in a.ratios.split(","))
@@ -183,12 +189,6 @@ def cmd_eval(a) -> int:
             model, cfg.ratios, tokens=cfg.cost_tokens, data=cfg.data, threads=a.threads), "cost")
     import platform
 
-    notes = None
-    if a.notes:
-        try:
-            notes = Path(a.notes).read_text()
-        except OSError as e:
-            raise KvlocalError(f"cannot read the notes file {a.notes}: {e.strerror}") from None
     path = report.write(ev, Path(a.out), measured, machine=f"{platform.machine()}, {os.cpu_count()} cores",
                         notes=notes)
     print(f"report: {path}")

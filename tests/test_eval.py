@@ -80,3 +80,13 @@ def test_cost_measures_children_not_the_parent(load_model):
     for k, v in out["rss"].items():
         assert "error" not in v, (k, v)
         assert 0 < v["peak_rss_mib"] < 500 and v["ready_s"] > 0
+
+
+def test_eval_cli_refuses_a_missing_notes_file_before_any_work(load_model, tmp_path, capsys):
+    from kvlocal.cli import main
+
+    model = load_model("llama-gqa")
+    rc = main(["eval", "-m", str(model.path), "--smoke", "--cache", str(tmp_path / "c"), "--out",
+               str(tmp_path / "o"), "-q", "--notes", str(tmp_path / "missing.md")])
+    assert rc != 0 and "cannot read the notes file" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
