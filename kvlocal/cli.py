@@ -160,6 +160,24 @@ def cmd_info(a) -> int:
     return 0
 
 
+def _parse_methods(spec: str) -> tuple:
+    """"am-highest:repeat+self-study,truncate" -> (("am-highest", ("repeat", "self-study")), ("truncate", ()))."""
+    from .am.methods import METHODS
+    from .queries import QUERY_SOURCES
+
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, srcs = item.partition(":")
+        sources = tuple(x for x in srcs.split("+") if x)
+        METHODS.get(name)  # unknown names raise with the list of known ones
+        for x in sources:
+            QUERY_SOURCES.get(x)
+        out.append((name, sources))
+    if not out:
+        raise KvlocalError("--methods names no method")
+    return tuple(out)
+
+
 def cmd_eval(a) -> int:
     from . import binding
     from .evaluation import cost as cost_mod
@@ -179,6 +197,12 @@ def cmd_eval(a) -> int:
         cfg.articles = tuple(int(x) for x in a.articles.split(","))
     if a.questions:
         cfg.questions = a.questions
+    if a.methods:
+        cfg.methods = _parse_methods(a.methods)
+    if a.max_queries is not None:
+        if a.max_queries < 0:
+            raise KvlocalError("--max-queries must be >= 0 (0: every query)")
+        cfg.max_queries = a.max_queries or None
     model = binding.Model(a.model)
     ev = Evaluator(model, cfg, a.cache, progress=not a.quiet, threads=a.threads)
     parts = tuple(a.parts.split(","))
@@ -247,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ratios", default=None, help="e.g. 5,10,20,50")
     e.add_argument("--articles", default=None, help="LEval-QuALITY article indices, e.g. 8,1,2")
     e.add_argument("--questions", type=int, default=None, help="questions per article")
+    e.add_argument("--methods", default=None,
+                   help="rows of the grid, e.g. am-highest:repeat+self-study,truncate (default: the standard grid)")
+    e.add_argument("--max-queries", type=int, default=None,
+                   help="reference queries per KV head (default 4096; 0: every query)")
     e.add_argument("--data", default=None, help="folder with leval-quality.jsonl and squality-dev.jsonl")
     e.add_argument("--cache", default=str(Path.home() / ".cache" / "kvlocal" / "eval"),
                    help="where grid cells are cached (runs resume from it)")

@@ -90,3 +90,20 @@ def test_eval_cli_refuses_a_missing_notes_file_before_any_work(load_model, tmp_p
                str(tmp_path / "o"), "-q", "--notes", str(tmp_path / "missing.md")])
     assert rc != 0 and "cannot read the notes file" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
+
+
+def test_eval_cli_parses_methods_and_keeps_query_budgets_apart(load_model, tmp_path):
+    import pytest
+
+    from kvlocal.cli import _parse_methods
+    from kvlocal.errors import KvlocalError
+
+    assert _parse_methods("am-highest:repeat+self-study, truncate") == (
+        ("am-highest", ("repeat", "self-study")), ("truncate", ()))
+    with pytest.raises(KvlocalError, match="unknown compaction method .am-best."):
+        _parse_methods("am-best:repeat")
+    with pytest.raises(KvlocalError, match="unknown query source"):
+        _parse_methods("am-highest:psychic")
+    model = load_model("llama-gqa")
+    roots = {Evaluator(model, EvalConfig(max_queries=q), tmp_path, progress=False).cache.root for q in (4096, None, 512)}
+    assert len(roots) == 3

@@ -126,7 +126,10 @@ class Evaluator:
         self.model = binding.Model(model) if isinstance(model, str) else model
         self.cfg, self.progress, self.threads = config, progress, threads
         fp = model_fingerprint(self.model)["model.file_sha256"][:12]
-        self.cache = ResultCache(Path(cache_dir) / f"{self.model.path.stem}-{fp}")
+        root = Path(cache_dir) / f"{self.model.path.stem}-{fp}"
+        if config.max_queries != EvalConfig.max_queries:  # cells depend on it: keep them apart
+            root = root / f"max-queries-{config.max_queries or 'all'}"
+        self.cache = ResultCache(root)
         self.name = self.model.path.stem
 
     # documents ------------------------------------------------------------------------------

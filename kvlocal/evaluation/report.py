@@ -105,7 +105,7 @@ def write(ev: Evaluator, out_dir: Path, cost: dict | None = None, machine: str =
         f"- Needles: {cfg.needles} needles at seeded depths in SQuALITY dev stories {list(cfg.haystack_stories)} cut "
         f"to {list(cfg.haystack_tokens)} tokens; exact match of the 7-digit number. Next-token KL and top-1 "
         f"agreement with the full cache over the next {cfg.continuation_tokens} story tokens.",
-        f"- Every compaction: at most {cfg.max_queries} queries per KV head, 10 % of the query tokens held out for the "
+        f"- Every compaction: {f'at most {cfg.max_queries}' if cfg.max_queries else 'all the'} queries per KV head, 10 % of the query tokens held out for the "
         "attention error; uniform budgets; BOS/system/template tokens kept whole.",
         f"- References: full cache NLL {_fmt(refs['full']['nll'])}, MC accuracy {_fmt(refs['full']['mc'], '.2f')}, "
         f"needles {_fmt(refs['full']['niah'], '.2f')}; no context NLL {_fmt(refs['none']['nll'])}, MC "
