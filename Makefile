@@ -46,6 +46,8 @@ bench: setup
 	$(VPY) bench/reload.py
 	$(VPY) bench/fuzz_sessions.py -n 10000
 	$(VPY) bench/niah_diagnosis.py
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality --max-queries 0 \
+		--methods am-highest:repeat,am-highest:repeat+self-study --ratios 10,20 --out bench/results/all-queries
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --out bench/results \
 		--notes bench/notes/eval-SmolLM2-135M-Instruct.Q4_1.md
 

@@ -213,8 +213,9 @@ def cmd_eval(a) -> int:
             model, cfg.ratios, tokens=cfg.cost_tokens, data=cfg.data, threads=a.threads), "cost")
     import platform
 
+    args = [Path(x).name if x == a.model else x for x in sys.argv[1:]] if sys.argv[1:2] == ["eval"] else ["eval"]
     path = report.write(ev, Path(a.out), measured, machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                        notes=notes)
+                        notes=notes, command="kvlocal " + " ".join(args))
     print(f"report: {path}")
     return 0
 

@@ -88,7 +88,8 @@ def _fmt(x, spec=".3f"):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def write(ev: Evaluator, out_dir: Path, cost: dict | None = None, machine: str = "", notes: str | None = None) -> Path:
+def write(ev: Evaluator, out_dir: Path, cost: dict | None = None, machine: str = "", notes: str | None = None,
+          command: str = "kvlocal eval") -> Path:
     res = collect(ev)
     refs, rows, cfg = res["refs"], res["rows"], ev.cfg
     labels = list(dict.fromkeys(lbl for lbl, _ in rows))
@@ -97,7 +98,7 @@ def write(ev: Evaluator, out_dir: Path, cost: dict | None = None, machine: str =
     lines = [
         f"# Evaluation: {ev.name}",
         "",
-        f"Written {time.strftime('%Y-%m-%d')} by `kvlocal eval` (`make bench`){', ' + machine if machine else ''}.",
+        f"Written {time.strftime('%Y-%m-%d')} by `{command}`{', ' + machine if machine else ''}.",
         "",
         f"- QuALITY (LEval subset): articles {list(cfg.articles)}, {cfg.questions} questions each; reference answers "
         f"= the model's own greedy answers with the full cache ({cfg.answer_tokens} tokens), scored by mean token NLL. "
@@ -120,6 +121,8 @@ def write(ev: Evaluator, out_dir: Path, cost: dict | None = None, machine: str =
                              ("QuALITY multiple-choice accuracy (reported, not gated)", "mc", ".2f"),
                              ("Held-out attention output error (relative L2, mean over layers)", "attn", ".3f"),
                              ("Compaction time ÷ ingestion time (queries + fit)", "time_vs_ingest", ".2f")):
+        if all(rows[(lbl, r)][key] is None or math.isnan(rows[(lbl, r)][key]) for lbl in labels for r in cfg.ratios):
+            continue  # a part that was not run
         lines += [f"## {title}", "", "| method | " + " | ".join(f"{r:g}x" for r in cfg.ratios) + " |",
                   "|---|" + "---|" * len(cfg.ratios)]
         for lbl in labels:
