@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, document_text, machine, pyplot, save_figure
+from common import RESULTS, ROOT, document_text, machine, pyplot, save_figure, write_report
 
 CONFIGS = ["stock", "bias off", "bias on"]
 PREFILL = 512
@@ -228,8 +228,7 @@ def main() -> int:
     ]
     if has_plot:
         lines += ["", "![bias overhead](bias_overhead.png)"]
-    (RESULTS / "bias_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report("bias_overhead", lines)
     return 0
 
 

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from common import RESULTS, ROOT, machine
+from common import ROOT, machine, write_report
 
 
 def main() -> int:
@@ -54,8 +54,7 @@ def main() -> int:
         "| ratio | budgets | held-out output rel. L2 | held-out mass error | padding | cells |",
         "|---|---|---|---|---|---|",
     ] + [f"| {r}x | {n} | {e:.3f} | {m:.3f} | {100 * p:.0f} % | {c} |" for r, n, e, m, p, c in rows]
-    (RESULTS / "budgets_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report("budgets_check", lines)
     return 0
 
 

@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from common import RESULTS, document_text, machine, pyplot, save_figure
+from common import RESULTS, document_text, machine, pyplot, save_figure, write_report
 
 CONFIGS = ["no callback", "callback idle", "capture"]
 
@@ -112,8 +112,7 @@ def main() -> int:
     ]
     if has_plot:
         lines += ["", "![capture overhead](capture_overhead.png)"]
-    (RESULTS / "capture_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report("capture_overhead", lines)
     model.close()
     return 0
 

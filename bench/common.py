@@ -54,3 +54,13 @@ def save_figure(fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
+
+
+def write_report(name: str, lines: list[str]) -> Path:
+    """Write ``bench/results/<name>.md`` from ``lines`` and print it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    text = "\n".join(lines)
+    path.write_text(text + "\n")
+    print(text)
+    return path

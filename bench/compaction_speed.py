@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from common import RESULTS, document_text, machine, pyplot, save_figure
+from common import RESULTS, document_text, machine, pyplot, save_figure, write_report
 
 HEADS = [(3, 0), (3, 1), (3, 2), (20, 0), (20, 1), (20, 2)]  # (layer, KV head) subset
 N_QUERIES = 4096
@@ -253,8 +253,7 @@ def main() -> int:
         ] + gap_analysis(full, prefill[4096], n_heads)
     if plt is not None:
         lines += ["", f"![compaction speed]({stem}.png)"]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(stem, lines)
     model.close()
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, machine
+from common import machine, write_report
 
 TEXT = ("The special magic number for the lighthouse is 4817263. Margaret kept the lamp burning every night "
         "of the long winter, and the ships that passed the point saw it and were glad.")
@@ -124,9 +124,7 @@ def main() -> int:
         "(a mutation of alignment padding, say)." + (" **All passed.**" if not failures else
                                                       f" **{len(failures)} failures**, first: {failures[0]}"),
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fuzz_sessions.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report("fuzz_sessions", lines)
     return 1 if failures else 0
 
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from common import RESULTS, machine
+from common import RESULTS, machine, write_report
 
 
 def main() -> int:
@@ -74,16 +74,16 @@ def main() -> int:
         full_hits += sum(tasks.needle_found(s, k, n) for k, n in hay.needles)
         n_needles += len(hay.needles)
         variants = {
-            "am-highest": lambda: "am-highest",
-            "kvzip-uniform": lambda: "kvzip-uniform",
-            "random": lambda: "random",
-            "needles kept + AM": lambda: Method(NeedlesFirst(sentence_pos), BoxNNLS(), LeastSquaresValues()),  # noqa: B023
-            "needles kept": lambda: Method(NeedlesFirst(sentence_pos), ZeroBeta(), DirectValues()),  # noqa: B023
+            "am-highest": "am-highest",
+            "kvzip-uniform": "kvzip-uniform",
+            "random": "random",
+            "needles kept + AM": Method(NeedlesFirst(sentence_pos), BoxNNLS(), LeastSquaresValues()),
+            "needles kept": Method(NeedlesFirst(sentence_pos), ZeroBeta(), DirectValues()),
         }
         for r in ratios:
-            for name, make in variants.items():
+            for name, method in variants.items():
                 s.restore(doc.blob)
-                cache, _ = Compactor(make(), ratio=r, max_queries_per_head=None, holdout=0.0, seed=cfg.seed).compact(
+                cache, _ = Compactor(method, ratio=r, max_queries_per_head=None, holdout=0.0, seed=cfg.seed).compact(
                     doc.snap, doc.layout.doc_start, doc.layout.doc_end, queries)
                 s.inject(cache, doc.snap)
                 hits[(name, r)] = hits.get((name, r), 0) + sum(tasks.needle_found(s, k, n) for k, n in hay.needles)
@@ -114,12 +114,10 @@ def main() -> int:
               "(mean over needles and digits; the selection keeps 1/ratio of the keys):", "",
               "| ratio | kept share | share of keys kept |", "|---|---|---|"]
     lines += [f"| {r:g}x | {np.mean(coverage[r]):.2f} | {1 / r:.2f} |" for r in ratios]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "niah_diagnosis.md").write_text("\n".join(lines) + "\n")
+    write_report("niah_diagnosis", lines)
     (RESULTS / "niah_diagnosis.json").write_text(json.dumps(
         {"full": full_hits, "needles": n_needles, "hits": {f"{n}@{r:g}": v for (n, r), v in hits.items()},
          "coverage": {f"{r:g}": float(np.mean(v)) for r, v in coverage.items()}}, indent=1))
-    print("\n".join(lines))
     return 0
 
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, document_text, machine
+from common import RESULTS, document_text, machine, write_report
 
 QUESTION = "What is the story about?"
 
@@ -115,8 +115,7 @@ def main() -> int:
         f"The first answer token then comes after the same prompt decode, over {report['cells_after']} cells "
         f"instead of {layout.length}.",
     ]
-    (RESULTS / "reload.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report("reload", lines)
     model.close()
     return 0
 

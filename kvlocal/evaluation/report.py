@@ -128,8 +128,9 @@ def write(ev: Evaluator, out_dir: Path, cost: dict | None = None, machine: str =
         for lbl in labels:
             lines.append(f"| {lbl} | " + " | ".join(_fmt(rows[(lbl, r)][key], spec) for r in cfg.ratios) + " |")
         lines.append("")
-    lines += _time_table(rows, labels, 10 if 10 in cfg.ratios else cfg.ratios[len(cfg.ratios) // 2])
-    lines += _layer_table(ev, 10 if 10 in cfg.ratios else cfg.ratios[len(cfg.ratios) // 2])
+    detail_ratio = 10 if 10 in cfg.ratios else cfg.ratios[len(cfg.ratios) // 2]
+    lines += _time_table(rows, labels, detail_ratio)
+    lines += _layer_table(ev, detail_ratio)
     missing = [f"{lbl} {r:g}x" for (lbl, r), v in rows.items() if v["done"] < res["expected"]]
     if missing:
         lines += [f"Incomplete cells (resume with the same command): {', '.join(missing[:12])}", ""]
