@@ -182,6 +182,7 @@ def cmd_eval(a) -> int:
     from . import binding
     from .evaluation import cost as cost_mod
     from .evaluation import report
+    from .evaluation.data import data_dir
     from .evaluation.harness import EvalConfig, Evaluator
 
     notes = None  # read first: a bad path fails before an hour of work
@@ -190,6 +191,7 @@ def cmd_eval(a) -> int:
             notes = Path(a.notes).read_text()
         except OSError as e:
             raise KvlocalError(f"cannot read the notes file {a.notes}: {e.strerror}") from None
+    data_dir(a.data)  # missing data: one line saying where to get it, before any work
     cfg = EvalConfig.smoke(data=a.data) if a.smoke else EvalConfig(data=a.data)
     if a.ratios:
         cfg.ratios = tuple(float(x) for x in a.ratios.split(","))

@@ -10,6 +10,7 @@ from kvlocal.capture import QueryCapture
 from kvlocal.errors import KvlocalError
 from kvlocal.kvcache import HeadBlock, assemble, identity_compaction, per_head_segment, shared_segment
 from kvlocal.session import DocumentError, Session
+from tolerance import assert_identity, reorder_noise, tolerance
 
 QUESTION = [{"role": "user", "content": "What is the magic number for the lighthouse?"}]
 
@@ -26,6 +27,18 @@ def greedy_after(session, n=32):
     for _ in range(n - 1):
         toks.append(int(np.argmax(session.decode(toks[-1:])[-1])))
     return first, toks
+
+
+def first_logits(session):
+    """blob -> the first answer logits after restoring it (for reorder_noise)."""
+    def run(blob: bytes) -> np.ndarray:
+        session.restore(blob)
+        return greedy_after(session, n=1)[0]
+    return run
+
+
+def n_caches(session) -> int:
+    return 2 if session.info.is_iswa else 1
 
 
 def doc_cells(snap, layout):
@@ -133,9 +146,12 @@ def test_dropping_cells_equals_engine_seq_rm(load_model, name):
         s.inject(assemble([shared_segment(snap, keep)], snap.logical_length), snap)
         injected, _ = greedy_after(s, n=1)
         s.restore(blob)
-        full, _ = greedy_after(s, n=1)
-    assert np.abs(injected - removed).max() <= 1e-4
-    assert np.abs(injected - full).max() > 1e-3
+        noise, full = reorder_noise(first_logits(s), blob, snap.n_cells, n_caches(s))
+        s.inject(assemble([shared_segment(snap, np.setdiff1d(np.arange(snap.n_cells), drop + 1))],
+                          snap.logical_length), snap)
+        off_by_one, _ = greedy_after(s, n=1)
+    assert_identity(injected, removed, tolerance(noise, full),
+                    {"nothing dropped": full, "the neighbouring cells dropped": off_by_one}, "seq_rm")
 
 
 @pytest.mark.parametrize("name", TINY_VARIANTS + ["smollm2-f32"])
@@ -167,12 +183,21 @@ def test_per_head_selection_equals_per_head_neg_inf_bias(load_model, name, rng):
         s.inject(cache, snap)
         packed, _ = greedy_after(s, n=1)
 
-        s.restore(blob)
-        s.ctx.bias_enable(True)
-        for il, mask in zip(info.base_layers, masks, strict=True):
-            s.ctx.bias_set(il, mask)
-        biased, _ = greedy_after(s, n=1)
-    assert np.abs(packed - biased).max() <= 1e-4
+        def biased(masks):
+            s.restore(blob)
+            s.ctx.bias_enable(True)
+            for il, mask in zip(info.base_layers, masks, strict=True):
+                s.ctx.bias_set(il, mask)
+            return greedy_after(s, n=1)[0]
+
+        want = biased(masks)
+        planted = {"masks one cell off": biased([np.roll(m, 1, axis=0) for m in masks]),
+                   "no masks": biased([np.zeros_like(m) for m in masks])}
+        if info.n_head_kv > 1:
+            planted["masks on the wrong KV head"] = biased([np.roll(m, 1, axis=1) for m in masks])
+        s.ctx.bias_enable(False)
+        noise, full = reorder_noise(first_logits(s), blob, snap.n_cells, n_caches(s))
+    assert_identity(packed, want, tolerance(noise, full), planted, "per-head packing")
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "gemma3"])

@@ -1,23 +1,60 @@
-"""The evaluation harness: data, needles, and a smoke run of the whole grid on a tiny model."""
+"""The evaluation harness: data, needles, and a smoke run of the whole grid on a tiny model.
+
+The harness's own logic runs on small generated data (tests/evaldata.py) in any clone; only the
+check of the real LEval/SQuALITY files needs ../shared/data and skips, with its reason, without it.
+"""
 
 from __future__ import annotations
 
 import re
 
-from kvlocal.evaluation.data import cut_to_tokens, make_haystack, quality_articles, squality_stories
+import pytest
+
+import evaldata
+from kvlocal.errors import KvlocalError
+from kvlocal.evaluation.data import (
+    DEFAULT_DATA, cut_to_tokens, data_dir, make_haystack, quality_articles, squality_stories,
+)
 from kvlocal.evaluation.harness import EvalConfig, Evaluator, cell_id
 from kvlocal.evaluation.report import collect, write
 
 
-def test_quality_articles_parse():
-    arts = quality_articles()
+@pytest.fixture(scope="module")
+def gen_data(tmp_path_factory):
+    return str(evaldata.write(tmp_path_factory.mktemp("evaldata")))
+
+
+def real_data() -> str:
+    try:
+        return str(data_dir())
+    except KvlocalError:
+        pytest.skip(f"the evaluation data (LEval-QuALITY, SQuALITY) is not in {DEFAULT_DATA}: "
+                    "clone beside the project's shared/ folder to run this test")
+
+
+def test_real_quality_articles_parse():
+    arts = quality_articles(real_data())
     assert len(arts) == 15 and sum(len(a.questions) for a in arts) >= 190
     q = arts[8].questions[0]
     assert "(A)" in q.text and 0 <= q.answer < 4
+    assert len(squality_stories(real_data())) >= 2
 
 
-def test_cut_to_tokens_keeps_whole_sentences_within_budget():
-    text = quality_articles()[2].text
+def test_generated_articles_parse_like_the_real_ones(gen_data):
+    arts = quality_articles(gen_data)
+    assert len(arts) == 9 and all(len(a.questions) == 4 for a in arts)
+    for q in arts[3].questions:
+        assert "(A)" in q.text and "(D)" in q.text and 0 <= q.answer < 4 and q.stem.endswith("?")
+
+
+def test_missing_data_is_one_clear_error(tmp_path):
+    with pytest.raises(KvlocalError, match="evaluation data not found in .*--data") as e:
+        quality_articles(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_cut_to_tokens_keeps_whole_sentences_within_budget(gen_data):
+    text = quality_articles(gen_data)[2].text
 
     def count(t):
         return len(t.split())
@@ -29,8 +66,8 @@ def test_cut_to_tokens_keeps_whole_sentences_within_budget():
     assert cut_to_tokens(cut, 500, count) == (cut, False)
 
 
-def test_haystack_holds_every_needle_within_budget():
-    story = squality_stories()[0]
+def test_haystack_holds_every_needle_within_budget(gen_data):
+    story = squality_stories(gen_data)[0]
 
     def count(text):  # a crude word-piece count is enough for the generator's contract
         return len(text.split()) * 4 // 3
@@ -42,9 +79,9 @@ def test_haystack_holds_every_needle_within_budget():
     assert make_haystack(story, 800, count, k=5, seed=3) == hay
 
 
-def test_smoke_grid_runs_resumes_and_reports(load_model, tmp_path):
+def test_smoke_grid_runs_resumes_and_reports(load_model, tmp_path, gen_data):
     model = load_model("llama-gqa")
-    cfg = EvalConfig.smoke()
+    cfg = EvalConfig.smoke(data=gen_data)
     ev = Evaluator(model, cfg, tmp_path / "cache", progress=False)
     ev.run(("quality", "niah"))
     files = sorted(p.name for p in ev.cache.root.rglob("*.json"))
@@ -65,7 +102,7 @@ def test_smoke_grid_runs_resumes_and_reports(load_model, tmp_path):
     assert (tmp_path / "out" / "eval-tiny-llama-gqa-s0-R.png").is_file()
 
 
-def test_cost_measures_children_not_the_parent(load_model):
+def test_cost_measures_children_not_the_parent(load_model, gen_data):
     """Decode timing and file sizes per ratio, and peak RSS of fresh processes: a child started
     from a big parent must report its own peak (ru_maxrss would report the parent's)."""
     import numpy as np
@@ -73,7 +110,8 @@ def test_cost_measures_children_not_the_parent(load_model):
     from kvlocal.evaluation import cost
 
     ballast = np.ones(600 * 2**20 // 8)  # 600 MiB resident in this process
-    out = cost.measure(load_model("llama-gqa"), (4, 8), tokens=300, decode_tokens=4, rounds=1)
+    out = cost.measure(load_model("llama-gqa"), (4, 8), tokens=300, decode_tokens=4, rounds=1,
+                       data=gen_data)
     assert ballast.sum() > 0
     assert out["cells_full"] > out["ratios"]["4"]["cells"] > out["ratios"]["8"]["cells"]
     assert 0 < out["ratios"]["8"]["file_bytes"] and out["ratios"]["4"]["speedup"] > 0
@@ -107,3 +145,13 @@ def test_eval_cli_parses_methods_and_keeps_query_budgets_apart(load_model, tmp_p
     model = load_model("llama-gqa")
     roots = {Evaluator(model, EvalConfig(max_queries=q), tmp_path, progress=False).cache.root for q in (4096, None, 512)}
     assert len(roots) == 3
+
+
+def test_eval_cli_without_data_says_where_to_get_it(load_model, tmp_path, capsys):
+    from kvlocal.cli import main
+
+    rc = main(["eval", "-m", str(load_model("llama-gqa").path), "--smoke", "--data", str(tmp_path / "none"),
+               "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "evaluation data not found" in err and "--data" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "c").exists()

@@ -225,8 +225,10 @@ class Compactor:
         (both release the GIL), which on 2 cores is ~2.5x faster than multithreaded BLAS per head."""
         workers = self.workers or os.cpu_count() or 1
         if workers == 1 or len(tasks) == 1:
-            for task in tasks:
-                yield task, fn(*task)
+            # the same single-threaded BLAS as the workers, so any worker count gives the same bits
+            with threadpool_limits(1, user_api="blas"):
+                for task in tasks:
+                    yield task, fn(*task)
             return
 
         def run(task):

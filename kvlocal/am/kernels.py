@@ -7,7 +7,6 @@ a query row are ``E_ij = exp(s_ij - m_i)`` with ``m_i = max_j s_ij`` and ``z_i =
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -28,6 +27,9 @@ def softmax_rows_inplace(S: np.ndarray, bias: np.ndarray | None = None) -> tuple
 
 # ---------------------------------------------------------------------------------------------
 # per-key aggregates of the block-local attention A = E / z
+
+
+_STAT_CHUNKS = 8
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -51,7 +53,9 @@ def _column_stats(E, z, n_chunks):
 
 def column_stats(E: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sum_i A_ij, sum_i A_ij^2, max_i A_ij) with A = E / z[:, None]."""
-    chunks = max(1, min(len(E), numba.get_num_threads()))
+    # a fixed number of partial sums, not one per thread: the bits do not depend on how many
+    # threads numba runs (the parallel head solver runs each head on one)
+    chunks = max(1, min(len(E), _STAT_CHUNKS))
     s1, s2, mx = _column_stats(E, z.astype(np.float64), chunks)
     return s1.sum(axis=0), s2.sum(axis=0), mx.max(axis=0)
 

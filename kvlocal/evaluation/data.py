@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -32,11 +33,26 @@ class Article:
     questions: tuple[Question, ...]
 
 
+FILES = ("leval-quality.jsonl", "squality-dev.jsonl")
+
+
 def data_dir(path: str | Path | None = None) -> Path:
+    """The folder with the evaluation data (default: the ``shared/data`` beside the checkout)."""
     d = Path(path) if path else DEFAULT_DATA
-    if not (d / "leval-quality.jsonl").is_file():
-        raise KvlocalError(f"evaluation data not found in {d}: pass the folder holding leval-quality.jsonl")
+    missing = [f for f in FILES if not (d / f).is_file()]
+    if missing:
+        raise KvlocalError(f"evaluation data not found in {d} (no {', '.join(missing)}): pass --data with the "
+                           "folder holding LEval-QuALITY and SQuALITY (shared/data of the kvlocal project, "
+                           "whose README names their sources)")
     return d
+
+
+def data_fingerprint(path: str | Path | None = None) -> str:
+    """A short hash of the data files, so results on other data are cached apart."""
+    h = hashlib.sha256()
+    for f in FILES:
+        h.update((data_dir(path) / f).read_bytes())
+    return h.hexdigest()[:10]
 
 
 def quality_articles(path: str | Path | None = None) -> list[Article]:

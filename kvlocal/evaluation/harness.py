@@ -21,7 +21,10 @@ from ..api import model_fingerprint
 from ..queries import collect_queries
 from ..session import Session
 from . import tasks
-from .data import Article, cut_to_tokens, make_haystack, quality_articles, squality_stories
+from .data import (
+    DEFAULT_DATA, Article, cut_to_tokens, data_dir, data_fingerprint, make_haystack, quality_articles,
+    squality_stories,
+)
 
 STANDARD_METHODS = (
     ("am-highest", ("repeat",)), ("am-highest", ("context",)), ("am-highest", ("repeat", "self-study")),
@@ -129,6 +132,8 @@ class Evaluator:
         root = Path(cache_dir) / f"{self.model.path.stem}-{fp}"
         if config.max_queries != EvalConfig.max_queries:  # cells depend on it: keep them apart
             root = root / f"max-queries-{config.max_queries or 'all'}"
+        if config.data is not None and data_dir(config.data).resolve() != DEFAULT_DATA.resolve():
+            root = root / f"data-{data_fingerprint(config.data)}"  # other data: other cells
         self.cache = ResultCache(root)
         self.name = self.model.path.stem
 
