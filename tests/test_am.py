@@ -15,9 +15,11 @@ from scipy.special import logsumexp, softmax
 
 from conftest import TEXT, session_kwargs
 from kvlocal.am import (
-    METHODS, OMP, PROGRESSIVE_SCHEDULE, BoxNNLS, Compactor, HeadProblem, JsonBudget, LeastSquaresValues,
+    METHODS, OMP, PROGRESSIVE_SCHEDULE, BoxNNLS, Compactor, HeadProblem, HighestAttnKeys, JsonBudget,
+    LeastSquaresValues,
     SensitivityBudget, allocate, get_method, head_errors, swap_allocation,
 )
+from kvlocal.am import AnchoredValues, SharedSpans
 from kvlocal.am.fit import compacted_attention, solve_least_squares
 from kvlocal.errors import KvlocalError
 
@@ -427,3 +429,101 @@ def test_committed_smollm2_budgets_fit_the_model(load_model):
     assert p.shape == (30, 3) and abs(p.sum() - 1) < 1e-9 and p.min() >= 0
     b = allocate(90 * 100, p, cap=750)
     assert b.sum() == 9000 and b.max() <= 750
+
+
+# ---------------------------------------------------------------------------------------------
+# shared spans (a layer's heads keep one ranking, pooled over neighbours) and anchored values
+
+
+def head_group(n_heads=3, T=80, n=200, d=16, t=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return [HeadProblem(rng.normal(size=(T, d)) * 2, rng.normal(size=(T, d)), rng.normal(size=(n, d)) * 2, t)
+            for _ in range(n_heads)]
+
+
+def test_shared_spans_on_one_head_without_pooling_is_highest_attn():
+    p = random_problem(seed=3)
+    assert np.array_equal(SharedSpans(span=1).select(p).indices, HighestAttnKeys("rms").select(p).indices)
+    assert np.array_equal(SharedSpans(span=1, own=1.0).select(p).indices, HighestAttnKeys("rms").select(p).indices)
+
+
+def test_shared_spans_keep_what_any_head_needs_in_every_head():
+    heads = head_group()
+    # head 0 alone pays heavy attention to keys 40..42: its queries align with them
+    rng = np.random.default_rng(1)
+    u = np.zeros(16)
+    u[0] = 4.0
+    K0, Q0 = heads[0].keys.copy(), u + rng.normal(size=heads[0].queries.shape) * 0.5
+    K0[40:43] = u * 2  # logit ~8 above the rest for every query of head 0
+    heads[0] = HeadProblem(K0, heads[0].values, Q0, 10)
+    sel = SharedSpans(span=1)
+    scores = [sel.head_scores(p) for p in heads]
+    chosen = sel.select_group(heads, scores)
+    assert all(np.array_equal(c.indices, chosen[0].indices) for c in chosen)  # one set for the layer
+    assert {40, 41, 42} <= set(chosen[2].indices.tolist())  # head 2 keeps what head 0 needs
+    assert not {40, 41, 42} <= set(HighestAttnKeys("rms").select(heads[2]).indices.tolist())
+    # pooling keeps the neighbours of a high key: the span 39..43 around 40..42
+    pooled = sel.__class__(span=3).select_group([p for p in heads], scores)
+    assert {39, 43} <= set(pooled[1].indices.tolist()) and all(len(c.indices) == 10 for c in pooled)
+    # own=0.5: half of each head's budget from its own ranking, never twice the same key
+    half = SharedSpans(span=1, own=0.5).select_group(heads, scores)
+    for p, c, s in zip(heads, half, scores, strict=True):
+        assert len(np.unique(c.indices)) == p.t and np.all(np.diff(c.indices) > 0)
+        assert set(top_k(s, 5)) <= set(c.indices.tolist()) | set(chosen[0].indices.tolist())
+
+
+def top_k(score, k):
+    return np.argsort(-score, kind="stable")[:k].tolist()
+
+
+def test_shared_spans_reject_bad_groups_and_settings():
+    a, b = random_problem(T=50), random_problem(T=60)
+    sel = SharedSpans()
+    with pytest.raises(ValueError, match="share their key positions"):
+        sel.select_group([a, b], [sel.head_scores(a), sel.head_scores(b)])
+    for bad in (dict(span=0), dict(own=1.5), dict(scope="head"), dict(agg="median")):
+        with pytest.raises(ValueError):
+            SharedSpans(**bad)
+    assert sel.select_group([], []) == []
+
+
+def test_group_methods_keep_one_set_per_layer_in_the_compactor(tiny_doc):
+    snap, layout, queries, info = tiny_doc
+    cache, report = Compactor("am-spans", ratio=4, seed=1).compact(snap, layout.doc_start, layout.doc_end, queries)
+    cache.validate(info)
+    def kept(c, li, h):  # original positions head h of layer li kept
+        return frozenset(c.origin[li][:, h][c.origin[li][:, h] >= 0].tolist())
+
+    layer_sets = []
+    for li in range(len(snap.keys)):
+        keep = [kept(cache, li, h) for h in range(info.n_head_kv)]
+        assert all(k == keep[0] for k in keep), f"layer {li}: heads keep different cells"
+        layer_sets.append(keep[0])
+    assert len(set(layer_sets)) > 1  # layers choose for themselves
+    per_head, _ = Compactor("am-highest", ratio=4, seed=1).compact(snap, layout.doc_start, layout.doc_end, queries)
+    assert any(kept(per_head, li, 0) != kept(per_head, li, 1) for li in range(len(snap.keys)))
+    model_wide, _ = Compactor("am-spans-model", ratio=4, seed=1).compact(snap, layout.doc_start, layout.doc_end,
+                                                                          queries)
+    assert len({kept(model_wide, li, h) for li in range(len(snap.keys)) for h in range(info.n_head_kv)}) == 1
+
+
+def test_anchored_values_interpolate_between_least_squares_and_the_original_values():
+    p = random_problem(T=120, n=400, t=15, seed=5)
+    idx = HighestAttnKeys().select(p).indices
+    beta, _ = BoxNNLS().fit(p, idx)
+    X = compacted_attention(p, idx, beta)
+    Y = p.stats().outputs
+    V = p.values[idx].astype(np.float64)
+    lsq, _ = LeastSquaresValues().fit(p, idx, beta)
+    fits = [AnchoredValues(rel=r).fit(p, idx, beta)[0] for r in (0.0, 0.01, 1.0, 100.0, 1e8)]
+    assert np.abs(fits[0] - lsq).max() < 1e-6 * max(1.0, np.abs(lsq).max())
+    fit_err = [np.linalg.norm(X @ C - Y) for C in fits]
+    dist = [np.linalg.norm(C - V) for C in fits]
+    assert all(a <= b + 1e-9 for a, b in zip(fit_err, fit_err[1:]))  # more anchoring, worse fit...
+    assert all(a >= b - 1e-9 for a, b in zip(dist, dist[1:]))  # ...and closer to V[S]
+    assert dist[-1] < 1e-4 * dist[0]
+    C, notes = AnchoredValues(rel="auto").fit(p, idx, beta)
+    assert notes["values"].startswith("anchored-") and C.shape == V.shape and np.isfinite(C).all()
+    with pytest.raises(ValueError):
+        AnchoredValues(rel=-1.0)
+    assert AnchoredValues().fit(p, idx[:0], beta[:0])[0].shape == (0, p.d)

@@ -148,9 +148,13 @@ class Compactor:
             budgets = self._budgets(snap, len(cells), calibration)
             all_budgets.append(budgets.tolist())
 
-            def solve(li, h, problem=problem, budgets=budgets, q_train=q_train, q_test=q_test):
-                p = problem(li, h, int(budgets[li, h]), q_train)
-                res = method.fit(p)
+            pre, chosen = ({}, {}) if method.group_selector is None else \
+                self._group_select(method.group_selector, problem, budgets, q_train)
+
+            def solve(li, h, problem=problem, budgets=budgets, q_train=q_train, q_test=q_test, pre=pre,
+                      chosen=chosen):
+                p = pre.pop((li, h), None) or problem(li, h, int(budgets[li, h]), q_train)
+                res = method.fit(p, chosen.get((li, h)))
                 err = head_errors(problem(li, h, p.t, q_test), res) if q_test is not None and q_test.n_tokens else None
                 return res, err
 
@@ -217,6 +221,28 @@ class Compactor:
                                seed=self.seed * 100003 + li * 101 + h)
 
         return problem
+
+    def _group_select(self, selector, problem: Callable, budgets: np.ndarray, queries: QuerySet | None):
+        """A group selector's choice for every head: score each head (in parallel), then let the
+        selector decide per group (a layer's KV heads, or every head).  Returns the problems it
+        built (their statistics are reused by the fits) and {(li, h): Selection}."""
+        n_layers, n_head_kv = budgets.shape
+        heads = [(li, h) for li in range(n_layers) for h in range(n_head_kv)]
+
+        def score(li, h):
+            p = problem(li, h, int(budgets[li, h]), queries)
+            return p, selector.head_scores(p)
+
+        problems, scores = {}, {}
+        for key, (p, sc) in self._map(score, heads):
+            problems[key], scores[key] = p, sc
+        groups = [heads] if selector.scope == "model" else \
+            [[(li, h) for h in range(n_head_kv)] for li in range(n_layers)]
+        chosen = {}
+        for group in groups:
+            sels = selector.select_group([problems[k] for k in group], [scores[k] for k in group])
+            chosen.update(zip(group, sels, strict=True))
+        return problems, chosen
 
     def _map(self, fn, tasks):
         """Yield (task, fn(*task)) in completion order, on ``workers`` threads.

@@ -192,3 +192,55 @@ class LeastSquaresValues(ValueFitter):
             if np.linalg.norm(X @ C - Y) > np.linalg.norm(X @ direct - Y):
                 return direct, {"values": f"{how}->direct"}
         return C, {"values": how}
+
+
+@VALUE_FITTERS.register("lsq-anchored")
+@dataclass
+class AnchoredValues(ValueFitter):
+    """C_v = argmin ||X C - Y||^2 + lam ||C - V[S]||^2: least squares pulled toward the kept keys'
+    own values, so that a value the queries say little about stays what it was instead of being
+    blurred into its neighbours.  lam = ``rel`` * trace(X^T X) / t (scale-free); ``rel`` = 0 is
+    plain least squares, ``rel`` -> inf the original values.  ``rel="auto"`` picks it from
+    ``grid`` on held-out query rows (every ``holdout_every``-th), then refits on all rows."""
+
+    rel: float | str = 1.0
+    grid: tuple = (0.0, 0.01, 0.1, 1.0, 10.0)
+    holdout_every: int = 5
+
+    def __post_init__(self):
+        if self.rel != "auto" and not (isinstance(self.rel, int | float) and self.rel >= 0):
+            raise ValueError(f"rel must be >= 0 or 'auto', not {self.rel!r}")
+
+    @staticmethod
+    def _solve(X: np.ndarray, Y: np.ndarray, V: np.ndarray, rel: float) -> np.ndarray:
+        G = gram(X)
+        lam = rel * np.trace(G) / len(V)
+        XtY = (np.asarray(X, np.float32).T @ np.asarray(Y, np.float32)).astype(np.float64)
+        if lam <= 0:
+            return solve_least_squares(X, Y, G=G)[0]
+        G[np.diag_indices_from(G)] += lam
+        return scipy.linalg.solve(G, XtY + lam * V, assume_a="pos", check_finite=False)
+
+    def fit(self, p, idx, beta):
+        if len(idx) == 0:
+            return np.zeros((0, p.d)), {}
+        X = compacted_attention(p, idx, beta)
+        Y = p.stats().outputs
+        V = p.values[idx].astype(np.float64)
+        rel = self.rel
+        if rel == "auto":
+            held = np.zeros(len(X), bool)
+            held[:: self.holdout_every] = True
+            if held.all() or not held.any():
+                rel = self.grid[-1]
+            else:
+                errs = [np.linalg.norm(X[held] @ self._solve(X[~held], Y[~held], V, r) - Y[held]) for r in self.grid]
+                rel = self.grid[int(np.argmin(errs))]
+        try:
+            C = self._solve(X, Y, V, float(rel))
+        except (np.linalg.LinAlgError, ValueError):
+            return V, {"values": "anchored->direct"}
+        bound = min(64.0 * max(float(np.abs(p.values).max()), 1e-3), _F16_MAX)
+        if not np.isfinite(C).all() or np.abs(C).max() > bound:
+            return V, {"values": "anchored->direct"}
+        return C, {"values": f"anchored-{rel:g}"}

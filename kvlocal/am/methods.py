@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..registry import Registry
-from .fit import BoxNNLS, DirectValues, LeastSquaresValues, ValueFitter, ZeroBeta
+from .fit import AnchoredValues, BoxNNLS, DirectValues, LeastSquaresValues, ValueFitter, ZeroBeta
 from .omp import OMP, PROGRESSIVE_SCHEDULE
 from .problem import HeadProblem, HeadResult
-from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, SinksAndRecent
+from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection, SinksAndRecent
+from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
 
@@ -39,13 +40,19 @@ class Method:
     needs_queries: bool = True
     name: str = field(default="custom")
 
-    def fit(self, p: HeadProblem) -> HeadResult:
+    @property
+    def group_selector(self) -> GroupSelector | None:
+        """The selector when it decides for a group of heads at once (the compactor asks it first)."""
+        return self.selector if isinstance(self.selector, GroupSelector) else None
+
+    def fit(self, p: HeadProblem, selection: Selection | None = None) -> HeadResult:
+        """Fit one head; ``selection``: the keys a group selector already chose for it."""
         if p.t >= p.T:  # nothing to compact: every key with the bias it has, C_v = V
             beta = np.zeros(p.T, np.float32) if p.bias is None else p.bias.copy()
             return HeadResult(np.arange(p.T), beta, p.values.copy(), {"identity": True})
         if p.t == 0:
             return HeadResult(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, p.d), np.float32))
-        sel = self.selector.select(p)
+        sel = self.selector.select(p) if selection is None else selection
         idx = np.asarray(sel.indices, np.int64)
         notes: dict = {}
         if self.beta is None:
@@ -72,6 +79,13 @@ _FACTORIES = {
     "am-omp": lambda: Method(OMP(k_choice=1, refit_interval=1), None, LeastSquaresValues()),
     "am-omp-fast": lambda: Method(OMP(k_choice=4, refit_interval=2), None, LeastSquaresValues()),
     "am-omp-prog": lambda: Method(OMP(schedule=PROGRESSIVE_SCHEDULE), None, LeastSquaresValues()),
+    # facts (issue 10): one ranking shared by a layer's heads, pooled into spans; values anchored
+    "am-spans": lambda: Method(SharedSpans(), BoxNNLS(), LeastSquaresValues()),
+    "am-spans-direct": lambda: Method(SharedSpans(), BoxNNLS(), DirectValues()),
+    "am-spans-anchored": lambda: Method(SharedSpans(), BoxNNLS(), AnchoredValues()),
+    "am-spans-model": lambda: Method(SharedSpans(scope="model"), BoxNNLS(), AnchoredValues()),
+    "am-spans-half": lambda: Method(SharedSpans(own=0.5), BoxNNLS(), AnchoredValues()),
+    "am-highest-anchored": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), AnchoredValues()),
     "truncate": lambda: _baseline(Recent()),
     "streaming-llm": lambda: _baseline(SinksAndRecent(sinks=4)),
     "h2o": lambda: _baseline(HighestAttnKeys("mean"), ("context",), True),
