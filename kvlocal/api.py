@@ -220,8 +220,9 @@ class Compaction(_Conversation):
                 bar.n = done
                 bar.refresh()
 
+            facts = method_obj.fact_mask(s.token_texts(self.layout.length)) if method_obj.uses_facts else None
             cache, report = compactor.compact(self.snapshot, self.layout.doc_start, self.layout.doc_end, qs,
-                                              progress=tick)
+                                              progress=tick, facts=facts)
         self.timings["fit_s"] = report.seconds
         s.inject(cache, self.snapshot)
         self.cache = cache

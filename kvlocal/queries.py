@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .capture import QueryCapture
 from .errors import KvlocalError
-from .queryset import QuerySet
+from .queryset import RECALL, QuerySet
 from .registry import Registry
 from .sampling import Sampler
 from .session import CONTENT_MARK, DocumentLayout, Session
@@ -124,6 +124,48 @@ class SelfStudy(QuerySource):
                         left -= n_out
                         bar.update(n_out)
         return capture.result()
+
+
+RECALL_PROMPTS: tuple[str, ...] = (
+    "List every number in the document and what it refers to.",
+    "List every name, place and date in the document.",
+    "List the specific details of the document: who did what, where, when and how much.",
+)
+
+
+@QUERY_SOURCES.register("recall")
+@dataclass
+class RecallProbes(QuerySource):
+    """The model lists the document's specific content (numbers, names, places, dates) from
+    memory, greedily; the queries of the prompts and of what it writes are tagged ``RECALL``.
+
+    Repeat-prefill copies the document in order, so its queries find each token through its
+    neighbour and spread a number's attention over every equal digit; a recall probe has to
+    find the number from far away, as a question about it will.  What the model writes need not
+    be right (a 135M model lists "1. 1, 2. 2, ..."): the queries at positions where it expects a
+    number or a name look at the document's numbers and names.  Group selectors such as
+    ``SharedSpans(queries="recall")`` reserve part of each head's budget for what these rows
+    attend to."""
+
+    max_new_tokens: int = 128  # per prompt
+    prompts: tuple[str, ...] = RECALL_PROMPTS
+
+    def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:
+        if self.max_new_tokens < 1 or not self.prompts:
+            raise KvlocalError("recall probes need prompts and a positive token budget")
+        capture = self._capture(session)
+        bar = tqdm(total=len(self.prompts) * self.max_new_tokens, desc="recall", unit="tok",
+                   disable=not session.progress, leave=False)
+        with bar, session.capturing(capture):
+            for user in self.prompts:
+                prompt = session.chat_tokens([{"role": "user", "content": user}])
+                self._check_room(session, len(prompt) + self.max_new_tokens, "recall probes")
+                with session.fork() as seq:
+                    session.generate(prompt, max_tokens=self.max_new_tokens, seq_id=seq)
+                bar.update(self.max_new_tokens)
+        queries = capture.result()
+        queries.anchors[:] = RECALL
+        return queries
 
 
 def collect_queries(session: Session, layout: DocumentLayout, sources: Sequence[str | QuerySource], *,

@@ -4,7 +4,9 @@ A ``QuerySet`` holds, for each captured layer, ``[n_tokens, n_head, d]`` queries
 that attention logits are ``q . k / sqrt(d)`` (see ModelInfo.query_scale), together with the
 absolute position of each token row and its anchor: the document position the token reads or
 copies (its own position for context-prefill, the copied token's for repeat-prefill), -1 for
-tokens about the whole document.  Rows are the same tokens in every layer.
+tokens about the whole document, ``RECALL`` (-2) for recall probes: tokens written while the model
+recalls specific content (numbers, names) from anywhere in it.  Rows are the same tokens in every
+layer.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+RECALL = -2  # anchor of recall-probe rows (see the module docstring)
 
 
 @dataclass
@@ -47,6 +51,11 @@ class QuerySet:
         rows = np.asarray(rows, dtype=np.intp)
         return QuerySet({il: q[rows] for il, q in self.layers.items()}, self.positions[rows], list(self.sources),
                         self.anchors[rows])
+
+    def recall_rows(self) -> QuerySet | None:
+        """The recall-probe rows, or None if there are none."""
+        rows = np.flatnonzero(self.anchors == RECALL)
+        return self.take(rows) if len(rows) else None
 
     def for_range(self, lo: int, hi: int) -> QuerySet:
         """Rows anchored in document positions [lo, hi) plus the unanchored rows."""

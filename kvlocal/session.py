@@ -172,6 +172,11 @@ class Session:
                 bar.update(len(part))
         return logits
 
+    def token_texts(self, n: int | None = None) -> list[str]:
+        """The text of each of the first ``n`` tokens of sequence 0 (all by default), for text-level
+        annotations such as kvlocal.facts."""
+        return [self.model.detokenize([t]) for t in self.tokens[:n]]
+
     def ingest_document(self, document: str, *, system: str | None = None, capture_queries: bool = False,
                         reserve: int = 0) -> DocumentLayout:
         """Put ``document`` in a user turn of the chat template at the start of sequence 0.

@@ -109,10 +109,12 @@ class Compactor:
 
     def compact(self, snap: KVSnapshot, doc_start: int, doc_end: int, queries: QuerySet | None = None,
                 bias: list[np.ndarray] | None = None,
-                progress: Callable[[int, int], None] | None = None) -> tuple[CompactedCache, CompactionReport]:
+                progress: Callable[[int, int], None] | None = None,
+                facts: np.ndarray | None = None) -> tuple[CompactedCache, CompactionReport]:
         """Compact the cells of ``snap`` whose positions lie in [doc_start, doc_end) (minus the
         recent window).  ``queries``: reference queries of every base layer; ``bias``: the bias the
-        cells already carry (re-compaction), per layer ``[N, H_kv]``; ``progress(done, total)``."""
+        cells already carry (re-compaction), per layer ``[N, H_kv]``; ``progress(done, total)``;
+        ``facts``: bool per position (``kvlocal.facts.fact_mask``), for selectors that keep facts."""
         t0 = time.perf_counter()
         method = self.method
         T = snap.logical_length
@@ -128,6 +130,10 @@ class Compactor:
         if missing:
             raise KvlocalError(f"the queries do not cover layers {missing}")
         train, test = self._split(queries, n_head_kv)
+        if facts is not None:
+            facts = np.asarray(facts, bool)
+            if facts.ndim != 1 or len(facts) < int(pos.max()) + 1:
+                raise KvlocalError(f"facts must be one bool per position (>= {int(pos.max()) + 1}), got {facts.shape}")
         chunks = [region] if self.chunk_size is None else \
             [region[i:i + self.chunk_size] for i in range(0, len(region), self.chunk_size)]
         if len(chunks) > 1 and len(chunks[-1]) < 2:  # a 1-token tail joins the previous chunk
@@ -143,7 +149,7 @@ class Compactor:
             lo_pos, hi_pos = int(pos[cells[0]]), int(pos[cells[-1]]) + 1
             q_train = self._chunk_queries(train, lo_pos, hi_pos)
             q_test = self._chunk_queries(test, lo_pos, hi_pos) if test is not None else None
-            problem = self._problems(snap, cells, bias)
+            problem = self._problems(snap, cells, bias, facts)
             calibration = _Calibration(self, problem, q_train, q_test, n_layers, n_head_kv, len(cells))
             budgets = self._budgets(snap, len(cells), calibration)
             all_budgets.append(budgets.tolist())
@@ -201,7 +207,8 @@ class Compactor:
                             len(cells)).head_curves(method, grid)
 
     # helpers ----------------------------------------------------------------------------------
-    def _problems(self, snap: KVSnapshot, cells: np.ndarray, bias: list[np.ndarray] | None) -> Callable:
+    def _problems(self, snap: KVSnapshot, cells: np.ndarray, bias: list[np.ndarray] | None,
+                  facts: np.ndarray | None = None) -> Callable:
         """problem(li, h, t, queries) -> the HeadProblem of layer li, KV head h over ``cells``."""
         views: dict = {}  # (il, id(queries)) -> [n_head_kv, n_rep * n, d], built once per layer
         n_head_kv = snap.keys[0].shape[1]
@@ -218,6 +225,7 @@ class Compactor:
             b = None if bias is None else np.asarray(bias[li], np.float32)[cells, h]
             return HeadProblem(snap.keys[li][cells, h], snap.values[li][cells, h], q, t, bias=b,
                                positions=snap.positions[cells], backend=self.backend,
+                               facts=None if facts is None else facts[snap.positions[cells]],
                                seed=self.seed * 100003 + li * 101 + h)
 
         return problem
@@ -229,9 +237,12 @@ class Compactor:
         n_layers, n_head_kv = budgets.shape
         heads = [(li, h) for li in range(n_layers) for h in range(n_head_kv)]
 
+        scoring = selector.score_queries(queries)
+
         def score(li, h):
             p = problem(li, h, int(budgets[li, h]), queries)
-            return p, selector.head_scores(p)
+            ps = p if scoring is queries else problem(li, h, int(budgets[li, h]), scoring)
+            return p, selector.head_scores(ps)
 
         problems, scores = {}, {}
         for key, (p, sc) in self._map(score, heads):

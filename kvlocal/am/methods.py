@@ -45,6 +45,15 @@ class Method:
         """The selector when it decides for a group of heads at once (the compactor asks it first)."""
         return self.selector if isinstance(self.selector, GroupSelector) else None
 
+    def fact_mask(self, pieces) -> np.ndarray | None:
+        """Per token of the document (its text pieces): the fact tokens the selector keeps, or None
+        when the method keeps no facts (the caller then need not detokenize anything)."""
+        return self.group_selector.fact_mask(pieces) if self.group_selector is not None else None
+
+    @property
+    def uses_facts(self) -> bool:
+        return bool(getattr(self.selector, "fact_share", 0))
+
     def fit(self, p: HeadProblem, selection: Selection | None = None) -> HeadResult:
         """Fit one head; ``selection``: the keys a group selector already chose for it."""
         if p.t >= p.T:  # nothing to compact: every key with the bias it has, C_v = V
@@ -73,6 +82,18 @@ def _baseline(selector: KeySelector, queries: tuple[str, ...] = (), needs_querie
     return Method(selector, ZeroBeta(), DirectValues(), queries, needs_queries)
 
 
+def _recall(own: float = 0.5) -> SharedSpans:
+    """Half of every head's budget: spans that recall probes attend to, shared by the layer's heads;
+    the other half: the head's own HighestAttnKeys choice."""
+    return SharedSpans(agg="max", span=5, own=own, queries="recall")
+
+
+def _facts(share: float = 1.0) -> SharedSpans:
+    """Every sentence with a number kept in every head (up to ``share`` of the budget, ranked by
+    rms attention if they do not fit); the rest of each head's budget: its own HighestAttnKeys."""
+    return SharedSpans(agg="rms", own=1.0, fact_share=share)
+
+
 _FACTORIES = {
     "am-highest": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), LeastSquaresValues()),
     "am-highest-exact": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(method="exact"), LeastSquaresValues()),
@@ -86,6 +107,12 @@ _FACTORIES = {
     "am-spans-model": lambda: Method(SharedSpans(scope="model"), BoxNNLS(), AnchoredValues()),
     "am-spans-half": lambda: Method(SharedSpans(own=0.5), BoxNNLS(), AnchoredValues()),
     "am-highest-anchored": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), AnchoredValues()),
+    "am-facts": lambda: Method(_facts(), BoxNNLS(), AnchoredValues()),
+    "am-facts-lsq": lambda: Method(_facts(), BoxNNLS(), LeastSquaresValues()),
+    "am-facts-half": lambda: Method(_facts(0.5), BoxNNLS(), AnchoredValues()),
+    "am-recall": lambda: Method(_recall(), BoxNNLS(), LeastSquaresValues(), ("repeat", "recall")),
+    "am-recall-anchored": lambda: Method(_recall(), BoxNNLS(), AnchoredValues(), ("repeat", "recall")),
+    "am-recall-direct": lambda: Method(_recall(), BoxNNLS(), DirectValues(), ("repeat", "recall")),
     "truncate": lambda: _baseline(Recent()),
     "streaming-llm": lambda: _baseline(SinksAndRecent(sinks=4)),
     "h2o": lambda: _baseline(HighestAttnKeys("mean"), ("context",), True),

@@ -39,6 +39,7 @@ class HeadProblem:
     t: int  # keys to keep
     bias: np.ndarray | None = None  # [T] logit bias the keys already carry (re-compaction)
     positions: np.ndarray | None = None  # [T] original positions (recency baselines)
+    facts: np.ndarray | None = None  # [T] bool: the key is a fact token (numbers, names; kvlocal.facts)
     backend: str = "numba"
     block: int = 2048
     seed: int = 0
@@ -65,6 +66,10 @@ class HeadProblem:
                 raise ValueError("bias must be [T] without NaN or +inf")
         if self.positions is None:
             self.positions = np.arange(T)
+        if self.facts is not None:
+            self.facts = np.asarray(self.facts, bool)
+            if self.facts.shape != (T,):
+                raise ValueError(f"facts must be [T] booleans, got shape {self.facts.shape}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}")
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import maximum_filter1d
 
+from .. import facts
+from ..queryset import QuerySet
 from .problem import HeadProblem
 from .select import SELECTORS, HighestAttnKeys, KeySelector, Selection, top_t
 
@@ -29,6 +31,14 @@ class GroupSelector(KeySelector):
     """A selector that decides for a group of heads at once (see the module docstring)."""
 
     scope: str = "layer"  # "layer": the KV heads of one layer; "model": every head of every layer
+
+    def fact_mask(self, pieces) -> np.ndarray | None:
+        """Fact tokens of a document from its token texts, if this selector keeps facts."""
+        return None
+
+    def score_queries(self, queries: QuerySet | None) -> QuerySet | None:
+        """The query rows ``head_scores`` sees (all of them unless a subclass says otherwise)."""
+        return queries
 
     def head_scores(self, p: HeadProblem) -> np.ndarray:
         raise NotImplementedError
@@ -44,18 +54,38 @@ class GroupSelector(KeySelector):
 @dataclass
 class SharedSpans(GroupSelector):
     """Keys ranked by the largest ``agg`` attention any head of the scope pays them, max-pooled
-    over ``span`` positions; every head keeps its top keys from that ranking (``own`` of its budget
-    from its own ranking instead)."""
+    over ``span`` positions; every head keeps its top keys from that ranking.
+
+    Each head's budget is filled in order: up to ``fact_share`` of it with fact tokens (and the
+    ``fact_span`` positions around each, see kvlocal.facts) by the shared ranking; then ``own`` of
+    what is left by the head's own rms ranking over all its queries; the rest by the shared ranking.
+    Without facts (no ``facts`` on the problems) the first step keeps nothing."""
 
     agg: str = "rms"
     span: int = 5
     own: float = 0.0
     scope: str = "layer"
+    queries: str = "all"  # "recall": rank by the recall-probe rows only (all rows if there are none)
+    fact_share: float = 0.0
+    fact_span: int = 1
+    fact_names: bool = False  # proper names count as facts too (numbers always do)
+    fact_sentences: bool = True  # a number keeps its whole sentence
 
     def __post_init__(self):
         HighestAttnKeys(self.agg)  # validates agg
-        if self.span < 1 or not 0 <= self.own <= 1 or self.scope not in ("layer", "model"):
-            raise ValueError(f"invalid shared-spans settings span={self.span} own={self.own} scope={self.scope!r}")
+        if self.span < 1 or self.fact_span < 1 or not 0 <= self.own <= 1 or not 0 <= self.fact_share <= 1 \
+                or self.scope not in ("layer", "model") or self.queries not in ("all", "recall"):
+            raise ValueError(f"invalid shared-spans settings {self}")
+
+    def fact_mask(self, pieces) -> np.ndarray | None:
+        if not self.fact_share:
+            return None
+        return facts.fact_mask(pieces, names=self.fact_names, sentences=self.fact_sentences)
+
+    def score_queries(self, queries):
+        if self.queries == "recall" and queries is not None:
+            return queries.recall_rows() or queries
+        return queries
 
     def head_scores(self, p: HeadProblem) -> np.ndarray:
         return HighestAttnKeys(self.agg).scores(p)
@@ -66,16 +96,30 @@ class SharedSpans(GroupSelector):
         T = problems[0].T
         if any(p.T != T for p in problems) or any(len(s) != T for s in scores):
             raise ValueError("a group's heads must share their key positions")
-        shared = np.max(np.stack(scores), axis=0)
+        shared = np.max(np.stack(scores), axis=0).astype(np.float64)
         if self.span > 1:
             shared = maximum_filter1d(shared, self.span, mode="nearest")
-        out = []
-        for p, own_score in zip(problems, scores, strict=True):
-            n_own = int(round(self.own * p.t))
-            picked = top_t(shared, p.t - n_own)
-            if n_own:
-                rest = np.array(own_score, np.float64)
-                rest[picked] = -np.inf
-                picked = np.sort(np.concatenate([picked, top_t(rest, n_own)]))
-            out.append(Selection(picked))
-        return out
+        marked = problems[0].facts
+        fact_keys = None
+        if self.fact_share > 0 and marked is not None and marked.any():
+            fact_keys = maximum_filter1d(marked.astype(np.uint8), self.fact_span, mode="constant") > 0
+        return [self._fill(p, shared, fact_keys) for p in problems]
+
+    def _fill(self, p: HeadProblem, shared: np.ndarray, fact_keys: np.ndarray | None) -> Selection:
+        taken = np.zeros(p.T, bool)
+        t = min(p.t, p.T)
+
+        def take(score: np.ndarray, k: int) -> None:
+            if k <= 0:
+                return
+            s = np.where(taken, -np.inf, score)
+            idx = top_t(s, k)
+            taken[idx[np.isfinite(s[idx])]] = True
+
+        if fact_keys is not None:
+            take(np.where(fact_keys, shared, -np.inf), int(round(self.fact_share * t)))
+        n_own = int(round(self.own * (t - taken.sum())))
+        if n_own:  # the head's own best keys by rms attention over all its queries
+            take(HighestAttnKeys("rms").scores(p), n_own)
+        take(shared, t - int(taken.sum()))
+        return Selection(np.flatnonzero(taken))

@@ -162,8 +162,11 @@ class Evaluator:
     def _compact(self, doc: _Doc, method: str, queries: tuple, ratio: float) -> dict:
         # methods without queries ignore them for selection; they still score the held-out attention error
         qs = doc.get_queries(queries) if queries else doc.queries["context"]
-        cache, report = Compactor(method, ratio=ratio, max_queries_per_head=self.cfg.max_queries, holdout=0.1,
-                                  seed=self.cfg.seed).compact(doc.snap, doc.layout.doc_start, doc.layout.doc_end, qs)
+        compactor = Compactor(method, ratio=ratio, max_queries_per_head=self.cfg.max_queries, holdout=0.1,
+                              seed=self.cfg.seed)
+        m = compactor.method
+        facts = m.fact_mask(doc.session.token_texts(doc.layout.length)) if m.uses_facts else None
+        cache, report = compactor.compact(doc.snap, doc.layout.doc_start, doc.layout.doc_end, qs, facts=facts)
         doc.session.inject(cache, doc.snap)
         errors = report.layer_errors
         return {"cells": cache.n_cells, "tokens": doc.layout.length, "effective_ratio": report.effective_ratio,

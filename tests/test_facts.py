@@ -1,0 +1,130 @@
+"""Fact tokens (numbers, proper names) from token texts, and selectors that keep them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvlocal.am import BoxNNLS, Compactor, HeadProblem, SharedSpans
+from kvlocal.facts import fact_mask, fact_spans
+
+TEXT = ("It was late. The special magic number for cathedral is 6088743. Margaret met the crew of NASA in "
+        "Paris at 12:30 on 2026-11-24, and she left. She slept.")
+
+
+def pieces_of(text, width):
+    return [text[i:i + width] for i in range(0, len(text), width)]
+
+
+def marked(text, width=3, **kw):
+    pieces = pieces_of(text, width)
+    return "".join(p if m else "_" * len(p) for p, m in zip(pieces, fact_mask(pieces, **kw), strict=True))
+
+
+def test_fact_spans_find_numbers_and_names_not_sentence_starts():
+    found = [TEXT[a:b] for a, b in fact_spans(TEXT)]
+    assert found == ["6088743", "NASA", "Paris", "12:30", "2026-11-24"]  # "Margaret" only starts sentences
+    longer = TEXT + " They asked Margaret."
+    again = [longer[a:b] for a, b in fact_spans(longer)]
+    assert again.count("Margaret") == 2  # once seen mid-sentence, every occurrence is a name
+    assert fact_spans("no facts here at all.") == []
+
+
+@pytest.mark.parametrize("width", [1, 2, 5, 11])
+def test_fact_mask_marks_every_token_that_overlaps_a_fact(width):
+    pieces = pieces_of(TEXT, width)
+    mask = fact_mask(pieces, names=False)
+    ends = np.cumsum([len(p) for p in pieces])
+    for a, b in [(m.start(), m.end()) for m in __import__("re").finditer(r"\d+(?:[.,:/-]\d+)*", TEXT)]:
+        first, last = np.searchsorted(ends, a, side="right"), np.searchsorted(ends, b - 1, side="right")
+        assert mask[first:last + 1].all()
+    assert mask.sum() < len(pieces) / 2
+    assert not fact_mask(pieces_of("no facts here.", width)).any()
+    assert fact_mask([]).shape == (0,)
+
+
+def test_fact_mask_sentences_keep_what_the_number_is_of():
+    s = marked(TEXT, 3, names=False, sentences=True)
+    assert "special magic number for cathedral is 6088743" in s
+    assert "It was late" not in s and "She slept" not in s
+
+
+def group(T=60, d=8, n=50, t=12, facts=None, seed=0):
+    rng = np.random.default_rng(seed)
+    return [HeadProblem(rng.normal(size=(T, d)), rng.normal(size=(T, d)), rng.normal(size=(n, d)), t, facts=facts)
+            for _ in range(2)]
+
+
+def test_shared_spans_keep_facts_first_within_their_share():
+    facts = np.zeros(60, bool)
+    facts[[5, 30, 31]] = True
+    sel = SharedSpans(own=1.0, fact_share=0.5, fact_span=3)  # facts +-1: 4..6, 29..32 = 7 keys
+    heads = group(facts=facts)
+    chosen = sel.select_group(heads, [sel.head_scores(p) for p in heads])
+    for c in chosen:
+        assert len(c.indices) == 12 and {5, 30, 31} <= set(c.indices.tolist())
+        assert len(set(c.indices.tolist()) & {4, 5, 6, 29, 30, 31, 32}) == 6  # the share: round(0.5 * 12)
+    everything = SharedSpans(own=1.0, fact_share=1.0, fact_span=3).select_group(heads, [sel.head_scores(p)
+                                                                                      for p in heads])
+    assert all({4, 5, 6, 29, 30, 31, 32} <= set(c.indices.tolist()) for c in everything)
+    # no facts: the fact share keeps nothing and the head's own ranking fills the budget
+    plain = group()
+    got = sel.select_group(plain, [sel.head_scores(p) for p in plain])
+    from kvlocal.am import HighestAttnKeys
+
+    assert all(np.array_equal(c.indices, HighestAttnKeys().select(p).indices) for c, p in zip(got, plain, strict=True))
+    with pytest.raises(ValueError, match="facts must be"):
+        HeadProblem(np.zeros((4, 2)), np.zeros((4, 2)), np.zeros((1, 2)), 2, facts=np.zeros(3, bool))
+
+
+def test_compactor_keeps_the_fact_sentences_in_every_head(tiny_doc_facts):
+    snap, layout, queries, info, facts = tiny_doc_facts
+    cache, _ = Compactor("am-facts", ratio=3, seed=0).compact(snap, layout.doc_start, layout.doc_end, queries,
+                                                              facts=facts)
+    want = set(np.flatnonzero(facts).tolist())
+    assert want
+    for li in range(len(snap.keys)):
+        for h in range(info.n_head_kv):
+            kept = set(cache.origin[li][:, h][cache.origin[li][:, h] >= 0].tolist())
+            assert want <= kept, (li, h)
+    plain, _ = Compactor("am-highest", ratio=3, seed=0).compact(snap, layout.doc_start, layout.doc_end, queries)
+    assert any(not want <= set(plain.origin[li][:, h].tolist()) for li in range(len(snap.keys))
+               for h in range(info.n_head_kv))
+    with pytest.raises(Exception, match="one bool per position"):
+        Compactor("am-facts", ratio=3).compact(snap, layout.doc_start, layout.doc_end, queries, facts=facts[:5])
+
+
+@pytest.fixture(scope="module")
+def tiny_doc_facts(load_model):
+    from conftest import TEXT as DOC
+    from conftest import session_kwargs
+    from kvlocal.am import get_method
+    from kvlocal.session import Session
+
+    with Session(load_model("llama-gqa"), n_ctx=1024, capture=True, **session_kwargs("llama-gqa")) as s:
+        layout = s.ingest_document(DOC, capture_queries=True)
+        facts = get_method("am-facts").fact_mask(s.token_texts(layout.length))
+        facts[: layout.doc_start] = False
+        return s.snapshot(), layout, s.context_queries, s.info, facts
+
+
+def test_recall_probes_tag_their_rows(load_model):
+    from conftest import TEXT as DOC
+    from conftest import session_kwargs
+    from kvlocal.queries import RecallProbes, collect_queries
+    from kvlocal.queryset import RECALL, QuerySet
+    from kvlocal.session import Session
+
+    with Session(load_model("llama-gqa"), n_ctx=1024, capture=True, **session_kwargs("llama-gqa")) as s:
+        layout = s.ingest_document(DOC, capture_queries=True)
+        before = s.state()
+        q = RecallProbes(max_new_tokens=8).collect(s, layout)
+        assert s.state() == before  # the probes ran in the scratch sequence
+        assert q.n_tokens > 8 * 3 and np.all(q.anchors == RECALL)
+        both = QuerySet.concat([collect_queries(s, layout, ["context"]), q])
+        assert both.recall_rows().n_tokens == q.n_tokens
+        assert s.context_queries.recall_rows() is None
+        sel = SharedSpans(queries="recall")
+        assert sel.score_queries(both).n_tokens == q.n_tokens and sel.score_queries(s.context_queries) is \
+            s.context_queries
+    assert BoxNNLS  # imported for the compositions above
