@@ -128,3 +128,40 @@ def test_recall_probes_tag_their_rows(load_model):
         assert sel.score_queries(both).n_tokens == q.n_tokens and sel.score_queries(s.context_queries) is \
             s.context_queries
     assert BoxNNLS  # imported for the compositions above
+
+
+def test_verbatim_facts_keep_their_keys_exactly_and_fit_the_rest_around_them():
+    from kvlocal.am import AnchoredValues, LeastSquaresValues, get_method
+    from kvlocal.am.fit import compacted_attention
+    from kvlocal.am.methods import Method
+
+    rng = np.random.default_rng(4)
+    T, d, n = 90, 12, 300
+    facts = np.zeros(T, bool)
+    facts[[10, 11, 12, 50]] = True
+    p = HeadProblem(rng.normal(size=(T, d)) * 2, rng.normal(size=(T, d)), rng.normal(size=(n, d)) * 2, 20,
+                    facts=facts)
+    for values in (AnchoredValues(), LeastSquaresValues()):
+        verbatim = Method(SharedSpans(own=1.0, fact_share=1.0), BoxNNLS(), values, verbatim_facts=True).fit(p)
+        fitted = Method(SharedSpans(own=1.0, fact_share=1.0), BoxNNLS(), values).fit(p)
+        assert np.array_equal(verbatim.indices, fitted.indices)
+        fixed = facts[verbatim.indices]
+        assert fixed.sum() == 4 and verbatim.notes["verbatim"] == "facts"
+        assert np.all(verbatim.beta[fixed] == 0)
+        assert np.array_equal(verbatim.values[fixed], p.values[verbatim.indices[fixed]])
+        assert not np.array_equal(fitted.values[fixed], p.values[fitted.indices[fixed]])  # would be refitted
+        # the free keys are fitted around the fixed ones: the output error stays close to the free fit's
+        X = compacted_attention(p, verbatim.indices, verbatim.beta)
+        err_v = np.linalg.norm(X @ verbatim.values - p.stats().outputs)
+        X0 = compacted_attention(p, fitted.indices, fitted.beta)
+        err_f = np.linalg.norm(X0 @ fitted.values - p.stats().outputs)
+        direct = np.linalg.norm(X @ p.values[verbatim.indices] - p.stats().outputs)
+        assert err_v < direct and err_v < 2 * err_f
+    # every kept key a fact: nothing is fitted, the head is plain eviction
+    all_facts = HeadProblem(p.keys, p.values, p.queries, 20, facts=np.ones(T, bool))
+    res = get_method("am-facts").fit(all_facts)
+    assert np.all(res.beta == 0) and np.array_equal(res.values, p.values[res.indices])
+    # no facts on the problem: am-facts is its fitted twin
+    plain = HeadProblem(p.keys, p.values, p.queries, 20)
+    a, b = get_method("am-facts").fit(plain), get_method("am-facts-fitted").fit(plain)
+    assert np.array_equal(a.indices, b.indices) and np.array_equal(a.values, b.values) and "verbatim" not in a.notes

@@ -82,15 +82,16 @@ def solve_least_squares(X: np.ndarray, Y: np.ndarray, ridge: float = _RIDGE,
 
 
 class BetaFitter:
-    def fit(self, p: HeadProblem, idx: np.ndarray) -> tuple[np.ndarray, dict]:
-        """log-weights ``log w`` [t] for the keys ``idx`` (on top of any bias they carry)."""
+    def fit(self, p: HeadProblem, idx: np.ndarray, target: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        """log-weights ``log w`` [t] for the keys ``idx`` (on top of any bias they carry), matching
+        the block's mass z per query, or ``target`` instead (the mass left to the keys ``idx``)."""
         raise NotImplementedError
 
 
 @BETA_FITTERS.register("zero")
 @dataclass
 class ZeroBeta(BetaFitter):
-    def fit(self, p, idx):
+    def fit(self, p, idx, target=None):
         return np.zeros(len(idx)), {}
 
 
@@ -114,11 +115,11 @@ class BoxNNLS(BetaFitter):
         if self.method not in ("pg", "exact") or self.iters < 0 or not 0 < self.lower < self.upper:
             raise ValueError(f"invalid NNLS settings {self}")
 
-    def fit(self, p, idx):
+    def fit(self, p, idx, target=None):
         if len(idx) == 0:
             return np.zeros(0), {}
         M = p.features(idx)
-        y = p.stats().z
+        y = p.stats().z if target is None else target
         if self.method == "exact":
             res = lsq_linear(M, y, bounds=(self.lower, self.upper), method="bvls")
             return np.log(np.clip(res.x, self.lower, self.upper)), {"beta": "bvls"}
@@ -149,8 +150,27 @@ def compacted_attention(p: HeadProblem, idx: np.ndarray, beta: np.ndarray) -> np
 
 
 class ValueFitter:
-    def fit(self, p: HeadProblem, idx: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, dict]:
+    def fit(self, p: HeadProblem, idx: np.ndarray, beta: np.ndarray,
+            fixed: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        """C_v [t, d] for the keys ``idx`` with bias ``beta``; ``fixed`` (bool [t]): keys whose
+        values stay the original ones, the others are fitted around them."""
         raise NotImplementedError
+
+
+def _around_fixed(fit_free, p: HeadProblem, idx: np.ndarray, beta: np.ndarray, fixed: np.ndarray | None):
+    """Solve ``fit_free(X, Y, V) -> (C, how)`` for the free keys only, with the fixed keys'
+    original values' share of the output taken out of the target; returns (C [t, d], how)."""
+    X = compacted_attention(p, idx, beta)
+    Y = p.stats().outputs
+    V = p.values[idx].astype(np.float64)
+    if fixed is None or not fixed.any():
+        return fit_free(X, Y, V)
+    C = V.copy()
+    free = ~fixed
+    if free.any():
+        C[free], how = fit_free(X[:, free], Y - X[:, fixed] @ V[fixed], V[free])
+        return C, how
+    return C, "fixed"
 
 
 @VALUE_FITTERS.register("direct")
@@ -158,7 +178,7 @@ class ValueFitter:
 class DirectValues(ValueFitter):
     """C_v = V[S]: the kept keys' own values (the eviction baselines)."""
 
-    def fit(self, p, idx, beta):
+    def fit(self, p, idx, beta, fixed=None):
         return p.values[idx].astype(np.float64), {}
 
 
@@ -170,27 +190,29 @@ class LeastSquaresValues(ValueFitter):
     ridge: float = _RIDGE
     max_scale: float = 64.0  # fitted values beyond this multiple of the block's largest |V| are overfit
 
-    def fit(self, p, idx, beta):
+    def fit(self, p, idx, beta, fixed=None):
         if len(idx) == 0:
             return np.zeros((0, p.d)), {}
-        X = compacted_attention(p, idx, beta)
-        Y = p.stats().outputs
-        direct = p.values[idx].astype(np.float64)
         bound = min(self.max_scale * max(float(np.abs(p.values).max()), 1e-3), _F16_MAX)
-        C, how = solve_least_squares(X, Y, self.ridge)
-        if np.abs(C).max() > bound:
-            # nearly collinear attention columns: the exact fit cancels huge values; a ridge scaled to
-            # the problem trades a little fit for values the F16 cache can hold
-            G = gram(X)
-            lam = 1e-3 * np.trace(G) / len(idx)
-            G[np.diag_indices_from(G)] += lam
-            C = scipy.linalg.solve(G, X.T @ Y, assume_a="pos", check_finite=False)
-            how = "ridge-scaled"
-        if not np.isfinite(C).all() or np.abs(C).max() > bound:
-            return direct, {"values": f"{how}->direct"}
-        if how.startswith("ridge") or how == "zero":  # never do worse than copying the original values
-            if np.linalg.norm(X @ C - Y) > np.linalg.norm(X @ direct - Y):
-                return direct, {"values": f"{how}->direct"}
+
+        def solve(X, Y, direct):
+            C, how = solve_least_squares(X, Y, self.ridge)
+            if np.abs(C).max() > bound:
+                # nearly collinear attention columns: the exact fit cancels huge values; a ridge scaled
+                # to the problem trades a little fit for values the F16 cache can hold
+                G = gram(X)
+                lam = 1e-3 * np.trace(G) / X.shape[1]
+                G[np.diag_indices_from(G)] += lam
+                C = scipy.linalg.solve(G, X.T @ Y, assume_a="pos", check_finite=False)
+                how = "ridge-scaled"
+            if not np.isfinite(C).all() or np.abs(C).max() > bound:
+                return direct, f"{how}->direct"
+            if how.startswith("ridge") or how == "zero":  # never do worse than copying the original values
+                if np.linalg.norm(X @ C - Y) > np.linalg.norm(X @ direct - Y):
+                    return direct, f"{how}->direct"
+            return C, how
+
+        C, how = _around_fixed(solve, p, idx, beta, fixed)
         return C, {"values": how}
 
 
@@ -221,26 +243,29 @@ class AnchoredValues(ValueFitter):
         G[np.diag_indices_from(G)] += lam
         return scipy.linalg.solve(G, XtY + lam * V, assume_a="pos", check_finite=False)
 
-    def fit(self, p, idx, beta):
+    def fit(self, p, idx, beta, fixed=None):
         if len(idx) == 0:
             return np.zeros((0, p.d)), {}
-        X = compacted_attention(p, idx, beta)
-        Y = p.stats().outputs
-        V = p.values[idx].astype(np.float64)
-        rel = self.rel
-        if rel == "auto":
-            held = np.zeros(len(X), bool)
-            held[:: self.holdout_every] = True
-            if held.all() or not held.any():
-                rel = self.grid[-1]
-            else:
-                errs = [np.linalg.norm(X[held] @ self._solve(X[~held], Y[~held], V, r) - Y[held]) for r in self.grid]
-                rel = self.grid[int(np.argmin(errs))]
-        try:
-            C = self._solve(X, Y, V, float(rel))
-        except (np.linalg.LinAlgError, ValueError):
-            return V, {"values": "anchored->direct"}
         bound = min(64.0 * max(float(np.abs(p.values).max()), 1e-3), _F16_MAX)
-        if not np.isfinite(C).all() or np.abs(C).max() > bound:
-            return V, {"values": "anchored->direct"}
-        return C, {"values": f"anchored-{rel:g}"}
+
+        def solve(X, Y, V):
+            rel = self.rel
+            if rel == "auto":
+                held = np.zeros(len(X), bool)
+                held[:: self.holdout_every] = True
+                if held.all() or not held.any():
+                    rel = self.grid[-1]
+                else:
+                    errs = [np.linalg.norm(X[held] @ self._solve(X[~held], Y[~held], V, r) - Y[held])
+                            for r in self.grid]
+                    rel = self.grid[int(np.argmin(errs))]
+            try:
+                C = self._solve(X, Y, V, float(rel))
+            except (np.linalg.LinAlgError, ValueError):
+                return V, "anchored->direct"
+            if not np.isfinite(C).all() or np.abs(C).max() > bound:
+                return V, "anchored->direct"
+            return C, f"anchored-{rel:g}"
+
+        C, how = _around_fixed(solve, p, idx, beta, fixed)
+        return C, {"values": how}

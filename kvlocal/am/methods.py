@@ -39,6 +39,7 @@ class Method:
     queries: tuple[str, ...] = ("repeat",)
     needs_queries: bool = True
     name: str = field(default="custom")
+    verbatim_facts: bool = False  # kept fact keys stay exactly as they were: beta 0, original values
 
     @property
     def group_selector(self) -> GroupSelector | None:
@@ -68,12 +69,24 @@ class Method:
             if sel.weights is None:
                 raise ValueError(f"{type(self.selector).__name__} gives no weights: set a beta fitter")
             log_w = np.log(sel.weights)
+            fixed = None
         else:
-            log_w, notes_b = self.beta.fit(p, idx)
+            fixed = p.facts[idx] if self.verbatim_facts and p.facts is not None else None
+            if fixed is not None and fixed.any():
+                # the fact keys keep their own mass (w = 1); the others match what is left of it
+                left = np.maximum(p.stats().z - p.features(idx[fixed]).sum(axis=1), 0.0)
+                log_w = np.zeros(len(idx))
+                notes_b = {}
+                if (~fixed).any():
+                    log_w[~fixed], notes_b = self.beta.fit(p, idx[~fixed], target=left)
+                notes["verbatim"] = "facts"
+            else:
+                fixed = None
+                log_w, notes_b = self.beta.fit(p, idx)
             notes.update(notes_b)
         beta = log_w + (p.bias[idx] if p.bias is not None else 0.0)
         beta = np.asarray(beta, np.float32)
-        values, notes_v = self.values.fit(p, idx, beta)
+        values, notes_v = self.values.fit(p, idx, beta, fixed=fixed)
         notes.update(notes_v)
         return HeadResult(idx, beta, np.asarray(values, np.float32), notes)
 
@@ -107,9 +120,9 @@ _FACTORIES = {
     "am-spans-model": lambda: Method(SharedSpans(scope="model"), BoxNNLS(), AnchoredValues()),
     "am-spans-half": lambda: Method(SharedSpans(own=0.5), BoxNNLS(), AnchoredValues()),
     "am-highest-anchored": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), AnchoredValues()),
-    "am-facts": lambda: Method(_facts(), BoxNNLS(), AnchoredValues()),
-    "am-facts-lsq": lambda: Method(_facts(), BoxNNLS(), LeastSquaresValues()),
-    "am-facts-half": lambda: Method(_facts(0.5), BoxNNLS(), AnchoredValues()),
+    "am-facts": lambda: Method(_facts(), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
+    "am-facts-fitted": lambda: Method(_facts(), BoxNNLS(), AnchoredValues()),
+    "am-facts-half": lambda: Method(_facts(0.5), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
     "am-recall": lambda: Method(_recall(), BoxNNLS(), LeastSquaresValues(), ("repeat", "recall")),
     "am-recall-anchored": lambda: Method(_recall(), BoxNNLS(), AnchoredValues(), ("repeat", "recall")),
     "am-recall-direct": lambda: Method(_recall(), BoxNNLS(), DirectValues(), ("repeat", "recall")),
