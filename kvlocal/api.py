@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__, binding
-from .am import Compactor, CompactionReport, JsonBudget
+from .am import DEFAULT_METHOD, Compactor, CompactionReport, JsonBudget
 from .errors import KvlocalError
 from .kvcache import CompactedCache, KVSnapshot
 from .queries import QUERY_SOURCES, collect_queries
@@ -183,7 +183,7 @@ class Compaction(_Conversation):
                                                                        strict=True))
         return self.layout
 
-    def compact(self, ratio: float = 10.0, method: str = "am-highest", queries: str | Sequence[str] | None = None,
+    def compact(self, ratio: float = 10.0, method: str = DEFAULT_METHOD, queries: str | Sequence[str] | None = None,
                 budgets: str = "uniform", recent_window: int = 0, chunk_size: int | None = None,
                 max_queries_per_head: int = 4096, holdout: float = 0.1, seed: int = 0,
                 progress: bool | None = None) -> dict:

@@ -223,7 +223,7 @@ def cmd_eval(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .am.methods import METHODS
+    from .am.methods import DEFAULT_METHOD, METHODS
 
     ap = argparse.ArgumentParser(prog="kvlocal", description="Compact the KV cache of a local GGUF model.")
     ap.add_argument("--version", action="version", version=f"kvlocal {__version__}")
@@ -241,9 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="session file to write (.kvs)")
     c.add_argument("-c", "--ctx-size", type=int, default=None, help="context size (default: sized to the document)")
     c.add_argument("--ratio", type=float, default=10.0, help="document tokens per kept key (default 10)")
-    c.add_argument("--method", default="am-highest", choices=METHODS.names())
+    c.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS.names(),
+                   help=f"compaction method (default {DEFAULT_METHOD})")
     c.add_argument("--queries", default=None,
-                   help="query sources, comma-separated: context, repeat, self-study (default: the method's)")
+                   help="query sources, comma-separated: context, repeat, self-study, recall (default: the method's)")
     c.add_argument("--budgets", default="uniform", help="uniform, sensitivity, or a JSON file of head proportions")
     c.add_argument("--recent-window", type=int, default=0, help="last tokens kept uncompacted")
     c.add_argument("--chunk-size", type=int, default=None, help="compact the document in chunks of this many tokens")

@@ -5,6 +5,15 @@
     am-omp            OMP (1 key per step, refit every step, beta <= 7, drop beta < -7) + LS values
     am-omp-fast       OMP (4 keys per step, refit every 2nd step) + LS values
     am-omp-prog       OMP with the progressive schedule (1/1 to 300 keys, 2/2 to 1500, then 4/2)
+    am-facts          every sentence holding a number kept verbatim in every head (beta 0, original values,
+                      up to the whole budget); the rest of each head: HighestAttnKeys (rms), beta and values
+                      fitted around the facts (box NNLS, least squares anchored to V[S])
+    am-facts-half     the same with facts capped at half of each head's budget
+    am-facts-window   numbers +-6 tokens instead of their sentences
+    am-facts-fitted   am-facts without the verbatim rule (the facts' beta and values are fitted too)
+    am-spans*         one ranking per layer, max-pooled over 5 positions (+ LS / original / anchored values)
+    am-recall*        half of each head's budget: spans the recall-probe queries attend to
+    am-highest-anchored  am-highest with values anchored to V[S]
     truncate          keep the most recent keys            (beta = 0, C_v = V[S])
     streaming-llm     4 sink keys + the most recent        (beta = 0, C_v = V[S])
     h2o               mean attention of context queries    (beta = 0, C_v = V[S])
@@ -29,6 +38,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
+DEFAULT_METHOD = "am-highest"  # what `kvlocal compact` and Compaction.compact use without --method
 
 
 @dataclass
@@ -123,6 +133,8 @@ _FACTORIES = {
     "am-facts": lambda: Method(_facts(), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
     "am-facts-fitted": lambda: Method(_facts(), BoxNNLS(), AnchoredValues()),
     "am-facts-half": lambda: Method(_facts(0.5), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
+    "am-facts-window": lambda: Method(SharedSpans(agg="rms", own=1.0, fact_share=1.0, fact_sentences=False,
+                                                  fact_span=13), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
     "am-recall": lambda: Method(_recall(), BoxNNLS(), LeastSquaresValues(), ("repeat", "recall")),
     "am-recall-anchored": lambda: Method(_recall(), BoxNNLS(), AnchoredValues(), ("repeat", "recall")),
     "am-recall-direct": lambda: Method(_recall(), BoxNNLS(), DirectValues(), ("repeat", "recall")),
