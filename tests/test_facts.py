@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvlocal.am import BoxNNLS, Compactor, HeadProblem, SharedSpans
+from kvlocal.am import BoxNNLS, Compactor, HeadProblem, HighestAttnKeys, SharedSpans
 from kvlocal.facts import fact_mask, fact_spans
 
 TEXT = ("It was late. The special magic number for cathedral is 6088743. Margaret met the crew of NASA in "
@@ -70,8 +70,6 @@ def test_shared_spans_keep_facts_first_within_their_share():
     # no facts: the fact share keeps nothing and the head's own ranking fills the budget
     plain = group()
     got = sel.select_group(plain, [sel.head_scores(p) for p in plain])
-    from kvlocal.am import HighestAttnKeys
-
     assert all(np.array_equal(c.indices, HighestAttnKeys().select(p).indices) for c, p in zip(got, plain, strict=True))
     with pytest.raises(ValueError, match="facts must be"):
         HeadProblem(np.zeros((4, 2)), np.zeros((4, 2)), np.zeros((1, 2)), 2, facts=np.zeros(3, bool))
@@ -165,3 +163,23 @@ def test_verbatim_facts_keep_their_keys_exactly_and_fit_the_rest_around_them():
     plain = HeadProblem(p.keys, p.values, p.queries, 20)
     a, b = get_method("am-facts").fit(plain), get_method("am-facts-fitted").fit(plain)
     assert np.array_equal(a.indices, b.indices) and np.array_equal(a.values, b.values) and "verbatim" not in a.notes
+
+
+def test_fact_share_falls_beyond_fact_until():
+    s = SharedSpans(own=1.0, fact_share=1.0, fact_until=5.0)
+    assert [round(s.share_of_facts(3000, 3000 // r), 3) for r in (2, 5, 10, 20, 50)] == [1.0, 1.0, 0.5, 0.25, 0.1]
+    assert SharedSpans(fact_share=0.5).share_of_facts(3000, 30) == 0.5  # no schedule: the share as set
+    with pytest.raises(ValueError):
+        SharedSpans(fact_share=1.0, fact_until=0.0)
+    facts = np.zeros(200, bool)
+    facts[::2] = True  # facts everywhere: the schedule bounds what they take
+    heads = group(T=200, t=20, facts=facts)
+    scores = [s.head_scores(p) for p in heads]
+    full = SharedSpans(own=1.0, fact_share=1.0).select_group(heads, scores)
+    assert all(facts[c.indices].all() for c in full)  # no schedule: facts take the whole budget
+    got = s.select_group(heads, scores)  # ratio 10: facts take half, rms ranking fills the rest
+    for c, p in zip(got, heads, strict=True):
+        assert 10 <= facts[c.indices].sum() < 20 and len(c.indices) == 20
+        own = HighestAttnKeys().scores(p)
+        non_fact = np.flatnonzero(~facts)
+        assert set(non_fact[np.argsort(-own[non_fact], kind="stable")[:1]]) <= set(c.indices.tolist())

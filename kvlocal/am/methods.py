@@ -5,11 +5,13 @@
     am-omp            OMP (1 key per step, refit every step, beta <= 7, drop beta < -7) + LS values
     am-omp-fast       OMP (4 keys per step, refit every 2nd step) + LS values
     am-omp-prog       OMP with the progressive schedule (1/1 to 300 keys, 2/2 to 1500, then 4/2)
-    am-facts          every sentence holding a number kept verbatim in every head (beta 0, original values,
-                      up to the whole budget); the rest of each head: HighestAttnKeys (rms), beta and values
-                      fitted around the facts (box NNLS, least squares anchored to V[S])
-    am-facts-half     the same with facts capped at half of each head's budget
-    am-facts-window   numbers +-6 tokens instead of their sentences
+    am-facts          every sentence holding a number kept verbatim in every head (beta 0, original values),
+                      up to the whole budget at ratios <= 5, up to 5/ratio of it beyond; the rest of each head:
+                      HighestAttnKeys (rms), beta and values fitted around the facts (box NNLS, least squares
+                      anchored to V[S])
+    am-facts-full     facts up to the whole budget at every ratio
+    am-facts-half     facts capped at half of each head's budget
+    am-facts-window   numbers +-6 tokens instead of their sentences (-half: capped at half the budget)
     am-facts-fitted   am-facts without the verbatim rule (the facts' beta and values are fitted too)
     am-spans*         one ranking per layer, max-pooled over 5 positions (+ LS / original / anchored values)
     am-recall*        half of each head's budget: spans the recall-probe queries attend to
@@ -111,10 +113,13 @@ def _recall(own: float = 0.5) -> SharedSpans:
     return SharedSpans(agg="max", span=5, own=own, queries="recall")
 
 
-def _facts(share: float = 1.0) -> SharedSpans:
-    """Every sentence with a number kept in every head (up to ``share`` of the budget, ranked by
-    rms attention if they do not fit); the rest of each head's budget: its own HighestAttnKeys."""
-    return SharedSpans(agg="rms", own=1.0, fact_share=share)
+def _facts(share: float = 1.0, window: int | None = None, until: float | None = None) -> SharedSpans:
+    """Every sentence with a number (or, with ``window``, the ``window`` positions around each
+    number token) kept in every head, up to ``share`` of the budget (ranked by rms attention if
+    they do not fit); the rest of each head's budget: its own HighestAttnKeys choice."""
+    if window is None:
+        return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until)
+    return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 
 _FACTORIES = {
@@ -130,11 +135,13 @@ _FACTORIES = {
     "am-spans-model": lambda: Method(SharedSpans(scope="model"), BoxNNLS(), AnchoredValues()),
     "am-spans-half": lambda: Method(SharedSpans(own=0.5), BoxNNLS(), AnchoredValues()),
     "am-highest-anchored": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), AnchoredValues()),
-    "am-facts": lambda: Method(_facts(), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
+    "am-facts": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
+    "am-facts-full": lambda: Method(_facts(), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
     "am-facts-fitted": lambda: Method(_facts(), BoxNNLS(), AnchoredValues()),
     "am-facts-half": lambda: Method(_facts(0.5), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
-    "am-facts-window": lambda: Method(SharedSpans(agg="rms", own=1.0, fact_share=1.0, fact_sentences=False,
-                                                  fact_span=13), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
+    "am-facts-window": lambda: Method(_facts(1.0, window=13), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
+    "am-facts-window-half": lambda: Method(_facts(0.5, window=13), BoxNNLS(), AnchoredValues(),
+                                           verbatim_facts=True),
     "am-recall": lambda: Method(_recall(), BoxNNLS(), LeastSquaresValues(), ("repeat", "recall")),
     "am-recall-anchored": lambda: Method(_recall(), BoxNNLS(), AnchoredValues(), ("repeat", "recall")),
     "am-recall-direct": lambda: Method(_recall(), BoxNNLS(), DirectValues(), ("repeat", "recall")),

@@ -67,6 +67,7 @@ class SharedSpans(GroupSelector):
     scope: str = "layer"
     queries: str = "all"  # "recall": rank by the recall-probe rows only (all rows if there are none)
     fact_share: float = 0.0
+    fact_until: float | None = None  # facts' share falls as fact_until / ratio beyond this ratio
     fact_span: int = 1
     fact_names: bool = False  # proper names count as facts too (numbers always do)
     fact_sentences: bool = True  # a number keeps its whole sentence
@@ -74,6 +75,7 @@ class SharedSpans(GroupSelector):
     def __post_init__(self):
         HighestAttnKeys(self.agg)  # validates agg
         if self.span < 1 or self.fact_span < 1 or not 0 <= self.own <= 1 or not 0 <= self.fact_share <= 1 \
+                or (self.fact_until is not None and not self.fact_until > 0) \
                 or self.scope not in ("layer", "model") or self.queries not in ("all", "recall"):
             raise ValueError(f"invalid shared-spans settings {self}")
 
@@ -105,6 +107,15 @@ class SharedSpans(GroupSelector):
             fact_keys = maximum_filter1d(marked.astype(np.uint8), self.fact_span, mode="constant") > 0
         return [self._fill(p, shared, fact_keys) for p in problems]
 
+    def share_of_facts(self, n_keys: int, t: int) -> float:
+        """The share of a head's budget facts may take: ``fact_share``, scaled down by
+        ``fact_until / ratio`` once the block's ratio n_keys / t passes ``fact_until``.  Verbatim facts
+        cost one key each at any ratio; at high ratios the fitted keys are worth more (measured:
+        bench/results/facts.md)."""
+        if self.fact_until is None or t <= 0:
+            return self.fact_share
+        return self.fact_share * min(1.0, self.fact_until * t / n_keys)
+
     def _fill(self, p: HeadProblem, shared: np.ndarray, fact_keys: np.ndarray | None) -> Selection:
         taken = np.zeros(p.T, bool)
         t = min(p.t, p.T)
@@ -117,7 +128,7 @@ class SharedSpans(GroupSelector):
             taken[idx[np.isfinite(s[idx])]] = True
 
         if fact_keys is not None:
-            take(np.where(fact_keys, shared, -np.inf), int(round(self.fact_share * t)))
+            take(np.where(fact_keys, shared, -np.inf), int(round(self.share_of_facts(p.T, t) * t)))
         n_own = int(round(self.own * (t - taken.sum())))
         if n_own:  # the head's own best keys by rms attention over all its queries
             take(HighestAttnKeys("rms").scores(p), n_own)
