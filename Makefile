@@ -46,6 +46,13 @@ bench: setup
 	$(VPY) bench/reload.py
 	$(VPY) bench/fuzz_sessions.py -n 10000
 	$(VPY) bench/niah_diagnosis.py
+	$(VPY) bench/facts_diagnosis.py
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
+		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,truncate,snapkv:self-study \
+		--out bench/results/facts-niah
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality --ratios 10,20 \
+		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,truncate,snapkv:self-study \
+		--out bench/results/facts-quality
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality --max-queries 0 \
 		--methods am-highest:repeat,am-highest:repeat+self-study --ratios 10,20 --out bench/results/all-queries
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --out bench/results \
