@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from conftest import TEXT, TINY_VARIANTS
 from kvlocal import binding
+from kvlocal.am import DEFAULT_METHOD
 from kvlocal.api import CompactedSession, Compaction
 from kvlocal.cli import main as cli
 from kvlocal.errors import KvlocalError, ModelError
@@ -81,7 +82,7 @@ def test_info_needs_no_model_and_no_llama_cpp(load_model, tmp_path):
             "assert 'kvlocal.binding' not in sys.modules")
     res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split()[1] == "am-highest"
+    assert res.stdout.split()[1] == DEFAULT_METHOD
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
     assert rc == 0, err
     assert "cells" in text and "KV cache" in text and "held-out attention error" in text and out.is_file()
     rc, text, _ = run_cli(["info", out], capsys)
-    assert rc == 0 and "am-highest at 5x" in text and "context,repeat" in text
+    assert rc == 0 and f"{DEFAULT_METHOD} at 5x" in text and "context,repeat" in text
     rc, text, _ = run_cli(["info", out, "--json"], capsys)
     assert json.loads(text)["cache.logical_length"] > 0
     rc, text, err = run_cli(["ask", out, "-m", model, QUESTION, "-n", "6"], capsys)

@@ -40,7 +40,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
-DEFAULT_METHOD = "am-highest"  # what `kvlocal compact` and Compaction.compact use without --method
+DEFAULT_METHOD = "am-facts"  # what `kvlocal compact` and Compaction.compact use without --method
 
 
 @dataclass
