@@ -224,13 +224,15 @@ def _target_lines(rows, refs, cfg, labels, am, who) -> list[str]:
             for r in cfg.ratios:
                 best_am = max(sign * np.nan_to_num(rows[(lbl, r)][key], nan=-np.inf * sign) for lbl in am)
                 best_b, b_lbl = max((sign * np.nan_to_num(rows[(b, r)][key], nan=-np.inf * sign), b) for b in base)
+                if not (np.isfinite(best_am) and np.isfinite(best_b)):
+                    continue  # not measured at this ratio (a part of the grid that did not run)
                 if best_b >= best_am:
                     worse.append(f"{b_lbl} at {r:g}x")
                 else:
                     margins.append((best_am - best_b, r, b_lbl))
             line = f"- {who} above every eviction baseline at every ratio ({name}): "
             if worse:
-                line += "missed: " + ", ".join(worse) + " (at least as good as the best AM)."
+                line += "missed: " + ", ".join(worse) + f" (at least as good as {who})."
             else:
                 m, r, b_lbl = min(margins)
                 line += f"met; smallest margin {m:.4f} ({b_lbl} at {r:g}x)."
