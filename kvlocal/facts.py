@@ -1,13 +1,14 @@
 """Fact tokens: the numbers and proper names of a document, from its token texts (no engine).
 
 Attention statistics do not find them.  Measured on SmolLM2-135M with 3,000-token needle
-haystacks (bench/results/facts.md): a needle's digits rank at the 40th-55th percentile of every
-key score we tried, per layer and head — repeat-prefill RMS or max attention, attention times
-value displacement, recall-probe attention — and of the model's own surprisal.  A seven-digit
-number is as "important" as any other token until somebody asks about it, so a generic score keeps
-it in 1 / ratio of the heads and the number falls apart.  Numbers and names are what users ask
-about, so the compaction keeps them, with their neighbours, in every head (``SharedSpans``'s
-``fact_share``), and fits everything else as before.
+haystacks (bench/results/facts_diagnosis.md): a needle's digits rank, on average over layers, at
+the 42nd-59th percentile of every key score we tried — repeat-prefill RMS or max attention,
+attention times value displacement, recall-probe attention — and of the model's own surprisal.
+A seven-digit number is as "important" as any other token until somebody asks about it, so a
+generic score keeps it whole in almost no layer.  Numbers are what users ask about, so
+``SharedSpans`` (``fact_share``) keeps the sentences holding them in every head, and am-facts keeps
+those keys verbatim and fits everything else around them; proper names are found too
+(``names=True``) but are too many in a story to keep whole.
 
 A token is a fact token when it overlaps
   * a number: a digit run, with inner separators (3.5, 1,200, 12:30, 2026-11-24);

@@ -16,8 +16,8 @@ from .select import SELECTORS, HighestAttnKeys, RandomKeys, Recent, SinksAndRece
 from .spans import GroupSelector, SharedSpans
 
 __all__ = [
-    "BETA_FITTERS", "BUDGETS", "DEFAULT_METHOD", "METHODS", "OMP", "PROGRESSIVE_SCHEDULE", "SELECTORS", "VALUE_FITTERS", "AnchoredValues",
-    "BoxNNLS", "GroupSelector", "SharedSpans",
+    "BETA_FITTERS", "BUDGETS", "DEFAULT_METHOD", "METHODS", "OMP", "PROGRESSIVE_SCHEDULE", "SELECTORS",
+    "VALUE_FITTERS", "AnchoredValues", "BoxNNLS", "GroupSelector", "SharedSpans",
     "CompactionReport", "Compactor", "DirectValues", "HeadProblem", "HeadResult", "HighestAttnKeys", "JsonBudget",
     "LeastSquaresValues", "Method", "RandomKeys", "Recent", "SensitivityBudget", "SinksAndRecent", "UniformBudget",
     "ZeroBeta", "allocate", "get_method", "head_errors", "swap_allocation",

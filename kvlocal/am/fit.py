@@ -157,6 +157,12 @@ class ValueFitter:
         raise NotImplementedError
 
 
+def _value_bound(p: HeadProblem, scale: float) -> float:
+    """Largest |C_v| a value fit may return: ``scale`` times the block's largest |V| (beyond that the
+    fit is overfit), never more than the F16 cache holds."""
+    return min(scale * max(float(np.abs(p.values).max()), 1e-3), _F16_MAX)
+
+
 def _around_fixed(fit_free, p: HeadProblem, idx: np.ndarray, beta: np.ndarray, fixed: np.ndarray | None):
     """Solve ``fit_free(X, Y, V) -> (C, how)`` for the free keys only, with the fixed keys'
     original values' share of the output taken out of the target; returns (C [t, d], how)."""
@@ -193,7 +199,7 @@ class LeastSquaresValues(ValueFitter):
     def fit(self, p, idx, beta, fixed=None):
         if len(idx) == 0:
             return np.zeros((0, p.d)), {}
-        bound = min(self.max_scale * max(float(np.abs(p.values).max()), 1e-3), _F16_MAX)
+        bound = _value_bound(p, self.max_scale)
 
         def solve(X, Y, direct):
             C, how = solve_least_squares(X, Y, self.ridge)
@@ -237,16 +243,16 @@ class AnchoredValues(ValueFitter):
     def _solve(X: np.ndarray, Y: np.ndarray, V: np.ndarray, rel: float) -> np.ndarray:
         G = gram(X)
         lam = rel * np.trace(G) / len(V)
-        XtY = (np.asarray(X, np.float32).T @ np.asarray(Y, np.float32)).astype(np.float64)
         if lam <= 0:
             return solve_least_squares(X, Y, G=G)[0]
+        XtY = (np.asarray(X, np.float32).T @ np.asarray(Y, np.float32)).astype(np.float64)
         G[np.diag_indices_from(G)] += lam
         return scipy.linalg.solve(G, XtY + lam * V, assume_a="pos", check_finite=False)
 
     def fit(self, p, idx, beta, fixed=None):
         if len(idx) == 0:
             return np.zeros((0, p.d)), {}
-        bound = min(64.0 * max(float(np.abs(p.values).max()), 1e-3), _F16_MAX)
+        bound = _value_bound(p, 64.0)
 
         def solve(X, Y, V):
             rel = self.rel

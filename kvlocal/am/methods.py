@@ -77,24 +77,22 @@ class Method:
         sel = self.selector.select(p) if selection is None else selection
         idx = np.asarray(sel.indices, np.int64)
         notes: dict = {}
+        fixed = None  # bool per kept key: kept verbatim (beta 0, original value)
         if self.beta is None:
             if sel.weights is None:
                 raise ValueError(f"{type(self.selector).__name__} gives no weights: set a beta fitter")
             log_w = np.log(sel.weights)
-            fixed = None
+        elif self.verbatim_facts and p.facts is not None and p.facts[idx].any():
+            fixed = p.facts[idx]
+            # the fact keys keep their own mass (w = 1); the others match what is left of it
+            left = np.maximum(p.stats().z - p.features(idx[fixed]).sum(axis=1), 0.0)
+            log_w = np.zeros(len(idx))
+            if (~fixed).any():
+                log_w[~fixed], notes_b = self.beta.fit(p, idx[~fixed], target=left)
+                notes.update(notes_b)
+            notes["verbatim"] = "facts"
         else:
-            fixed = p.facts[idx] if self.verbatim_facts and p.facts is not None else None
-            if fixed is not None and fixed.any():
-                # the fact keys keep their own mass (w = 1); the others match what is left of it
-                left = np.maximum(p.stats().z - p.features(idx[fixed]).sum(axis=1), 0.0)
-                log_w = np.zeros(len(idx))
-                notes_b = {}
-                if (~fixed).any():
-                    log_w[~fixed], notes_b = self.beta.fit(p, idx[~fixed], target=left)
-                notes["verbatim"] = "facts"
-            else:
-                fixed = None
-                log_w, notes_b = self.beta.fit(p, idx)
+            log_w, notes_b = self.beta.fit(p, idx)
             notes.update(notes_b)
         beta = log_w + (p.bias[idx] if p.bias is not None else 0.0)
         beta = np.asarray(beta, np.float32)

@@ -111,7 +111,7 @@ class SharedSpans(GroupSelector):
         """The share of a head's budget facts may take: ``fact_share``, scaled down by
         ``fact_until / ratio`` once the block's ratio n_keys / t passes ``fact_until``.  Verbatim facts
         cost one key each at any ratio; at high ratios the fitted keys are worth more (measured:
-        bench/results/facts.md)."""
+        bench/results/facts-quality/)."""
         if self.fact_until is None or t <= 0:
             return self.fact_share
         return self.fact_share * min(1.0, self.fact_until * t / n_keys)

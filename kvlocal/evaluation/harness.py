@@ -27,7 +27,8 @@ from .data import (
 )
 
 STANDARD_METHODS = (
-    ("am-facts", ("repeat",)), ("am-highest", ("repeat",)), ("am-highest", ("context",)), ("am-highest", ("repeat", "self-study")),
+    ("am-facts", ("repeat",)),
+    ("am-highest", ("repeat",)), ("am-highest", ("context",)), ("am-highest", ("repeat", "self-study")),
     ("am-omp-fast", ("repeat",)),
     ("truncate", ()), ("streaming-llm", ()), ("h2o", ("context",)), ("snapkv", ("self-study",)),
     ("kvzip-uniform", ("repeat",)),

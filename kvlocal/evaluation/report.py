@@ -195,7 +195,8 @@ def _targets(rows, refs, cfg, labels) -> list[str]:
     out = ["## Targets", ""]
     default = label(DEFAULT_METHOD, get_method(DEFAULT_METHOD).queries)
     if default in labels:
-        out += [f"The default method, {default}:", ""] + _target_lines(rows, refs, cfg, labels, [default], "the default")
+        out += [f"The default method, {default}:", ""]
+        out += _target_lines(rows, refs, cfg, labels, [default], "the default")
         out += ["", "The best AM row at each ratio:", ""]
     return out + _target_lines(rows, refs, cfg, labels, am, "best AM") + [""]
 
