@@ -50,3 +50,41 @@ class QueryCapture:
                 raise RuntimeError(f"layer {il}: captured {len(q)} query rows for {len(positions)} tokens")
             layers[il] = q
         return QuerySet(layers, positions, [self.source] if self.source else [])
+
+
+class KVzipCapture(QueryCapture):
+    """Queries, and KVzip's key importance read from the engine's own attention probabilities.
+
+    While a repeat prompt for the document chunk ``[lo, hi)`` (cell index = position, as after a
+    fresh ingest or restore) decodes in a scratch sequence, every observed layer's ``kq_soft_max``
+    ``[n_kv, n_tokens, n_head]`` is renormalised over the cells KVzip attends within (the sink
+    ``[0, sink)``, the chunk, and the repeat tokens' own cells ``[own, n_kv)``): a softmax over a
+    subset R of the columns is ``p_j / sum_R p``, so this is exact.  The score of a chunk key is the
+    largest renormalised probability any query head of its group and any repeat token gives it
+    (KVzip, Kim et al. 2025, Alg. 1: max over GQA group and repeat positions).  ``scores[il]`` is
+    ``[n_head_kv, n_positions]`` float32; positions never scored stay 0."""
+
+    def __init__(self, info, n_positions: int, layers=None, dtype=np.float16, source: str = "kvzip"):
+        super().__init__(info, layers, dtype, source)
+        self._attn = {f"kq_soft_max-{il}": il for il in self.layers}
+        self.scores = {il: np.zeros((info.n_head_kv, n_positions), np.float32) for il in self.layers}
+        self.window: tuple[int, int, int, int] | None = None  # (sink, lo, hi, own)
+
+    def select(self, name: str, op: str) -> bool:
+        return super().select(name, op) or (op == "SOFT_MAX" and name in self._attn)
+
+    def sink(self, name: str, op: str, arr: np.ndarray) -> None:
+        if op != "SOFT_MAX":
+            return super().sink(name, op, arr)
+        if self.window is None:
+            raise RuntimeError("KVzipCapture: no chunk window set")
+        sink, lo, hi, own = self.window
+        p = arr[0]  # (n_head, n_tokens, n_kv)
+        if p.shape[-1] < own or p.shape[0] != self.info.n_head:
+            raise RuntimeError(f"{name}: attention over {p.shape[-1]} cells, expected at least {own}")
+        mass = p[..., :sink].sum(-1) + p[..., lo:hi].sum(-1) + p[..., own:].sum(-1)  # (n_head, n_tokens)
+        best = (p[..., lo:hi] / np.maximum(mass, np.float32(1e-30))[..., None]).max(axis=1)  # (n_head, chunk)
+        n_rep = self.info.n_head // self.info.n_head_kv
+        best = best.reshape(self.info.n_head_kv, n_rep, hi - lo).max(axis=1)
+        out = self.scores[self._attn[name]]
+        np.maximum(out[:, lo:hi], best, out=out[:, lo:hi])

@@ -3,6 +3,8 @@
 * ``context-prefill`` (``context``): the document's own queries, captured during ingestion.
 * ``repeat-prefill`` (``repeat``): a user turn "Repeat the previous context verbatim." and the
   document teacher-forced as the answer; queries of every token after the document.
+* ``kvzip``: KVzip's chunked repeat prompts (~2,000-token chunks); besides their queries it reads
+  each key's importance off the engine's attention probabilities (``QuerySet.key_scores``).
 * ``self-study``: the model answers a few fixed prompts about the document (summary, key facts,
   JSON, questions and their answers) with seeded sampling; queries of the prompt turns and of
   the generated tokens, within a token budget.
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from .capture import QueryCapture
+from .capture import KVzipCapture, QueryCapture
 from .errors import KvlocalError
 from .queryset import RECALL, QuerySet
 from .registry import Registry
@@ -74,6 +76,63 @@ class RepeatPrefill(QuerySource):
             session.ingest(tokens, seq_id=seq, desc="repeat-prefill")
         queries = capture.result()
         queries.anchors[len(pre):len(pre) + len(doc)] = np.arange(layout.doc_start, layout.doc_end)
+        return queries
+
+
+@QUERY_SOURCES.register("kvzip")
+@dataclass
+class KVzipRepeat(QuerySource):
+    """KVzip's scoring pass (Kim et al. 2025; snu-mllab/KVzip): the document is cut into chunks of
+    ``chunk`` tokens; each chunk is teacher-forced as the answer to a repeat request (the first:
+    ``prompt``; later ones: ``prompt_next`` followed by the previous chunk's last ``overlap``
+    tokens), in the scratch sequence.  A key's score is the largest attention probability any
+    query head of its group and any token of its chunk's repeat gives it, with the softmax taken
+    over the sink (the cells before the document), the chunk and the repeat's own tokens only
+    (``KVzipCapture``).  The queries of every repeat token come along (anchored like
+    repeat-prefill), so AM fits can use the same pass."""
+
+    chunk: int = 2000
+    overlap: int = 8
+    prompt: str = "Repeat the previous context exactly."
+    prompt_next: str = "Repeat the part of the previous context exactly, starting with"
+
+    def chunks(self, session: Session, layout: DocumentLayout) -> list[tuple[int, int, np.ndarray, int]]:
+        """The repeat prompts: (lo, hi, tokens, n_before) per chunk ``[lo, hi)`` of the document
+        (offsets into it); the chunk's copy starts at ``tokens[n_before]``."""
+        if self.chunk < 1 or self.overlap < 0:
+            raise KvlocalError("kvzip needs a positive chunk size and overlap >= 0")
+        doc = np.asarray(session.tokens[layout.doc_start:layout.doc_end], np.int32)
+        out = []
+        for lo in range(0, len(doc), self.chunk):
+            hi = min(len(doc), lo + self.chunk)
+            ask = self.prompt if lo == 0 else \
+                f"{self.prompt_next} {session.model.detokenize(doc[max(0, lo - self.overlap):lo])}"
+            before, after = session.template_around(
+                [{"role": "user", "content": ask}, {"role": "assistant", "content": CONTENT_MARK}])
+            pre = session.tokenize(before)
+            out.append((lo, hi, np.concatenate([pre, doc[lo:hi], session.tokenize(after)]), len(pre)))
+        return out
+
+    def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:
+        if session.compacted or session.cells[0] != session.n_past:
+            raise KvlocalError("kvzip scores need the uncompacted document in cells 0..n-1 "
+                               "(a fresh ingest or restore)")
+        plan = self.chunks(session, layout)
+        for _, _, tokens, _ in plan:
+            self._check_room(session, len(tokens), "kvzip scoring")
+        capture = KVzipCapture(session.info, layout.doc_end, dtype=self.dtype, source=self.name)
+        anchors = []
+        with session.capturing(capture):
+            for i, (lo, hi, tokens, n_before) in enumerate(plan):
+                a = np.full(len(tokens), -1, np.int32)
+                a[n_before:n_before + hi - lo] = np.arange(layout.doc_start + lo, layout.doc_start + hi)
+                anchors.append(a)
+                capture.window = (layout.doc_start, layout.doc_start + lo, layout.doc_start + hi, session.n_past)
+                with session.fork() as seq:
+                    session.ingest(tokens, seq_id=seq, desc=f"kvzip {i + 1}/{len(plan)}")
+        queries = capture.result()
+        queries.anchors[:] = np.concatenate(anchors)
+        queries.key_scores = capture.scores
         return queries
 
 

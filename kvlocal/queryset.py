@@ -6,7 +6,9 @@ absolute position of each token row and its anchor: the document position the to
 copies (its own position for context-prefill, the copied token's for repeat-prefill), -1 for
 tokens about the whole document, ``RECALL`` (-2) for recall probes: tokens written while the model
 recalls specific content (numbers, names) from anywhere in it.  Rows are the same tokens in every
-layer.
+layer.  A source that measures key importance in the engine itself (KVzip) adds ``key_scores``:
+per layer ``[n_head_kv, n_positions]``, one score per KV head and document position; they travel
+with the rows (taking rows keeps them, concatenating takes the larger score).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class QuerySet:
     positions: np.ndarray  # int32 [n_tokens]
     sources: list[str] = field(default_factory=list)
     anchors: np.ndarray | None = None  # int32 [n_tokens], -1: no particular document position
+    key_scores: dict[int, np.ndarray] | None = None  # il -> float32 [n_head_kv, n_positions]
 
     def __post_init__(self):
         if self.anchors is None:
@@ -50,7 +53,7 @@ class QuerySet:
     def take(self, rows) -> QuerySet:
         rows = np.asarray(rows, dtype=np.intp)
         return QuerySet({il: q[rows] for il, q in self.layers.items()}, self.positions[rows], list(self.sources),
-                        self.anchors[rows])
+                        self.anchors[rows], self.key_scores)
 
     def recall_rows(self) -> QuerySet | None:
         """The recall-probe rows, or None if there are none."""
@@ -82,7 +85,28 @@ class QuerySet:
             raise ValueError("query sets cover different layers")
         return QuerySet({il: np.concatenate([p.layers[il] for p in parts]) for il in sorted(layers)},
                         np.concatenate([p.positions for p in parts]), [s for p in parts for s in p.sources],
-                        np.concatenate([p.anchors for p in parts]))
+                        np.concatenate([p.anchors for p in parts]), _merge_scores(parts))
 
     def nbytes(self) -> int:
         return sum(q.nbytes for q in self.layers.values())
+
+
+def _merge_scores(parts: list[QuerySet]) -> dict[int, np.ndarray] | None:
+    """Key scores of several sets: the larger score per (layer, KV head, position)."""
+    have = [p.key_scores for p in parts if p.key_scores is not None]
+    if not have:
+        return None
+    out: dict[int, np.ndarray] = {}
+    for scores in have:
+        for il, s in scores.items():
+            if il not in out:
+                out[il] = s.copy()
+                continue
+            if s.shape[0] != out[il].shape[0]:
+                raise ValueError(f"layer {il}: key scores for {s.shape[0]} and {out[il].shape[0]} KV heads")
+            n = max(s.shape[1], out[il].shape[1])
+            merged = np.zeros((s.shape[0], n), np.float32)
+            merged[:, : out[il].shape[1]] = out[il]
+            np.maximum(merged[:, : s.shape[1]], s, out=merged[:, : s.shape[1]])
+            out[il] = merged
+    return out

@@ -155,3 +155,25 @@ def test_eval_cli_without_data_says_where_to_get_it(load_model, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "evaluation data not found" in err and "--data" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_targets_compare_only_baselines_at_their_nominal_memory():
+    from types import SimpleNamespace
+
+    from kvlocal.evaluation.report import _memory_table, _target_lines
+
+    def row(v, pad=0.0):
+        return {"R": v, "niah": v, "kl": 1 - v, "top1": v, "padding": pad}
+
+    cfg = SimpleNamespace(ratios=(10,))
+    rows = {("am-x (repeat)", 10): row(0.6), ("truncate", 10): row(0.5), ("kvzip (kvzip)", 10): row(0.9, pad=0.89)}
+    labels = [lbl for lbl, _ in rows]
+    refs = {"full": {"niah": 0.5}}
+    lines = "\n".join(_target_lines(rows, refs, cfg, labels, ["am-x (repeat)"], "the default"))
+    assert "retention): met" in lines and "truncate at 10x" in lines and "not compared" in lines and "kvzip" in lines
+    table = "\n".join(_memory_table(rows, labels, cfg))
+    assert "| kvzip (kvzip) | 1.1 |" in table and "truncate" not in table
+    rows[("kvzip (kvzip)", 10)]["padding"] = 0.0  # at its nominal memory it counts, and wins
+    lines = "\n".join(_target_lines(rows, refs, cfg, labels, ["am-x (repeat)"], "the default"))
+    assert "missed: kvzip (kvzip) at 10x" in lines and "not compared" not in lines
+    assert _memory_table(rows, labels, cfg) == []

@@ -183,3 +183,27 @@ def test_fact_share_falls_beyond_fact_until():
         own = HighestAttnKeys().scores(p)
         non_fact = np.flatnonzero(~facts)
         assert set(non_fact[np.argsort(-own[non_fact], kind="stable")[:1]]) <= set(c.indices.tolist())
+
+
+def test_shared_spans_can_rank_by_kvzip_scores():
+    facts = np.zeros(60, bool)
+    facts[[5, 30]] = True
+    heads = group(facts=facts)
+    rng = np.random.default_rng(7)
+    for p in heads:
+        p.key_scores = rng.random(60).astype(np.float32)
+    sel = SharedSpans(own=1.0, fact_share=0.5, fact_span=1, score="kvzip")
+    chosen = sel.select_group(heads, [sel.head_scores(p) for p in heads])
+    for c, p in zip(chosen, heads, strict=True):
+        rest = sorted(set(c.indices.tolist()) - {5, 30})
+        others = np.setdiff1d(np.arange(60), [5, 30])
+        best = others[np.argsort(-p.key_scores[others], kind="stable")[:10]]
+        assert {5, 30} <= set(c.indices.tolist()) and rest == sorted(best.tolist())  # each head's own KVzip best
+    attention = SharedSpans(own=1.0, fact_share=0.5, fact_span=1)
+    assert any(not np.array_equal(a.indices, b.indices) for a, b in zip(
+        chosen, attention.select_group(heads, [attention.head_scores(p) for p in heads]), strict=True))
+    heads[0].key_scores = None
+    with pytest.raises(ValueError, match="'kvzip' source"):
+        sel.head_scores(heads[0])
+    with pytest.raises(ValueError, match="score must be"):
+        SharedSpans(score="max")

@@ -223,9 +223,17 @@ class Compactor:
                     views[key] = qs.kv_heads(il, n_head_kv)
                 q = views[key][h]
             b = None if bias is None else np.asarray(bias[li], np.float32)[cells, h]
+            at = snap.positions[cells]
+            scores = None
+            if qs is not None and qs.key_scores is not None and il in qs.key_scores:
+                s = qs.key_scores[il]
+                if s.shape[0] != n_head_kv or s.shape[1] <= int(at.max()):
+                    raise KvlocalError(f"layer {il}: key scores {s.shape} do not cover {n_head_kv} KV heads "
+                                       f"and positions up to {int(at.max())}")
+                scores = s[h, at]
             return HeadProblem(snap.keys[li][cells, h], snap.values[li][cells, h], q, t, bias=b,
-                               positions=snap.positions[cells], backend=self.backend,
-                               facts=None if facts is None else facts[snap.positions[cells]],
+                               positions=at, backend=self.backend,
+                               facts=None if facts is None else facts[at], key_scores=scores,
                                seed=self.seed * 100003 + li * 101 + h)
 
         return problem

@@ -9,6 +9,7 @@
                       up to the whole budget at ratios <= 5, up to 5/ratio of it beyond; the rest of each head:
                       HighestAttnKeys (rms), beta and values fitted around the facts (box NNLS, least squares
                       anchored to V[S])
+    am-facts-kvzip    am-facts with KVzip's scores (chunked repeats) ranking the facts and each head's other keys
     am-facts-full     facts up to the whole budget at every ratio
     am-facts-half     facts capped at half of each head's budget
     am-facts-window   numbers +-6 tokens instead of their sentences (-half: capped at half the budget)
@@ -20,7 +21,12 @@
     streaming-llm     4 sink keys + the most recent        (beta = 0, C_v = V[S])
     h2o               mean attention of context queries    (beta = 0, C_v = V[S])
     snapkv            mean attention, max-pooled over 7    (beta = 0, C_v = V[S])
-    kvzip-uniform     max attention of repeat queries      (beta = 0, C_v = V[S])
+    kvzip             KVzip: max attention probability over chunked repeats (softmax over sink + chunk +
+                      repeat), one threshold over every head (unequal heads, padded)   (beta = 0, C_v = V[S])
+    kvzip-uniform     KVzip's scores, every head its own top-t       (beta = 0, C_v = V[S])
+    repeat-max        max block-local attention of (subsampled) repeat queries: kvlocal's earlier stand-in
+                      for KVzip, kept to show the difference        (beta = 0, C_v = V[S])
+    am-kvzip          KVzip's per-head selection + box NNLS + values anchored to V[S]
     random            a seeded random subset               (beta = 0, C_v = V[S])
 
 Each method also names the query source it was designed for (``queries``).
@@ -34,6 +40,7 @@ import numpy as np
 
 from ..registry import Registry
 from .fit import AnchoredValues, BoxNNLS, DirectValues, LeastSquaresValues, ValueFitter, ZeroBeta
+from .kvzip import KVzipGlobal, KVzipKeys
 from .omp import OMP, PROGRESSIVE_SCHEDULE
 from .problem import HeadProblem, HeadResult
 from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection, SinksAndRecent
@@ -111,12 +118,13 @@ def _recall(own: float = 0.5) -> SharedSpans:
     return SharedSpans(agg="max", span=5, own=own, queries="recall")
 
 
-def _facts(share: float = 1.0, window: int | None = None, until: float | None = None) -> SharedSpans:
+def _facts(share: float = 1.0, window: int | None = None, until: float | None = None,
+           score: str = "attention") -> SharedSpans:
     """Every sentence with a number (or, with ``window``, the ``window`` positions around each
     number token) kept in every head, up to ``share`` of the budget (ranked by rms attention if
     they do not fit); the rest of each head's budget: its own HighestAttnKeys choice."""
     if window is None:
-        return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until)
+        return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, score=score)
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 
@@ -134,6 +142,8 @@ _FACTORIES = {
     "am-spans-half": lambda: Method(SharedSpans(own=0.5), BoxNNLS(), AnchoredValues()),
     "am-highest-anchored": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), AnchoredValues()),
     "am-facts": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
+    "am-facts-kvzip": lambda: Method(_facts(until=5.0, score="kvzip"), BoxNNLS(), AnchoredValues(), ("kvzip",),
+                                     verbatim_facts=True),
     "am-facts-full": lambda: Method(_facts(), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
     "am-facts-fitted": lambda: Method(_facts(), BoxNNLS(), AnchoredValues()),
     "am-facts-half": lambda: Method(_facts(0.5), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
@@ -147,7 +157,10 @@ _FACTORIES = {
     "streaming-llm": lambda: _baseline(SinksAndRecent(sinks=4)),
     "h2o": lambda: _baseline(HighestAttnKeys("mean"), ("context",), True),
     "snapkv": lambda: _baseline(HighestAttnKeys("mean", pool="max", pool_kernel=7), ("self-study",), True),
-    "kvzip-uniform": lambda: _baseline(HighestAttnKeys("max"), ("repeat",), True),
+    "kvzip": lambda: _baseline(KVzipGlobal(), ("kvzip",), True),
+    "kvzip-uniform": lambda: _baseline(KVzipKeys(), ("kvzip",), True),
+    "repeat-max": lambda: _baseline(HighestAttnKeys("max"), ("repeat",), True),
+    "am-kvzip": lambda: Method(KVzipKeys(), BoxNNLS(), AnchoredValues(), ("kvzip",)),
     "random": lambda: _baseline(RandomKeys()),
 }
 

@@ -40,6 +40,7 @@ class HeadProblem:
     bias: np.ndarray | None = None  # [T] logit bias the keys already carry (re-compaction)
     positions: np.ndarray | None = None  # [T] original positions (recency baselines)
     facts: np.ndarray | None = None  # [T] bool: the key is a fact token (numbers, names; kvlocal.facts)
+    key_scores: np.ndarray | None = None  # [T] importance measured by the engine (KVzip), if any
     backend: str = "numba"
     block: int = 2048
     seed: int = 0
@@ -70,6 +71,10 @@ class HeadProblem:
             self.facts = np.asarray(self.facts, bool)
             if self.facts.shape != (T,):
                 raise ValueError(f"facts must be [T] booleans, got shape {self.facts.shape}")
+        if self.key_scores is not None:
+            self.key_scores = np.asarray(self.key_scores, np.float32)
+            if self.key_scores.shape != (T,) or not np.isfinite(self.key_scores).all():
+                raise ValueError(f"key_scores must be [T] finite floats, got shape {self.key_scores.shape}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}")
 

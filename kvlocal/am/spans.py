@@ -71,9 +71,12 @@ class SharedSpans(GroupSelector):
     fact_span: int = 1
     fact_names: bool = False  # proper names count as facts too (numbers always do)
     fact_sentences: bool = True  # a number keeps its whole sentence
+    score: str = "attention"  # "attention": agg over the queries; "kvzip": the engine-measured key scores
 
     def __post_init__(self):
         HighestAttnKeys(self.agg)  # validates agg
+        if self.score not in ("attention", "kvzip"):
+            raise ValueError(f"score must be 'attention' or 'kvzip', not {self.score!r}")
         if self.span < 1 or self.fact_span < 1 or not 0 <= self.own <= 1 or not 0 <= self.fact_share <= 1 \
                 or (self.fact_until is not None and not self.fact_until > 0) \
                 or self.scope not in ("layer", "model") or self.queries not in ("all", "recall"):
@@ -90,7 +93,14 @@ class SharedSpans(GroupSelector):
         return queries
 
     def head_scores(self, p: HeadProblem) -> np.ndarray:
-        return HighestAttnKeys(self.agg).scores(p)
+        return self._own_scores(p, self.agg)
+
+    def _own_scores(self, p: HeadProblem, agg: str) -> np.ndarray:
+        if self.score == "kvzip":
+            if p.key_scores is None:
+                raise ValueError("score='kvzip' needs key scores: collect queries with the 'kvzip' source")
+            return p.key_scores.astype(np.float64)
+        return HighestAttnKeys(agg).scores(p)
 
     def select_group(self, problems, scores):
         if not problems:
@@ -130,7 +140,7 @@ class SharedSpans(GroupSelector):
         if fact_keys is not None:
             take(np.where(fact_keys, shared, -np.inf), int(round(self.share_of_facts(p.T, t) * t)))
         n_own = int(round(self.own * (t - taken.sum())))
-        if n_own:  # the head's own best keys by rms attention over all its queries
-            take(HighestAttnKeys("rms").scores(p), n_own)
+        if n_own:  # the head's own best keys (rms attention over all its queries, or its KVzip score)
+            take(self._own_scores(p, "rms"), n_own)
         take(shared, t - int(taken.sum()))
         return Selection(np.flatnonzero(taken))

@@ -27,11 +27,11 @@ from .data import (
 )
 
 STANDARD_METHODS = (
-    ("am-facts", ("repeat",)),
+    ("am-facts", ("repeat",)), ("am-facts", ("repeat", "self-study")),
     ("am-highest", ("repeat",)), ("am-highest", ("context",)), ("am-highest", ("repeat", "self-study")),
-    ("am-omp-fast", ("repeat",)),
+    ("am-omp-fast", ("repeat",)), ("am-kvzip", ("kvzip",)),
     ("truncate", ()), ("streaming-llm", ()), ("h2o", ("context",)), ("snapkv", ("self-study",)),
-    ("kvzip-uniform", ("repeat",)),
+    ("kvzip", ("kvzip",)), ("kvzip-uniform", ("kvzip",)),
 )
 SUMMARY_PROMPT = "Summarize the document in detail. Keep every name, number, place and key event."
 
