@@ -28,6 +28,7 @@ from . import __version__, binding
 from .am import DEFAULT_METHOD, Compactor, CompactionReport, JsonBudget
 from .errors import KvlocalError
 from .kvcache import CompactedCache, KVSnapshot
+from .onpolicy import compact_on_policy
 from .queries import QUERY_SOURCES, collect_queries
 from .queryset import QuerySet
 from .sampling import GREEDY, Sampler
@@ -221,8 +222,13 @@ class Compaction(_Conversation):
                 bar.refresh()
 
             facts = method_obj.fact_mask(s.token_texts(self.layout.length)) if method_obj.uses_facts else None
-            cache, report = compactor.compact(self.snapshot, self.layout.doc_start, self.layout.doc_end, qs,
-                                              progress=tick, facts=facts)
+            if method_obj.stages > 1 and qs is not None:  # on-policy: queries again after each stage
+                cache, report, more_s = compact_on_policy(s, self.layout, self.snapshot, compactor, sources,
+                                                          method_obj.stages, first=qs, facts=facts)
+                self.timings["queries_s"] += more_s
+            else:
+                cache, report = compactor.compact(self.snapshot, self.layout.doc_start, self.layout.doc_end, qs,
+                                                  progress=tick, facts=facts)
         self.timings["fit_s"] = report.seconds
         s.inject(cache, self.snapshot)
         self.cache = cache

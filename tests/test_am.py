@@ -268,7 +268,8 @@ def test_adversarial_inputs_give_finite_results(method, case):
         Q, t = Q[:5], 30
     elif case == "one query":
         Q = Q[:1]
-    res = get_method(method).fit(HeadProblem(K, V, Q, t))
+    scores = np.full(T, 0.5) if case == "duplicate keys" else rng.random(T)  # KVzip's, for the methods using them
+    res = get_method(method).fit(HeadProblem(K, V, Q, t, key_scores=scores))
     assert 0 < res.t <= t and np.isfinite(res.values).all()
     assert np.abs(res.values).max() <= 64 * np.abs(V).max()  # what an F16 cache can hold, and not overfit
     assert not np.isnan(res.beta).any() and not np.isposinf(res.beta).any() and np.isfinite(res.beta).any()
@@ -290,9 +291,12 @@ def test_least_squares_fallbacks_never_return_nan():
 def tiny_doc(load_model):
     from kvlocal.session import Session
 
+    from kvlocal.queries import collect_queries
+
     with Session(load_model("llama-gqa"), n_ctx=1024, capture=True, **session_kwargs("llama-gqa")) as s:
         layout = s.ingest_document(TEXT, capture_queries=True)
-        return s.snapshot(), layout, s.context_queries, s.info
+        # context queries, plus the kvzip pass for the methods that rank keys by its scores
+        return s.snapshot(), layout, collect_queries(s, layout, ["context", "kvzip"]), s.info
 
 
 WRAPPERS = {

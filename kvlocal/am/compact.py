@@ -27,7 +27,7 @@ from ..queryset import QuerySet
 from .budgets import BUDGETS, BudgetPolicy, allocate
 from .methods import Method, get_method
 from .metrics import head_errors
-from .problem import HeadProblem
+from .problem import HeadProblem, HeadResult
 
 
 @dataclass
@@ -44,11 +44,19 @@ class CompactionReport:
     notes: dict = field(default_factory=dict)  # fallback -> count
     layer_errors: dict = field(default_factory=dict)  # il -> {"output_rel_l2", "mass_err"} on held-out queries
     budgets: list = field(default_factory=list)  # per chunk [n_layers][n_head_kv]
+    results: dict = field(default_factory=dict, repr=False)  # (chunk, li, h) -> HeadResult, to reuse
 
     @property
     def effective_ratio(self) -> float:
         """Document keys per kept key, averaged over heads."""
         return self.n_document * self.heads / max(self.kept_keys, 1)
+
+
+def _whole(snap: KVSnapshot, cells: np.ndarray, li: int, h: int, bias) -> HeadResult:
+    """A head kept as it is: every key with the bias it carries and its own value."""
+    b = np.zeros(len(cells), np.float32) if bias is None else np.asarray(bias[li], np.float32)[cells, h]
+    return HeadResult(np.arange(len(cells)), b.copy(), snap.values[li][cells, h].astype(np.float32),
+                      {"whole": True})
 
 
 class _Calibration:
@@ -110,11 +118,16 @@ class Compactor:
     def compact(self, snap: KVSnapshot, doc_start: int, doc_end: int, queries: QuerySet | None = None,
                 bias: list[np.ndarray] | None = None,
                 progress: Callable[[int, int], None] | None = None,
-                facts: np.ndarray | None = None) -> tuple[CompactedCache, CompactionReport]:
+                facts: np.ndarray | None = None, whole_layers=(),
+                given: dict | None = None) -> tuple[CompactedCache, CompactionReport]:
         """Compact the cells of ``snap`` whose positions lie in [doc_start, doc_end) (minus the
         recent window).  ``queries``: reference queries of every base layer; ``bias``: the bias the
         cells already carry (re-compaction), per layer ``[N, H_kv]``; ``progress(done, total)``;
-        ``facts``: bool per position (``kvlocal.facts.fact_mask``), for selectors that keep facts."""
+        ``facts``: bool per position (``kvlocal.facts.fact_mask``), for selectors that keep facts.
+
+        On-policy stages (``kvlocal.onpolicy``): the layers (indices into ``snap.keys``) in
+        ``whole_layers`` keep every document key, so the cache mixes compacted and original
+        layers; ``given``: results of an earlier call (``report.results``) used as they are."""
         t0 = time.perf_counter()
         method = self.method
         T = snap.logical_length
@@ -145,20 +158,33 @@ class Compactor:
         all_budgets = []
         kept = 0
         steps, done = n_layers * len(chunks), 0
-        for cells in chunks:
+        whole = {int(li) for li in whole_layers}
+        given = given or {}
+        if any(not 0 <= li < n_layers for li in whole):
+            raise KvlocalError(f"whole_layers must index the {n_layers} base layers, got {sorted(whole)}")
+        results: dict = {}
+        for ci, cells in enumerate(chunks):
             lo_pos, hi_pos = int(pos[cells[0]]), int(pos[cells[-1]]) + 1
             q_train = self._chunk_queries(train, lo_pos, hi_pos)
             q_test = self._chunk_queries(test, lo_pos, hi_pos) if test is not None else None
             problem = self._problems(snap, cells, bias, facts)
             calibration = _Calibration(self, problem, q_train, q_test, n_layers, n_head_kv, len(cells))
             budgets = self._budgets(snap, len(cells), calibration)
+            for li in whole:
+                budgets[li, :] = len(cells)
             all_budgets.append(budgets.tolist())
+            todo = [(li, h) for li in range(n_layers) if li not in whole for h in range(n_head_kv)
+                    if (ci, li, h) not in given]
 
-            pre, chosen = ({}, {}) if method.group_selector is None else \
-                self._group_select(method.group_selector, problem, budgets, q_train)
+            pre, chosen = ({}, {}) if method.group_selector is None or not todo else \
+                self._group_select(method.group_selector, problem, budgets, q_train, todo)
 
             def solve(li, h, problem=problem, budgets=budgets, q_train=q_train, q_test=q_test, pre=pre,
-                      chosen=chosen):
+                      chosen=chosen, ci=ci):
+                if (ci, li, h) in given:
+                    return given[(ci, li, h)], None
+                if li in whole:  # every key as it is (the identity fit needs no statistics)
+                    return _whole(snap, cells, li, h, bias), None
                 p = pre.pop((li, h), None) or problem(li, h, int(budgets[li, h]), q_train)
                 res = method.fit(p, chosen.get((li, h)))
                 err = head_errors(problem(li, h, p.t, q_test), res) if q_test is not None and q_test.n_tokens else None
@@ -167,6 +193,8 @@ class Compactor:
             blocks = [[None] * n_head_kv for _ in range(n_layers)]
             left = [n_head_kv] * n_layers
             for (li, h), (res, err) in self._map(solve, [(li, h) for li in range(n_layers) for h in range(n_head_kv)]):
+                if li not in whole:
+                    results[(ci, li, h)] = res
                 for k, v in res.notes.items():
                     notes[f"{k}={v}"] += 1
                 if err is not None:
@@ -191,7 +219,7 @@ class Compactor:
             e["mass_err"] /= n
         report = CompactionReport(method.name, self.ratio, len(region), cache.n_cells, kept, n_layers * n_head_kv,
                                   len(chunks), cache.padding_fraction, time.perf_counter() - t0, dict(notes), errors,
-                                  all_budgets)
+                                  all_budgets, results)
         cache.meta = {"method": method.name, "ratio": self.ratio}
         return cache, report
 
@@ -238,12 +266,15 @@ class Compactor:
 
         return problem
 
-    def _group_select(self, selector, problem: Callable, budgets: np.ndarray, queries: QuerySet | None):
-        """A group selector's choice for every head: score each head (in parallel), then let the
-        selector decide per group (a layer's KV heads, or every head).  Returns the problems it
-        built (their statistics are reused by the fits) and {(li, h): Selection}."""
+    def _group_select(self, selector, problem: Callable, budgets: np.ndarray, queries: QuerySet | None,
+                      heads: list | None = None):
+        """A group selector's choice for every head (of ``heads``, default all): score each head (in
+        parallel), then let the selector decide per group (a layer's KV heads, or every head).
+        Returns the problems it built (their statistics are reused by the fits) and
+        {(li, h): Selection}."""
         n_layers, n_head_kv = budgets.shape
-        heads = [(li, h) for li in range(n_layers) for h in range(n_head_kv)]
+        if heads is None:
+            heads = [(li, h) for li in range(n_layers) for h in range(n_head_kv)]
 
         scoring = selector.score_queries(queries)
 
@@ -256,7 +287,7 @@ class Compactor:
         for key, (p, sc) in self._map(score, heads):
             problems[key], scores[key] = p, sc
         groups = [heads] if selector.scope == "model" else \
-            [[(li, h) for h in range(n_head_kv)] for li in range(n_layers)]
+            [g for g in ([(li, h) for h in range(n_head_kv) if (li, h) in problems] for li in range(n_layers)) if g]
         chosen = {}
         for group in groups:
             sels = selector.select_group([problems[k] for k in group], [scores[k] for k in group])

@@ -43,7 +43,7 @@ class KVzipKeys(KeySelector):
 class KVzipGlobal(GroupSelector):
     """One threshold over all heads of the model: the sum of the heads' budgets goes to the highest
     scores wherever they are, each head keeping at least ``floor`` keys and at most ``max_share``
-    of its block.  Ties go to the earlier head and key."""
+    of its block (a head whose budget is 0 keeps nothing).  Ties go to the earlier head and key."""
 
     floor: int = 1
     max_share: float = 1.0
@@ -60,7 +60,8 @@ class KVzipGlobal(GroupSelector):
         if not problems:
             return []
         total = sum(min(p.t, p.T) for p in problems)
-        caps = [max(1, int(self.max_share * p.T)) for p in problems]
+        # a head given no budget stays empty (e.g. a zero entry of a JSON budget table)
+        caps = [max(1, int(self.max_share * p.T)) if p.t > 0 else 0 for p in problems]
         floors = [min(self.floor, min(p.t, p.T), c) for p, c in zip(problems, caps, strict=True)]
         chosen = [top_t(s, f) for s, f in zip(scores, floors, strict=True)]
         left = total - sum(floors)

@@ -10,6 +10,9 @@
                       HighestAttnKeys (rms), beta and values fitted around the facts (box NNLS, least squares
                       anchored to V[S])
     am-facts-kvzip    am-facts with KVzip's scores (chunked repeats) ranking the facts and each head's other keys
+    am-facts-onpolicy, am-highest-onpolicy
+                      on-policy queries in 3 stages of layers: each stage is fitted on queries taken with the
+                      stages below it compacted (kvlocal.onpolicy)
     am-facts-full     facts up to the whole budget at every ratio
     am-facts-half     facts capped at half of each head's budget
     am-facts-window   numbers +-6 tokens instead of their sentences (-half: capped at half the budget)
@@ -59,6 +62,7 @@ class Method:
     needs_queries: bool = True
     name: str = field(default="custom")
     verbatim_facts: bool = False  # kept fact keys stay exactly as they were: beta 0, original values
+    stages: int = 1  # > 1: on-policy queries, re-collected through the compacted lower layers (kvlocal.onpolicy)
 
     @property
     def group_selector(self) -> GroupSelector | None:
@@ -144,6 +148,9 @@ _FACTORIES = {
     "am-facts": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
     "am-facts-kvzip": lambda: Method(_facts(until=5.0, score="kvzip"), BoxNNLS(), AnchoredValues(), ("kvzip",),
                                      verbatim_facts=True),
+    "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,
+                                        stages=3),
+    "am-highest-onpolicy": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), LeastSquaresValues(), stages=3),
     "am-facts-full": lambda: Method(_facts(), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
     "am-facts-fitted": lambda: Method(_facts(), BoxNNLS(), AnchoredValues()),
     "am-facts-half": lambda: Method(_facts(0.5), BoxNNLS(), AnchoredValues(), verbatim_facts=True),

@@ -1,0 +1,88 @@
+"""On-policy compaction: stages of layers, each fitted on queries taken through the ones below."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import TEXT, session_kwargs
+from kvlocal.am import Compactor, get_method
+from kvlocal.errors import KvlocalError
+from kvlocal.kvcache import identity_compaction
+from kvlocal.onpolicy import compact_on_policy, stage_layers
+from kvlocal.queries import collect_queries
+from kvlocal.session import Session
+
+
+def test_stage_layers_are_consecutive_and_cover_every_layer():
+    assert stage_layers(30, 3) == [list(range(10)), list(range(10, 20)), list(range(20, 30))]
+    assert stage_layers(5, 2) == [[0, 1, 2], [3, 4]]
+    assert stage_layers(2, 5) == [[0], [1]]
+    with pytest.raises(ValueError):
+        stage_layers(4, 0)
+
+
+@pytest.fixture(scope="module")
+def doc(load_model):
+    s = Session(load_model("qwen2"), n_ctx=1024, capture=True, **session_kwargs("qwen2"))
+    layout = s.ingest_document(TEXT, capture_queries=True)
+    yield s, layout, s.snapshot(), s.state()
+    s.close()
+
+
+def test_whole_layers_keep_every_key_and_given_results_are_reused(doc):
+    s, layout, snap, blob = doc
+    s.restore(blob)
+    qs = collect_queries(s, layout, ["repeat"])
+    n = len(snap.keys)
+    everything = Compactor("am-highest", ratio=4).compact(snap, layout.doc_start, layout.doc_end, qs,
+                                                          whole_layers=range(n))[0]
+    ident = identity_compaction(snap, layout.doc_start, layout.doc_end)
+    assert everything.n_cells == ident.n_cells
+    for li in range(n):  # every layer whole: the identity compaction, bit for bit
+        assert np.array_equal(everything.keys[li], ident.keys[li])
+        assert np.array_equal(everything.values[li], ident.values[li])
+        assert not everything.bias[li].any()
+    full, report = Compactor("am-highest", ratio=4).compact(snap, layout.doc_start, layout.doc_end, qs)
+    upper = list(range(1, n))
+    mixed, mixed_report = Compactor("am-highest", ratio=4).compact(snap, layout.doc_start, layout.doc_end, qs,
+                                                                   whole_layers=upper)
+    assert mixed.n_cells == ident.n_cells  # the whole layers set the length; layer 0 is padded
+    t = full.n_cells - (ident.n_cells - layout.n_doc)
+    d0 = slice(layout.doc_start, layout.doc_start + t)
+    assert np.array_equal(mixed.keys[0][d0], full.keys[0][d0]) and np.array_equal(mixed.bias[0][d0], full.bias[0][d0])
+    assert np.isneginf(mixed.bias[0][layout.doc_start + t: layout.doc_end]).all()
+    assert {k[1] for k in mixed_report.results} == {0}
+    # given results are used as they are, whatever the queries say
+    other = collect_queries(s, layout, ["context"])
+    again, _ = Compactor("am-highest", ratio=4).compact(snap, layout.doc_start, layout.doc_end, other,
+                                                        given=report.results)
+    assert all(np.array_equal(a, b) for a, b in zip(again.keys + again.values + again.bias,
+                                                    full.keys + full.values + full.bias, strict=True))
+    with pytest.raises(KvlocalError, match="whole_layers"):
+        Compactor("am-highest", ratio=4).compact(snap, layout.doc_start, layout.doc_end, qs, whole_layers=[n])
+
+
+def test_on_policy_stages_fit_upper_layers_on_queries_through_compacted_lower_ones(doc):
+    s, layout, snap, blob = doc
+    s.restore(blob)
+    qs = collect_queries(s, layout, ["repeat"])
+    off, _ = Compactor("am-highest", ratio=4).compact(snap, layout.doc_start, layout.doc_end, qs)
+    method = get_method("am-highest-onpolicy")
+    assert method.stages == 3
+    n = len(snap.keys)
+    runs = []
+    for _ in range(2):
+        s.restore(blob)
+        cache, report, query_s = compact_on_policy(s, layout, snap, Compactor(method, ratio=4), ["repeat"],
+                                                   stages=n, first=qs)
+        runs.append(cache)
+        assert query_s > 0 and report.notes["on-policy stages"] == n
+        assert cache.n_cells == off.n_cells and s.compacted and s.n_past == layout.length
+    # the bottom layer saw the same queries as off-policy; the ones above saw other queries
+    assert np.array_equal(runs[0].keys[0], off.keys[0]) and np.array_equal(runs[0].bias[0], off.bias[0])
+    assert any(not np.array_equal(runs[0].values[li], off.values[li]) for li in range(1, n))
+    # deterministic, and the session holds the final cache: it decodes
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0].values, runs[1].values, strict=True))
+    s.decode(s.chat_tokens([{"role": "user", "content": "What is the magic number?"}]))
+    s.restore(blob)
