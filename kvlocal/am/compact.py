@@ -288,10 +288,17 @@ class Compactor:
             problems[key], scores[key] = p, sc
         groups = [heads] if selector.scope == "model" else \
             [g for g in ([(li, h) for h in range(n_head_kv) if (li, h) in problems] for li in range(n_layers)) if g]
-        chosen = {}
+        chosen, shared = {}, {}
         for group in groups:
-            sels = selector.select_group([problems[k] for k in group], [scores[k] for k in group])
-            chosen.update(zip(group, sels, strict=True))
+            ranked = selector.rank_group([problems[k] for k in group], [scores[k] for k in group])
+            if ranked is None:  # decided as a whole
+                sels = selector.select_group([problems[k] for k in group], [scores[k] for k in group])
+                chosen.update(zip(group, sels, strict=True))
+            else:
+                shared.update((k, ranked) for k in group)
+        # heads that choose from their group's ranking do so in parallel (OMP around facts is costly)
+        for key, sel in self._map(lambda li, h: selector.fill(problems[(li, h)], shared[(li, h)]), list(shared)):
+            chosen[key] = sel
         return problems, chosen
 
     def _map(self, fn, tasks):

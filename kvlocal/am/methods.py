@@ -10,6 +10,8 @@
                       HighestAttnKeys (rms), beta and values fitted around the facts (box NNLS, least squares
                       anchored to V[S])
     am-facts-kvzip    am-facts with KVzip's scores (chunked repeats) ranking the facts and each head's other keys
+    am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the facts
+                      leave; beta and values fitted around the facts as in am-facts
     am-facts-onpolicy, am-highest-onpolicy
                       on-policy queries in 3 stages of layers: each stage is fitted on queries taken with the
                       stages below it compacted (kvlocal.onpolicy)
@@ -123,12 +125,12 @@ def _recall(own: float = 0.5) -> SharedSpans:
 
 
 def _facts(share: float = 1.0, window: int | None = None, until: float | None = None,
-           score: str = "attention") -> SharedSpans:
+           score: str = "attention", omp: OMP | None = None) -> SharedSpans:
     """Every sentence with a number (or, with ``window``, the ``window`` positions around each
     number token) kept in every head, up to ``share`` of the budget (ranked by rms attention if
     they do not fit); the rest of each head's budget: its own HighestAttnKeys choice."""
     if window is None:
-        return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, score=score)
+        return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, score=score, own_omp=omp)
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 
@@ -148,6 +150,8 @@ _FACTORIES = {
     "am-facts": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
     "am-facts-kvzip": lambda: Method(_facts(until=5.0, score="kvzip"), BoxNNLS(), AnchoredValues(), ("kvzip",),
                                      verbatim_facts=True),
+    "am-facts-omp": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),
+                                   AnchoredValues(), verbatim_facts=True),
     "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,
                                         stages=3),
     "am-highest-onpolicy": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), LeastSquaresValues(), stages=3),

@@ -115,20 +115,36 @@ class OMP(KeySelector):
 
     def select(self, p: HeadProblem) -> Selection:
         E, z = p.mass_features()
-        refit = (_CholeskyRefit if p.backend == "numba" else _LstsqRefit)(E, z, p.t)
+        return self._run(E, z, p.t, np.zeros(p.T, bool), p.backend)
+
+    def select_around(self, p: HeadProblem, fixed: np.ndarray, t: int) -> Selection:
+        """``t`` more keys next to the ``fixed`` ones (indices), which keep their own mass (w = 1):
+        OMP explains the mass they leave, ``max(z - sum of their features, 0)``, from the other keys."""
+        E, z = p.mass_features()
+        fixed = np.asarray(fixed, np.int64)
+        target = np.maximum(z - E[:, fixed].sum(axis=1, dtype=np.float64), 0.0) if len(fixed) else z
+        excluded = np.zeros(p.T, bool)
+        excluded[fixed] = True
+        return self._run(E, target, min(t, p.T - len(fixed)), excluded, p.backend)
+
+    def _run(self, E: np.ndarray, z: np.ndarray, t: int, excluded: np.ndarray, backend: str) -> Selection:
+        T = E.shape[1]
+        if t <= 0:
+            return Selection(np.zeros(0, np.int64), np.zeros(0))
+        refit = (_CholeskyRefit if backend == "numba" else _LstsqRefit)(E, z, t)
         S: list[int] = []
         w = np.zeros(0)
-        excluded = np.zeros(p.T, bool)
+        excluded = excluded.copy()
         r = z.copy()
         it = rounds = 0
         stale = False  # keys added since the last refit hold w = lower
         while True:
-            while len(S) < p.t:
+            while len(S) < t:
                 k, interval = self.step(len(S))
                 corr = (r.astype(np.float32) @ E).astype(np.float64)
                 corr[S] = -np.inf
                 corr[excluded] = -np.inf
-                k = min(k, p.t - len(S))
+                k = min(k, t - len(S))
                 pick = np.argsort(-corr, kind="stable")[:k]
                 pick = [int(j) for j in pick if np.isfinite(corr[j])]
                 if not pick:  # every key is selected or dropped
@@ -161,7 +177,7 @@ class OMP(KeySelector):
             refit.rebuild(S)
             r = z - refit.current(w)
             # after the last round, or with no key left to try, return what stays (fewer than t keys)
-            if rounds > self.max_rounds or excluded.sum() + len(S) >= p.T or not S:
+            if rounds > self.max_rounds or excluded.sum() + len(S) >= T or not S:
                 if S:
                     w = np.clip(refit.solve(), self.lower, self.upper)
                 break

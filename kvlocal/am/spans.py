@@ -43,8 +43,19 @@ class GroupSelector(KeySelector):
     def head_scores(self, p: HeadProblem) -> np.ndarray:
         raise NotImplementedError
 
-    def select_group(self, problems: list[HeadProblem], scores: list[np.ndarray]) -> list[Selection]:
+    def rank_group(self, problems: list[HeadProblem], scores: list[np.ndarray]):
+        """What the group's heads share (e.g. one ranking), for ``fill`` to choose each head's keys
+        from; None if the group must be decided as a whole by ``select_group``."""
+        return None
+
+    def fill(self, p: HeadProblem, shared) -> Selection:
         raise NotImplementedError
+
+    def select_group(self, problems: list[HeadProblem], scores: list[np.ndarray]) -> list[Selection]:
+        if not problems:
+            return []
+        shared = self.rank_group(problems, scores)
+        return [self.fill(p, shared) for p in problems]
 
     def select(self, p: HeadProblem) -> Selection:  # a group of one head
         return self.select_group([p], [self.head_scores(p)])[0]
@@ -72,6 +83,7 @@ class SharedSpans(GroupSelector):
     fact_names: bool = False  # proper names count as facts too (numbers always do)
     fact_sentences: bool = True  # a number keeps its whole sentence
     score: str = "attention"  # "attention": agg over the queries; "kvzip": the engine-measured key scores
+    own_omp: object | None = None  # an OMP: the head's own keys chosen by OMP around the facts instead
 
     def __post_init__(self):
         HighestAttnKeys(self.agg)  # validates agg
@@ -102,9 +114,7 @@ class SharedSpans(GroupSelector):
             return p.key_scores.astype(np.float64)
         return HighestAttnKeys(agg).scores(p)
 
-    def select_group(self, problems, scores):
-        if not problems:
-            return []
+    def rank_group(self, problems, scores):
         T = problems[0].T
         if any(p.T != T for p in problems) or any(len(s) != T for s in scores):
             raise ValueError("a group's heads must share their key positions")
@@ -115,7 +125,10 @@ class SharedSpans(GroupSelector):
         fact_keys = None
         if self.fact_share > 0 and marked is not None and marked.any():
             fact_keys = maximum_filter1d(marked.astype(np.uint8), self.fact_span, mode="constant") > 0
-        return [self._fill(p, shared, fact_keys) for p in problems]
+        return shared, fact_keys
+
+    def fill(self, p: HeadProblem, shared) -> Selection:
+        return self._fill(p, *shared)
 
     def share_of_facts(self, n_keys: int, t: int) -> float:
         """The share of a head's budget facts may take: ``fact_share``, scaled down by
@@ -140,7 +153,9 @@ class SharedSpans(GroupSelector):
         if fact_keys is not None:
             take(np.where(fact_keys, shared, -np.inf), int(round(self.share_of_facts(p.T, t) * t)))
         n_own = int(round(self.own * (t - taken.sum())))
-        if n_own:  # the head's own best keys (rms attention over all its queries, or its KVzip score)
+        if n_own and self.own_omp is not None:  # OMP explains the mass the facts leave
+            taken[self.own_omp.select_around(p, np.flatnonzero(taken), n_own).indices] = True
+        elif n_own:  # the head's own best keys (rms attention over all its queries, or its KVzip score)
             take(self._own_scores(p, "rms"), n_own)
         take(shared, t - int(taken.sum()))
         return Selection(np.flatnonzero(taken))
