@@ -1,6 +1,6 @@
 """The ``kvlocal`` command: compact a document, chat with it, ask it, inspect a session file.
 
-    kvlocal compact DOC -m MODEL --ratio 10 [--method am-facts] [--queries repeat] -o DOC.kvs
+    kvlocal compact DOC -m MODEL --ratio 10 [--method am-facts-omp] [--queries repeat,self-study] -o DOC.kvs
     kvlocal chat DOC.kvs -m MODEL
     kvlocal ask DOC.kvs -m MODEL "question"
     kvlocal info DOC.kvs

@@ -35,7 +35,7 @@ def run(model_path: str, out: str, threads: int | None) -> None:
         print(f"model: {kv.model.path.name}; document: {doc_file.name}, {layout.n_doc} tokens "
               f"({layout.length} with the chat template), ingested in {kv.timings['ingest_s']:.1f} s")
         print(f"\nQ: {QUESTION}\nA (full KV cache, {layout.length} cells): {kv.ask(QUESTION, max_tokens=48)}")
-        r = kv.compact(ratio=10, queries=["repeat", "self-study"])  # the default method
+        r = kv.compact(ratio=10)  # the default method on its own queries (repeat + self-study)
         size = kv.save(out)
         t = kv.timings
     print(f"\ncompacted 10x with {r['method']} on {'+'.join(r['queries'])} queries: {r['tokens_before']} tokens -> "

@@ -10,8 +10,9 @@
                       HighestAttnKeys (rms), beta and values fitted around the facts (box NNLS, least squares
                       anchored to V[S])
     am-facts-kvzip    am-facts with KVzip's scores (chunked repeats) ranking the facts and each head's other keys
-    am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the facts
-                      leave; beta and values fitted around the facts as in am-facts
+    am-facts-omp      THE DEFAULT: am-facts with each head's other keys chosen by OMP (4 keys per step) on the
+                      mass the facts leave; beta and values fitted around the facts as in am-facts; designed for
+                      repeat + self-study queries
     am-facts-onpolicy, am-highest-onpolicy
                       on-policy queries in 3 stages of layers: each stage is fitted on queries taken with the
                       stages below it compacted (kvlocal.onpolicy)
@@ -52,7 +53,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
-DEFAULT_METHOD = "am-facts"  # what `kvlocal compact` and Compaction.compact use without --method
+DEFAULT_METHOD = "am-facts-omp"  # what `kvlocal compact` and Compaction.compact use without --method
 
 
 @dataclass
@@ -151,7 +152,7 @@ _FACTORIES = {
     "am-facts-kvzip": lambda: Method(_facts(until=5.0, score="kvzip"), BoxNNLS(), AnchoredValues(), ("kvzip",),
                                      verbatim_facts=True),
     "am-facts-omp": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),
-                                   AnchoredValues(), verbatim_facts=True),
+                                   AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
     "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,
                                         stages=3),
     "am-highest-onpolicy": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), LeastSquaresValues(), stages=3),
