@@ -54,7 +54,7 @@ bench: setup
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality --ratios 10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-quality
-	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality,niah --ratios 10,20 \
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality --ratios 10,20 \
 		--methods am-facts-omp:repeat+self-study,am-facts:repeat,am-highest:repeat,am-spans-anchored:repeat,am-recall-anchored:repeat+recall,am-highest-anchored:repeat,am-facts-onpolicy:repeat,am-kvzip:kvzip,am-facts:kvzip,kvzip:kvzip,kvzip-uniform:kvzip,truncate,snapkv:self-study \
 		--out bench/results/directions
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality --max-queries 0 \
