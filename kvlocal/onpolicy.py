@@ -35,9 +35,10 @@ def compact_on_policy(session: Session, layout: DocumentLayout, snap: KVSnapshot
                       facts: np.ndarray | None = None) -> tuple[CompactedCache, object, float]:
     """Compact ``snap`` (the session's uncompacted document) in ``stages`` on-policy stages.
 
-    ``first``: queries of the original cache if the caller has them already.  Leaves the final
-    cache injected into the session and returns it, the report of the last stage (kept keys,
-    budgets and the held-out errors of every layer) and the seconds spent collecting queries."""
+    ``first``: queries of the original cache if the caller has them already.  Returns the final
+    cache (to inject, as after ``Compactor.compact``; the session holds the last stage's mixed
+    cache until then), the report of the last stage (kept keys, budgets and the held-out errors of
+    every layer) and the seconds spent collecting queries."""
     groups = stage_layers(len(snap.keys), stages)
     given: dict = {}
     errors: dict = {}
@@ -54,7 +55,8 @@ def compact_on_policy(session: Session, layout: DocumentLayout, snap: KVSnapshot
         given.update(report.results)
         errors.update({il: e for il, e in report.layer_errors.items()
                        if snap.layer_ids.index(il) in group})
-        session.inject(cache, snap)
+        if later:  # the next stage's queries are taken through this one
+            session.inject(cache, snap)
     report.layer_errors = dict(sorted(errors.items()))
     report.seconds = fit_s
     report.notes["on-policy stages"] = len(groups)

@@ -49,6 +49,15 @@ class QuerySource:
                                f"the session holds {session.n_ctx}; open it with n_ctx >= {need}")
 
 
+def teacher_forced(session: Session, ask: str, answer: np.ndarray) -> tuple[np.ndarray, int]:
+    """A user turn ``ask`` and ``answer`` (tokens) as the assistant's reply, templated: the tokens
+    and where the answer starts in them."""
+    before, after = session.template_around(
+        [{"role": "user", "content": ask}, {"role": "assistant", "content": CONTENT_MARK}])
+    pre = session.tokenize(before)
+    return np.concatenate([pre, answer, session.tokenize(after)]), len(pre)
+
+
 @QUERY_SOURCES.register("context-prefill", "context")
 @dataclass
 class ContextPrefill(QuerySource):
@@ -66,16 +75,13 @@ class RepeatPrefill(QuerySource):
 
     def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:
         doc = np.asarray(session.tokens[layout.doc_start:layout.doc_end], np.int32)
-        before, after = session.template_around(
-            [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": CONTENT_MARK}])
-        pre = session.tokenize(before)
-        tokens = np.concatenate([pre, doc, session.tokenize(after)])
+        tokens, n_before = teacher_forced(session, self.prompt, doc)
         self._check_room(session, len(tokens), "repeat-prefill")
         capture = self._capture(session)
         with session.fork() as seq, session.capturing(capture):
             session.ingest(tokens, seq_id=seq, desc="repeat-prefill")
         queries = capture.result()
-        queries.anchors[len(pre):len(pre) + len(doc)] = np.arange(layout.doc_start, layout.doc_end)
+        queries.anchors[n_before:n_before + len(doc)] = np.arange(layout.doc_start, layout.doc_end)
         return queries
 
 
@@ -107,10 +113,7 @@ class KVzipRepeat(QuerySource):
             hi = min(len(doc), lo + self.chunk)
             ask = self.prompt if lo == 0 else \
                 f"{self.prompt_next} {session.model.detokenize(doc[max(0, lo - self.overlap):lo])}"
-            before, after = session.template_around(
-                [{"role": "user", "content": ask}, {"role": "assistant", "content": CONTENT_MARK}])
-            pre = session.tokenize(before)
-            out.append((lo, hi, np.concatenate([pre, doc[lo:hi], session.tokenize(after)]), len(pre)))
+            out.append((lo, hi, *teacher_forced(session, ask, doc[lo:hi])))
         return out
 
     def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:

@@ -77,6 +77,7 @@ def test_on_policy_stages_fit_upper_layers_on_queries_through_compacted_lower_on
         cache, report, query_s = compact_on_policy(s, layout, snap, Compactor(method, ratio=4), ["repeat"],
                                                    stages=n, first=qs)
         runs.append(cache)
+        s.inject(cache, snap)  # as the API and the evaluation do with the returned cache
         assert query_s > 0 and report.notes["on-policy stages"] == n
         assert cache.n_cells == off.n_cells and s.compacted and s.n_past == layout.length
     # the bottom layer saw the same queries as off-policy; the ones above saw other queries

@@ -23,19 +23,13 @@ from .select import SELECTORS, KeySelector, Selection, top_t
 from .spans import GroupSelector
 
 
-def _scores(p: HeadProblem) -> np.ndarray:
-    if p.key_scores is None:
-        raise ValueError("KVzip selection needs key scores: collect queries with the 'kvzip' source")
-    return p.key_scores.astype(np.float64)
-
-
 @SELECTORS.register("kvzip")
 @dataclass
 class KVzipKeys(KeySelector):
     """Each head's top-t keys by its KVzip score."""
 
     def select(self, p: HeadProblem) -> Selection:
-        return Selection(top_t(_scores(p), p.t))
+        return Selection(top_t(p.kvzip_scores(), p.t))
 
 
 @SELECTORS.register("kvzip-global")
@@ -54,7 +48,7 @@ class KVzipGlobal(GroupSelector):
             raise ValueError(f"invalid KVzip settings {self}")
 
     def head_scores(self, p: HeadProblem) -> np.ndarray:
-        return _scores(p)
+        return p.kvzip_scores()
 
     def select_group(self, problems, scores):
         if not problems:

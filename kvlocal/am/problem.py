@@ -101,6 +101,12 @@ class HeadProblem:
             self._qs = self.queries * np.float32(self.scale)
         return self._qs
 
+    def kvzip_scores(self) -> np.ndarray:
+        """The engine-measured key scores as float64, or a clear error if the queries carried none."""
+        if self.key_scores is None:
+            raise ValueError("no KVzip key scores on this head: collect queries with the 'kvzip' source")
+        return self.key_scores.astype(np.float64)
+
     def logits(self, rows: slice | np.ndarray = slice(None), keys: np.ndarray | None = None,
                out: np.ndarray | None = None) -> np.ndarray:
         """float32 ``q . k / sqrt(d)`` (no bias) for query rows x keys (all keys if None)."""

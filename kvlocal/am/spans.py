@@ -108,11 +108,7 @@ class SharedSpans(GroupSelector):
         return self._own_scores(p, self.agg)
 
     def _own_scores(self, p: HeadProblem, agg: str) -> np.ndarray:
-        if self.score == "kvzip":
-            if p.key_scores is None:
-                raise ValueError("score='kvzip' needs key scores: collect queries with the 'kvzip' source")
-            return p.key_scores.astype(np.float64)
-        return HighestAttnKeys(agg).scores(p)
+        return p.kvzip_scores() if self.score == "kvzip" else HighestAttnKeys(agg).scores(p)
 
     def rank_group(self, problems, scores):
         T = problems[0].T
@@ -127,9 +123,6 @@ class SharedSpans(GroupSelector):
             fact_keys = maximum_filter1d(marked.astype(np.uint8), self.fact_span, mode="constant") > 0
         return shared, fact_keys
 
-    def fill(self, p: HeadProblem, shared) -> Selection:
-        return self._fill(p, *shared)
-
     def share_of_facts(self, n_keys: int, t: int) -> float:
         """The share of a head's budget facts may take: ``fact_share``, scaled down by
         ``fact_until / ratio`` once the block's ratio n_keys / t passes ``fact_until``.  Verbatim facts
@@ -139,7 +132,8 @@ class SharedSpans(GroupSelector):
             return self.fact_share
         return self.fact_share * min(1.0, self.fact_until * t / n_keys)
 
-    def _fill(self, p: HeadProblem, shared: np.ndarray, fact_keys: np.ndarray | None) -> Selection:
+    def fill(self, p: HeadProblem, shared) -> Selection:
+        shared, fact_keys = shared  # rank_group's (ranking, fact keys or None)
         taken = np.zeros(p.T, bool)
         t = min(p.t, p.T)
 
