@@ -102,6 +102,28 @@ def test_smoke_grid_runs_resumes_and_reports(load_model, tmp_path, gen_data):
     assert (tmp_path / "out" / "eval-tiny-llama-gqa-s0-R.png").is_file()
 
 
+def test_a_base_model_is_asked_in_completion_style(load_model, tmp_path, gen_data, monkeypatch):
+    """A model without a chat template (gemma3-270m is a base model) gets completion prompts that
+    its answer continues, and the grid (incl. the no-context reference) runs on it."""
+    from kvlocal import binding
+    from kvlocal.evaluation import tasks
+    from kvlocal.session import Session
+
+    model = load_model("llama-gqa")
+    with Session(model, n_ctx=512) as s:
+        chat = s.model.detokenize(tasks.needle_prompt(s, "the lighthouse"))
+        assert "assistant" in chat  # the ChatML turn (detokenize drops the special tokens)
+    monkeypatch.setattr(binding.Model, "chat_template", lambda self: None)
+    with Session(model, n_ctx=512) as s:
+        assert tasks.completion_style(s)
+        text = s.model.detokenize(tasks.needle_prompt(s, "the lighthouse"))
+        assert text.endswith("Answer: The special magic number for the lighthouse is") and "assistant" not in text
+    cfg = EvalConfig.smoke(data=gen_data, ratios=(4,), methods=(("truncate", ()),))
+    ev = Evaluator(model, cfg, tmp_path / "cache", progress=False)
+    ev.run(("quality", "niah"))
+    assert collect(ev)["rows"][("truncate", 4)]["done"] == 2
+
+
 def test_cost_measures_children_not_the_parent(load_model, gen_data):
     """Decode timing and file sizes per ratio, and peak RSS of fresh processes: a child started
     from a big parent must report its own peak (ru_maxrss would report the parent's)."""

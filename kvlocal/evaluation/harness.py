@@ -157,8 +157,10 @@ class Evaluator:
         s = Session(self.model, n_ctx=_pad(n + 1024), n_threads=self.threads, progress=False)
         if text:
             s.ingest_document(text, system=tasks.SYSTEM)
-        else:
+        elif not tasks.completion_style(s):
             s.ingest(s.model.apply_chat_template([{"role": "system", "content": tasks.SYSTEM}], add_assistant=False))
+        else:  # a base model's document has no system turn around it (Session.template_around)
+            s.ingest(s.tokenize("", bos=True) if s.model.add_bos else s.tokenize("\n"))
         return s
 
     def _compact(self, doc: _Doc, method: str, queries: tuple, ratio: float) -> dict:
@@ -231,7 +233,7 @@ class Evaluator:
                 s.restore(doc.blob)
                 t0 = time.perf_counter()
                 summary = s.model.detokenize(tasks.greedy(
-                    s, s.chat_tokens([{"role": "user", "content": SUMMARY_PROMPT}]), self.cfg.summary_tokens))
+                    s, tasks.summary_prompt(s, SUMMARY_PROMPT), self.cfg.summary_tokens))
                 gen_s = time.perf_counter() - t0
                 with self._plain(summary) as ss:
                     n_sum = len(self.model.tokenize(summary, add_special=False))

@@ -27,15 +27,31 @@ def rewound(s: Session):
         s.rewind(start)
 
 
+def completion_style(s: Session) -> bool:
+    """A model without a chat template (a base model) is asked in completion style."""
+    return s.model.chat_template() is None
+
+
 def question_prompt(s: Session, q: Question) -> np.ndarray:
     """The multiple-choice prompt: the question with its options."""
+    if completion_style(s):
+        return s.tokenize(f"\n\nQuestion: {q.text}\n")
     return s.chat_tokens([{"role": "user", "content": q.text + ANSWER_HINT}])
 
 
 def open_prompt(s: Session, q: Question) -> np.ndarray:
     """The open-answer prompt of the retention metric: the question without its options, so that the
     answer has to come from the document (the options alone make it predictable without one)."""
+    if completion_style(s):
+        return s.tokenize(f"\n\nQuestion: {q.stem}\nAnswer:")
     return s.chat_tokens([{"role": "user", "content": q.stem + OPEN_HINT}])
+
+
+def summary_prompt(s: Session, instruction: str) -> np.ndarray:
+    """The prompt of the summary baseline."""
+    if completion_style(s):
+        return s.tokenize("\n\nA detailed summary of the story above, with every name, number and place:\n")
+    return s.chat_tokens([{"role": "user", "content": instruction}])
 
 
 def greedy(s: Session, prompt: np.ndarray, max_tokens: int) -> list[int]:
@@ -62,9 +78,18 @@ def multiple_choice(s: Session, q: Question) -> bool:
     return int(np.argmax(logits[letters])) == q.answer
 
 
+def needle_prompt(s: Session, key: str) -> np.ndarray:
+    """The needle question: a chat turn, or for a model without a chat template (a base model)
+    a completion that the answer continues."""
+    if completion_style(s):
+        return s.tokenize(f"\n\nQuestion: What is the special magic number for {key}?\n"
+                          f"Answer: The special magic number for {key} is")
+    return s.chat_tokens([{"role": "user", "content":
+                           f"What is the special magic number for {key}? Answer with the number only."}])
+
+
 def needle_found(s: Session, key: str, number: str, max_tokens: int = 16) -> bool:
-    prompt = s.chat_tokens([{"role": "user", "content":
-                             f"What is the special magic number for {key}? Answer with the number only."}])
+    prompt = needle_prompt(s, key)
     return number in s.model.detokenize(greedy(s, prompt, max_tokens))
 
 
