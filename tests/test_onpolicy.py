@@ -87,3 +87,31 @@ def test_on_policy_stages_fit_upper_layers_on_queries_through_compacted_lower_on
     assert all(np.array_equal(a, b) for a, b in zip(runs[0].values, runs[1].values, strict=True))
     s.decode(s.chat_tokens([{"role": "user", "content": "What is the magic number?"}]))
     s.restore(blob)
+
+
+def test_on_policy_default_composition_keeps_facts_verbatim_in_every_stage(doc):
+    """am-facts-omp-onpolicy: the default's selection and fits, staged; the bottom stage is the
+    default off-policy, and every stage keeps the number sentence's cells verbatim."""
+    s, layout, snap, blob = doc
+    s.restore(blob)
+    qs = collect_queries(s, layout, ["repeat"])
+    method = get_method("am-facts-omp-onpolicy")
+    assert method.stages == 3 and method.verbatim_facts and method.queries == get_method("am-facts-omp").queries
+    facts = method.fact_mask(s.token_texts(layout.length))
+    facts[: layout.doc_start] = False
+    assert facts.sum() >= 5  # "The special magic number for the lighthouse is 4817263."
+    off, _ = Compactor("am-facts-omp", ratio=4).compact(snap, layout.doc_start, layout.doc_end, qs, facts=facts)
+    n = len(snap.keys)
+    cache, report, _ = compact_on_policy(s, layout, snap, Compactor(method, ratio=4), ["repeat"], stages=n,
+                                         first=qs, facts=facts)
+    s.inject(cache, snap)
+    assert np.array_equal(cache.keys[0], off.keys[0]) and np.array_equal(cache.values[0], off.values[0])
+    assert any(not np.array_equal(cache.values[li], off.values[li]) for li in range(1, n))
+    assert {k[0] for k in report.results} == {0}  # one chunk: indices count from the document's first cell
+    for (_, li, h), res in report.results.items():
+        kept = facts[layout.doc_start: layout.doc_end][res.indices]
+        assert kept.any(), f"layer {li} head {h} kept no fact"
+        assert np.all(res.beta[kept] == 0)
+        orig = snap.values[li][layout.doc_start + res.indices[kept], h].astype(np.float32)
+        assert np.array_equal(res.values[kept], orig)
+    s.restore(blob)

@@ -13,7 +13,7 @@
     am-facts-omp      THE DEFAULT: am-facts with each head's other keys chosen by OMP (4 keys per step) on the
                       mass the facts leave; beta and values fitted around the facts as in am-facts; designed for
                       repeat + self-study queries
-    am-facts-onpolicy, am-highest-onpolicy
+    am-facts-onpolicy, am-highest-onpolicy, am-facts-omp-onpolicy
                       on-policy queries in 3 stages of layers: each stage is fitted on queries taken with the
                       stages below it compacted (kvlocal.onpolicy)
     am-facts-full     facts up to the whole budget at every ratio
@@ -153,6 +153,9 @@ _FACTORIES = {
                                      verbatim_facts=True),
     "am-facts-omp": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),
                                    AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
+    "am-facts-omp-onpolicy": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),
+                                            AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True,
+                                            stages=3),
     "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,
                                         stages=3),
     "am-highest-onpolicy": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), LeastSquaresValues(), stages=3),
