@@ -52,7 +52,9 @@ def install() -> None:
 
 
 def target() -> Path:
-    return cache_dir() / f"{FILENAME[:-5]}-{SHA256[:12]}.gguf"
+    """Where the joined file lives: a folder named by its hash, the file by its own name (reports
+    and evaluation caches are named after the file's stem)."""
+    return cache_dir() / f"gemma3-270m-{SHA256[:12]}" / FILENAME
 
 
 def assemble(parts: list[Path], dst: Path) -> None:
