@@ -37,6 +37,9 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): failing" >&2; fi; \
 	exit $$rc
 
+# the second evaluation model (optional, never needed by `make test`): gemma3-270m, a base model
+GEMMA3_METHODS := am-facts-omp:repeat+self-study,am-facts:repeat,am-highest:repeat,am-highest:repeat+self-study,am-omp-fast:repeat,truncate,streaming-llm,h2o:context,snapkv:self-study,kvzip:kvzip,kvzip-uniform:kvzip
+
 bench: setup
 	$(PIP) install -q -e '.[bench]'
 	$(VPY) bench/bias_overhead.py
@@ -49,6 +52,7 @@ bench: setup
 	$(VPY) bench/facts_diagnosis.py
 	$(VPY) bench/facts_heldout.py
 	$(VPY) bench/fact_share.py
+	$(VPY) bench/influence_budgets.py
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,am-facts-fitted:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-niah
@@ -60,6 +64,11 @@ bench: setup
 		--out bench/results/directions
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality --max-queries 0 \
 		--methods am-highest:repeat,am-highest:repeat+self-study --ratios 10,20 --out bench/results/all-queries
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality,niah \
+		--methods am-facts-omp:repeat+self-study,am-facts-omp-onpolicy:repeat+self-study,am-facts:repeat,am-facts-onpolicy:repeat,truncate,snapkv:self-study \
+		--out bench/results/onpolicy
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.gemma3)" --parts quality,niah \
+		--methods $(GEMMA3_METHODS) --out bench/results/gemma3 --notes bench/notes/eval-gemma-3-270m-q4_k_m.md
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --out bench/results \
 		--notes bench/notes/eval-SmolLM2-135M-Instruct.Q4_1.md
 

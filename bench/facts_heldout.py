@@ -16,7 +16,8 @@ import time
 
 from common import machine, write_report
 
-METHODS = (("am-facts-omp", ("repeat", "self-study")), ("am-facts", ("repeat",)), ("am-highest", ("repeat",)),
+METHODS = (("am-facts-omp-onpolicy", ("repeat", "self-study")), ("am-facts-omp", ("repeat", "self-study")),
+           ("am-facts", ("repeat",)), ("am-highest", ("repeat",)),
            ("truncate", ()), ("snapkv", ("self-study",)))
 STORIES, SEED, RATIOS = (5, 9), 7, (5, 10)
 
