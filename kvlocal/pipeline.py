@@ -1,6 +1,6 @@
 """One compaction pipeline, for the API and the evaluation alike.
 
-    doc = IngestedDocument(model, text)                  # ingest (context-prefill queries captured)
+    doc = IngestedDocument.ingest(model, text)           # ingest (context-prefill queries captured)
     run = doc.compact(CompactionSettings(ratio=10))      # reference queries (cached per source),
                                                          # facts, on-policy stages, fit, inject
 
