@@ -20,10 +20,10 @@ from common import ROOT, machine, write_report
 
 
 def main() -> int:
-    from kvlocal import binding
+    from kvlocal.engine import binding
     from kvlocal.am import Compactor, JsonBudget
-    from kvlocal.queries import collect_queries
-    from kvlocal.session import Session
+    from kvlocal.engine.queries import collect_queries
+    from kvlocal.engine.session import Session
     from models import smollm2
 
     model = binding.Model(smollm2.ensure())

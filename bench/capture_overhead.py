@@ -26,7 +26,7 @@ CONFIGS = ["no callback", "callback idle", "capture"]
 
 
 def run_once(model, text: str, cfg: str, n_ctx: int, threads: int) -> tuple[float, int, int]:
-    from kvlocal.session import Session
+    from kvlocal.engine.session import Session
 
     with Session(model, n_ctx=n_ctx, n_threads=threads, capture=cfg != "no callback", progress=False) as s:
         layout = s.ingest_document(text, capture_queries=cfg == "capture")
@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--model", default=None)
     args = ap.parse_args()
 
-    from kvlocal import binding
+    from kvlocal.engine import binding
     from models import smollm2
 
     path = args.model or str(smollm2.ensure())

@@ -92,9 +92,9 @@ def main() -> int:
     args = ap.parse_args()
     lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192]
 
-    from kvlocal import binding
+    from kvlocal.engine import binding
     from kvlocal.am import HeadProblem, get_method
-    from kvlocal.session import Session
+    from kvlocal.engine.session import Session
     from models import smollm2
 
     model = binding.Model(smollm2.ensure())

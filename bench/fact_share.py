@@ -1,5 +1,5 @@
 """How much of the evaluation documents the facts are: the share of tokens that am-facts* keep
-verbatim (sentences holding a number, ``kvlocal.facts.fact_mask``) in the grid's two needle
+verbatim (sentences holding a number, ``kvlocal.am.facts.fact_mask``) in the grid's two needle
 haystacks and three QuALITY articles, against the share of keys a head keeps at each ratio.
 
     python bench/fact_share.py
@@ -17,10 +17,10 @@ RATIOS = (5, 10, 20, 50)
 
 
 def main() -> int:
-    from kvlocal import binding
+    from kvlocal.engine import binding
     from kvlocal.evaluation.data import cut_to_tokens, make_haystack, quality_articles, squality_stories
     from kvlocal.evaluation.harness import EvalConfig, Evaluator
-    from kvlocal.facts import fact_mask
+    from kvlocal.am.facts import fact_mask
     from models.smollm2 import ensure as ensure_model
 
     cfg = EvalConfig()

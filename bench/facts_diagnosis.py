@@ -47,7 +47,7 @@ def _contribution(p) -> np.ndarray:
 
 
 def _surprisal(model, tokens: np.ndarray, n_batch: int = 256) -> np.ndarray:
-    from kvlocal import binding
+    from kvlocal.engine import binding
 
     nll = np.zeros(len(tokens))
     with binding.Context(model, n_ctx=len(tokens) + 16, n_batch=n_batch) as ctx:

@@ -36,9 +36,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args()
 
-    from kvlocal import binding
-    from kvlocal.api import CompactedSession, Compaction, model_fingerprint
-    from kvlocal.session import Session
+    from kvlocal.engine import binding
+    from kvlocal.api import CompactedSession, Compaction
+    from kvlocal.engine.modelinfo import model_fingerprint
+    from kvlocal.engine.session import Session
     from kvlocal.sessionfile import read_session
     from models import smollm2
 
@@ -53,7 +54,7 @@ def main() -> int:
         layout = kv.ingest(text)
         report = kv.compact(ratio=10, method="am-highest", queries="repeat")
         size = kv.save(str(path))
-        full_bytes = report["kv_bytes_before"]
+        full_bytes = report.kv_bytes_before
 
     def first_token(s: Session) -> float:
         t = time.perf_counter()
@@ -97,7 +98,7 @@ def main() -> int:
         "",
         f"- model: SmolLM2-135M-Instruct Q4_1 (loaded once, {load_model_s:.2f} s with its fingerprint, shared by all runs)",
         f"- document: {layout.n_doc} tokens of {source} ({layout.length} with the chat template); compacted 10x "
-        f"with am-highest on repeat-prefill queries to {report['cells_after']} cells",
+        f"with am-highest on repeat-prefill queries to {report.cells_after} cells",
         f"- session file {size / 2**20:.2f} MiB; full KV cache of the document {full_bytes / 2**20:.1f} MiB",
         f"- {args.rounds} rounds, order alternating; both paths include creating the llama.cpp context",
         "",
@@ -112,7 +113,7 @@ def main() -> int:
             f"~{1000 * (med['reload'] - med['reload into an open context']):.0f} ms, mostly creating the llama.cpp "
             "context." if speedup_warm >= 1000
             else f"missed by a factor {1000 / speedup_warm:.1f} even into an open context.")),
-        f"The first answer token then comes after the same prompt decode, over {report['cells_after']} cells "
+        f"The first answer token then comes after the same prompt decode, over {report.cells_after} cells "
         f"instead of {layout.length}.",
     ]
     write_report("reload", lines)

@@ -52,46 +52,38 @@ def _check_output(path: str) -> None:
 
 def cmd_compact(a) -> int:
     from .api import Compaction
-
-    from .am import Compactor
-    from .api import _budgets
-    from .queries import QUERY_SOURCES
+    from .pipeline import CompactionSettings
 
     text = _read_document(a.document)
     _check_output(a.output)
-    queries = a.queries.split(",") if a.queries else None
     # settings are checked before the (long) ingestion
-    Compactor(a.method, ratio=a.ratio, budgets=_budgets(a.budgets), recent_window=a.recent_window,
-              chunk_size=a.chunk_size)
-    for q in queries or []:
-        QUERY_SOURCES.get(q)
+    settings = CompactionSettings(ratio=a.ratio, method=a.method, queries=a.queries or None, budgets=a.budgets,
+                                  recent_window=a.recent_window, chunk_size=a.chunk_size,
+                                  max_queries_per_head=a.max_queries, seed=a.seed)
     t0 = time.perf_counter()
     with Compaction(a.model, n_ctx=a.ctx_size, threads=a.threads, progress=not a.quiet, verbose=a.verbose) as kv:
         layout = kv.ingest(text, system=a.system)
-        report = kv.compact(ratio=a.ratio, method=a.method, queries=queries, budgets=a.budgets,
-                            recent_window=a.recent_window, chunk_size=a.chunk_size,
-                            max_queries_per_head=a.max_queries, seed=a.seed)
+        r = kv.compact(settings=settings)
         size = kv.save(a.output)
         t = kv.timings
     total = time.perf_counter() - t0
-    r = report
-    print(f"compacted {Path(a.document).name}: {r['tokens_before']} tokens ({layout.n_doc} document) -> "
-          f"{r['cells_after']} cells, {r['method']} at {r['ratio']:g}x (effective {r['effective_ratio']:.1f}x), "
-          f"queries {'+'.join(r['queries'])}")
-    print(f"  KV cache   {_size(r['kv_bytes_before'])} -> {_size(r['kv_bytes_after'])}"
-          f" ({100 * r['padding_fraction']:.0f} % padding); session file {_size(size)} -> {a.output}")
+    print(f"compacted {Path(a.document).name}: {r.tokens_before} tokens ({layout.n_doc} document) -> "
+          f"{r.cells_after} cells, {r.method} at {r.ratio:g}x (effective {r.effective_ratio:.1f}x), "
+          f"queries {'+'.join(r.queries)}")
+    print(f"  KV cache   {_size(r.kv_bytes_before)} -> {_size(r.kv_bytes_after)}"
+          f" ({100 * r.padding_fraction:.0f} % padding); session file {_size(size)} -> {a.output}")
     print(f"  time       ingest {t['ingest_s']:.1f} s, queries {t['queries_s']:.1f} s, fit {t['fit_s']:.1f} s, "
           f"save {t['save_s']:.2f} s (total {total:.1f} s)")
-    if r["heldout_output_rel_l2"] is not None:
-        print(f"  quality    held-out attention error {r['heldout_output_rel_l2']:.3f} (relative L2 of outputs), "
-              f"mass error {r['heldout_mass_err']:.3f} (mean over layers)")
-    if r["fallbacks"]:
-        print("  solvers    " + ", ".join(f"{k} x{v}" for k, v in sorted(r["fallbacks"].items())))
+    if r.heldout_output_rel_l2 is not None:
+        print(f"  quality    held-out attention error {r.heldout_output_rel_l2:.3f} (relative L2 of outputs), "
+              f"mass error {r.heldout_mass_err:.3f} (mean over layers)")
+    if r.fallbacks:
+        print("  solvers    " + ", ".join(f"{k} x{v}" for k, v in sorted(r.fallbacks.items())))
     return 0
 
 
 def _sampler(a):
-    from .sampling import Sampler
+    from .engine.sampling import Sampler
 
     return Sampler(temperature=a.temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
@@ -134,36 +126,20 @@ def cmd_chat(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .sessionfile import read_info
+    from .sessionfile import describe, read_info
 
     meta = read_info(a.session)
     if a.json:
         print(json.dumps(meta, indent=1, sort_keys=True))
         return 0
-    report = meta["compaction.report"]
-    print(f"{a.session}: kvlocal session format {meta['format_version']} (kvlocal {meta['kvlocal_version']}, "
-          f"created {meta['created']})")
-    print(f"  model      {meta['model.name']} ({meta['model.arch']}, {meta['model.n_layer']} layers, "
-          f"{meta['model.n_head']}/{meta['model.n_head_kv']} heads, head dim {meta['model.head_dim']})")
-    print(f"  llama.cpp  llama-cpp-python {meta['native.llama_cpp_python']}, patch {meta['native.patch_hash'][:12]}")
-    print(f"  cache      {meta['cache.n_cells']} cells standing for {meta['cache.logical_length']} tokens "
-          f"(document {meta['doc.start']}..{meta['doc.end']}), layers {len(meta['cache.layers'])}"
-          + (", with SWA section" if meta["cache.has_swa"] else ""))
-    print(f"  compaction {meta['compaction.method']} at {meta['compaction.ratio']:g}x, queries "
-          f"{meta['compaction.queries']}, budgets {meta['compaction.budgets']}")
-    if report.get("heldout_output_rel_l2") is not None:
-        print(f"  quality    held-out attention error {report['heldout_output_rel_l2']:.3f}, "
-              f"mass error {report['heldout_mass_err']:.3f}")
-    if report.get("timings"):
-        print("  timings    " + ", ".join(f"{k} {v:.2f}" for k, v in report["timings"].items()))
-    print(f"  chat       {len(meta['chat.messages'])} messages")
+    print("\n".join(describe(meta, a.session)))
     return 0
 
 
 def _parse_methods(spec: str) -> tuple:
     """"am-highest:repeat+self-study,truncate" -> (("am-highest", ("repeat", "self-study")), ("truncate", ()))."""
     from .am.methods import METHODS
-    from .queries import QUERY_SOURCES
+    from .engine.queries import QUERY_SOURCES
 
     out = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
@@ -179,7 +155,7 @@ def _parse_methods(spec: str) -> tuple:
 
 
 def cmd_eval(a) -> int:
-    from . import binding
+    from .engine import binding
     from .evaluation import cost as cost_mod
     from .evaluation import report
     from .evaluation.data import data_dir

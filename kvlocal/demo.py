@@ -23,7 +23,8 @@ def _mib(n: int) -> str:
 
 
 def run(model_path: str, out: str, threads: int | None) -> None:
-    from . import api, binding
+    from . import api
+    from .engine import binding
 
     info = binding.native_info()
     print(f"llama.cpp: llama-cpp-python {info.get('llama_cpp_python')}, kvlocal patch "
@@ -38,11 +39,11 @@ def run(model_path: str, out: str, threads: int | None) -> None:
         r = kv.compact(ratio=10)  # the default method on its own queries (repeat + self-study)
         size = kv.save(out)
         t = kv.timings
-    print(f"\ncompacted 10x with {r['method']} on {'+'.join(r['queries'])} queries: {r['tokens_before']} tokens -> "
-          f"{r['cells_after']} KV cells")
-    print(f"  KV cache {_mib(r['kv_bytes_before'])} -> {_mib(r['kv_bytes_after'])}; session file {_mib(size)} ({out})")
+    print(f"\ncompacted 10x with {r.method} on {'+'.join(r.queries)} queries: {r.tokens_before} tokens -> "
+          f"{r.cells_after} KV cells")
+    print(f"  KV cache {_mib(r.kv_bytes_before)} -> {_mib(r.kv_bytes_after)}; session file {_mib(size)} ({out})")
     print(f"  queries {t['queries_s']:.1f} s, fit {t['fit_s']:.1f} s, save {t['save_s']:.2f} s; held-out attention "
-          f"error {r['heldout_output_rel_l2']:.3f}")
+          f"error {r.heldout_output_rel_l2:.3f}")
 
     print("\nreloading the session in a fresh process: kvlocal ask ...")
     cmd = [sys.executable, "-m", "kvlocal", "ask", out, "-m", model_path, QUESTION, "-n", "48"]
@@ -51,7 +52,7 @@ def run(model_path: str, out: str, threads: int | None) -> None:
     seconds = time.perf_counter() - t0
     if res.returncode != 0:
         raise KvlocalError(f"the reload failed: {res.stderr.strip()}")
-    print(f"A (compacted, {r['cells_after']} cells, new process, {seconds:.1f} s including Python and model start):"
+    print(f"A (compacted, {r.cells_after} cells, new process, {seconds:.1f} s including Python and model start):"
           f" {res.stdout.strip()}")
 
 

@@ -32,11 +32,11 @@ def calibration_texts(n: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvlocal import binding
+    from kvlocal.engine import binding
     from kvlocal.am import Compactor, swap_allocation
     from kvlocal.am.budgets import to_json
-    from kvlocal.queries import collect_queries
-    from kvlocal.session import Session
+    from kvlocal.engine.queries import collect_queries
+    from kvlocal.engine.session import Session
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", required=True)

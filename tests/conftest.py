@@ -44,7 +44,7 @@ _MODELS: dict = {}
 @pytest.fixture(scope="session")
 def load_model(tiny_dir, request):
     """load_model(name) -> binding.Model, cached for the session (tiny variants or "smollm2")."""
-    from kvlocal import binding
+    from kvlocal.engine import binding
 
     def load(name: str):
         if name not in _MODELS:
@@ -66,7 +66,7 @@ def load_model(tiny_dir, request):
 
 def ctx_kwargs(name: str) -> dict:
     """Context settings per test model: F32 KV cache for smollm2-f32 (see ALL_MODELS)."""
-    from kvlocal import binding
+    from kvlocal.engine import binding
 
     if name == "smollm2-f32":
         return {"type_k": binding.GGML_TYPE_F32, "type_v": binding.GGML_TYPE_F32}

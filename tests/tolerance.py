@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvlocal.statecodec import parse_seq_state
+from kvlocal.kv.statecodec import parse_seq_state
 
 EPS32 = float(np.finfo(np.float32).eps)
 NOISE_FACTOR = 10.0

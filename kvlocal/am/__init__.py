@@ -7,17 +7,17 @@ attention mass matches, and refit the values so that attention outputs match (Zw
 
 from .budgets import BUDGETS, JsonBudget, SensitivityBudget, UniformBudget, allocate, swap_allocation
 from .compact import CompactionReport, Compactor
-from .fit import BETA_FITTERS, VALUE_FITTERS, AnchoredValues, BoxNNLS, DirectValues, LeastSquaresValues, ZeroBeta
+from .fit import AnchoredValues, BoxNNLS, DirectValues, LeastSquaresValues, ZeroBeta
 from .methods import DEFAULT_METHOD, METHODS, Method, get_method
 from .metrics import head_errors
 from .omp import OMP, PROGRESSIVE_SCHEDULE
 from .problem import HeadProblem, HeadResult
-from .select import SELECTORS, HighestAttnKeys, RandomKeys, Recent, SinksAndRecent
+from .select import HighestAttnKeys, RandomKeys, Recent, SinksAndRecent
 from .spans import GroupSelector, SharedSpans
 
 __all__ = [
-    "BETA_FITTERS", "BUDGETS", "DEFAULT_METHOD", "METHODS", "OMP", "PROGRESSIVE_SCHEDULE", "SELECTORS",
-    "VALUE_FITTERS", "AnchoredValues", "BoxNNLS", "GroupSelector", "SharedSpans",
+    "BUDGETS", "DEFAULT_METHOD", "METHODS", "OMP", "PROGRESSIVE_SCHEDULE",
+    "AnchoredValues", "BoxNNLS", "GroupSelector", "SharedSpans",
     "CompactionReport", "Compactor", "DirectValues", "HeadProblem", "HeadResult", "HighestAttnKeys", "JsonBudget",
     "LeastSquaresValues", "Method", "RandomKeys", "Recent", "SensitivityBudget", "SinksAndRecent", "UniformBudget",
     "ZeroBeta", "allocate", "get_method", "head_errors", "swap_allocation",

@@ -22,8 +22,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..errors import KvlocalError
-from ..kvcache import CompactedCache, HeadBlock, KVSnapshot, Segment, assemble, per_head_segment, shared_segment
-from ..queryset import QuerySet
+from ..kv.cache import CompactedCache, HeadBlock, KVSnapshot, Segment, assemble, per_head_segment, shared_segment
+from ..kv.queryset import QuerySet
 from .budgets import BUDGETS, BudgetPolicy, allocate
 from .methods import Method, get_method
 from .metrics import head_errors
@@ -50,6 +50,12 @@ class CompactionReport:
     def effective_ratio(self) -> float:
         """Document keys per kept key, averaged over heads."""
         return self.n_document * self.heads / max(self.kept_keys, 1)
+
+    def mean_error(self, key: str) -> float | None:
+        """The held-out error ``key`` ("output_rel_l2" or "mass_err") averaged over layers, or None
+        when no query was held out."""
+        errors = self.layer_errors
+        return float(np.mean([e[key] for e in errors.values()])) if errors else None
 
 
 def _whole(snap: KVSnapshot, cells: np.ndarray, li: int, h: int, bias) -> HeadResult:
@@ -123,9 +129,9 @@ class Compactor:
         """Compact the cells of ``snap`` whose positions lie in [doc_start, doc_end) (minus the
         recent window).  ``queries``: reference queries of every base layer; ``bias``: the bias the
         cells already carry (re-compaction), per layer ``[N, H_kv]``; ``progress(done, total)``;
-        ``facts``: bool per position (``kvlocal.facts.fact_mask``), for selectors that keep facts.
+        ``facts``: bool per position (``kvlocal.am.facts.fact_mask``), for selectors that keep facts.
 
-        On-policy stages (``kvlocal.onpolicy``): the layers (indices into ``snap.keys``) in
+        On-policy stages (``kvlocal.pipeline``): the layers (indices into ``snap.keys``) in
         ``whole_layers`` keep every document key, so the cache mixes compacted and original
         layers; ``given``: results of an earlier call (``report.results``) used as they are."""
         t0 = time.perf_counter()

@@ -15,12 +15,9 @@ import numpy as np
 import scipy.linalg
 from scipy.optimize import lsq_linear
 
-from ..registry import Registry
 from . import kernels
 from .problem import HeadProblem
 
-BETA_FITTERS = Registry("beta fitter")
-VALUE_FITTERS = Registry("value fitter")
 
 _MAX_COND = 1e10  # beyond this the normal equations lose too many digits: use QR instead
 _RIDGE = 1e-6  # the reference's fallback ridge (fixed, unscaled)
@@ -88,14 +85,12 @@ class BetaFitter:
         raise NotImplementedError
 
 
-@BETA_FITTERS.register("zero")
 @dataclass
 class ZeroBeta(BetaFitter):
     def fit(self, p, idx, target=None):
         return np.zeros(len(idx)), {}
 
 
-@BETA_FITTERS.register("nnls")
 @dataclass
 class BoxNNLS(BetaFitter):
     """Box-constrained NNLS on the row-shifted mass features: min ||E[:, S] w - z||, lower <= w <= upper.
@@ -179,7 +174,6 @@ def _around_fixed(fit_free, p: HeadProblem, idx: np.ndarray, beta: np.ndarray, f
     return C, "fixed"
 
 
-@VALUE_FITTERS.register("direct")
 @dataclass
 class DirectValues(ValueFitter):
     """C_v = V[S]: the kept keys' own values (the eviction baselines)."""
@@ -188,7 +182,6 @@ class DirectValues(ValueFitter):
         return p.values[idx].astype(np.float64), {}
 
 
-@VALUE_FITTERS.register("lsq")
 @dataclass
 class LeastSquaresValues(ValueFitter):
     """C_v = argmin ||X C_v - Y||: X the compacted attention, Y the block's original outputs."""
@@ -222,7 +215,6 @@ class LeastSquaresValues(ValueFitter):
         return C, {"values": how}
 
 
-@VALUE_FITTERS.register("lsq-anchored")
 @dataclass
 class AnchoredValues(ValueFitter):
     """C_v = argmin ||X C - Y||^2 + lam ||C - V[S]||^2: least squares pulled toward the kept keys'

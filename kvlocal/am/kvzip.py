@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .problem import HeadProblem
-from .select import SELECTORS, KeySelector, Selection, top_t
+from .select import KeySelector, Selection, top_t
 from .spans import GroupSelector
 
 
-@SELECTORS.register("kvzip")
 @dataclass
 class KVzipKeys(KeySelector):
     """Each head's top-t keys by its KVzip score."""
@@ -32,7 +31,6 @@ class KVzipKeys(KeySelector):
         return Selection(top_t(p.kvzip_scores(), p.t))
 
 
-@SELECTORS.register("kvzip-global")
 @dataclass
 class KVzipGlobal(GroupSelector):
     """One threshold over all heads of the model: the sum of the heads' budgets goes to the highest

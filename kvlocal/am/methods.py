@@ -15,7 +15,7 @@
                       repeat + self-study queries
     am-facts-onpolicy, am-highest-onpolicy, am-facts-omp-onpolicy
                       on-policy queries in 3 stages of layers: each stage is fitted on queries taken with the
-                      stages below it compacted (kvlocal.onpolicy)
+                      stages below it compacted (kvlocal.pipeline)
     am-facts-full     facts up to the whole budget at every ratio
     am-facts-half     facts capped at half of each head's budget
     am-facts-window   numbers +-6 tokens instead of their sentences (-half: capped at half the budget)
@@ -65,7 +65,7 @@ class Method:
     needs_queries: bool = True
     name: str = field(default="custom")
     verbatim_facts: bool = False  # kept fact keys stay exactly as they were: beta 0, original values
-    stages: int = 1  # > 1: on-policy queries, re-collected through the compacted lower layers (kvlocal.onpolicy)
+    stages: int = 1  # > 1: on-policy queries, re-collected through the compacted lower layers (kvlocal.pipeline)
 
     @property
     def group_selector(self) -> GroupSelector | None:

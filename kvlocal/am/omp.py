@@ -25,7 +25,7 @@ import numpy as np
 
 from . import kernels
 from .problem import HeadProblem
-from .select import SELECTORS, KeySelector, Selection
+from .select import KeySelector, Selection
 
 # (keys below which this step applies or None, keys per step, refit every n-th step)
 PROGRESSIVE_SCHEDULE = ((300, 1, 1), (1500, 2, 2), (None, 4, 2))
@@ -87,7 +87,6 @@ class _LstsqRefit:
         return self.E[:, self.keys].astype(np.float64) @ w
 
 
-@SELECTORS.register("omp")
 @dataclass
 class OMP(KeySelector):
     k_choice: int = 1

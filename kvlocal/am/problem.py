@@ -39,7 +39,7 @@ class HeadProblem:
     t: int  # keys to keep
     bias: np.ndarray | None = None  # [T] logit bias the keys already carry (re-compaction)
     positions: np.ndarray | None = None  # [T] original positions (recency baselines)
-    facts: np.ndarray | None = None  # [T] bool: the key is a fact token (numbers, names; kvlocal.facts)
+    facts: np.ndarray | None = None  # [T] bool: the key is a fact token (numbers, names; kvlocal.am.facts)
     key_scores: np.ndarray | None = None  # [T] importance measured by the engine (KVzip), if any
     backend: str = "numba"
     block: int = 2048

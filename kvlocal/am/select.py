@@ -11,10 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import maximum_filter1d, uniform_filter1d
 
-from ..registry import Registry
 from .problem import HeadProblem
 
-SELECTORS = Registry("key selector")
 
 
 @dataclass
@@ -34,7 +32,6 @@ class KeySelector:
         raise NotImplementedError
 
 
-@SELECTORS.register("highest-attn")
 @dataclass
 class HighestAttnKeys(KeySelector):
     """Top-t keys by an aggregate over queries of their block-local attention (spec §3.1).
@@ -65,7 +62,6 @@ class HighestAttnKeys(KeySelector):
         return Selection(top_t(self.scores(p), p.t))
 
 
-@SELECTORS.register("recent")
 @dataclass
 class Recent(KeySelector):
     """Keep the t most recent keys (truncation of the old part)."""
@@ -74,7 +70,6 @@ class Recent(KeySelector):
         return Selection(top_t(p.positions.astype(np.float64), p.t))
 
 
-@SELECTORS.register("sinks-recent")
 @dataclass
 class SinksAndRecent(KeySelector):
     """StreamingLLM: the first ``sinks`` keys (attention sinks) and the most recent rest."""
@@ -88,7 +83,6 @@ class SinksAndRecent(KeySelector):
         return Selection(np.sort(keep))
 
 
-@SELECTORS.register("random")
 @dataclass
 class RandomKeys(KeySelector):
     seed: int = 0

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import maximum_filter1d
 
-from .. import facts
-from ..queryset import QuerySet
+from . import facts
+from ..kv.queryset import QuerySet
 from .problem import HeadProblem
-from .select import SELECTORS, HighestAttnKeys, KeySelector, Selection, top_t
+from .select import HighestAttnKeys, KeySelector, Selection, top_t
 
 
 class GroupSelector(KeySelector):
@@ -61,14 +61,13 @@ class GroupSelector(KeySelector):
         return self.select_group([p], [self.head_scores(p)])[0]
 
 
-@SELECTORS.register("shared-spans")
 @dataclass
 class SharedSpans(GroupSelector):
     """Keys ranked by the largest ``agg`` attention any head of the scope pays them, max-pooled
     over ``span`` positions; every head keeps its top keys from that ranking.
 
     Each head's budget is filled in order: up to ``fact_share`` of it with fact tokens (and the
-    ``fact_span`` positions around each, see kvlocal.facts) by the shared ranking; then ``own`` of
+    ``fact_span`` positions around each, see kvlocal.am.facts) by the shared ranking; then ``own`` of
     what is left by the head's own rms ranking over all its queries; the rest by the shared ranking.
     Without facts (no ``facts`` on the problems) the first step keeps nothing."""
 

@@ -3,7 +3,8 @@
 One long document (a SQuALITY story cut to ``tokens``), compacted at each ratio with
 AM-HighestAttnKeys on context-prefill queries; decoding alternates between the full cache and
 the compacted ones in the same process.  Peak RSS is measured in fresh processes: ingesting the
-full document vs reloading the compacted session file, each followed by one answer.
+full document vs reloading the compacted session file, each followed by one answer (the reload
+is the user's path: ``kvlocal.load`` in the measured process).
 """
 
 from __future__ import annotations
@@ -16,19 +17,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import binding
-from ..api import Compaction
+from dataclasses import asdict
+
+from ..engine import binding
+from ..pipeline import CompactionSettings, CompactionSummary, IngestedDocument
+from ..sessionfile import save_session
 from .data import squality_stories
 
 QUESTION = "What happens at the end of the story?"
 
 _RSS_SCRIPT = r"""
 import json, sys, time
-from kvlocal import binding
+from kvlocal.engine import binding
 mode, model, arg = sys.argv[1:4]
 t0 = time.perf_counter()
 if mode == "full":
-    from kvlocal.session import Session
+    from kvlocal.engine.session import Session
     text = open(arg).read()
     m = binding.Model(model)
     n = len(m.tokenize(text, add_special=False))
@@ -67,35 +71,39 @@ def measure(model: binding.Model, ratios, tokens: int = 4000, decode_tokens: int
     text = model.detokenize(model.tokenize(story, add_special=False)[:tokens])
     out = {"tokens": tokens, "ratios": {}}
     work = Path(tempfile.mkdtemp())
-    with Compaction(model, threads=threads, progress=False) as kv:
-        layout = kv.ingest(text)
-        out["ingest_s"] = kv.timings["ingest_s"]
-        out["full_kv_bytes"] = kv.full_kv_bytes
+    doc = IngestedDocument.ingest(model, text, threads=threads, progress=False)
+    try:
+        layout = doc.layout
+        out["ingest_s"] = doc.ingest_s
+        out["full_kv_bytes"] = doc.full_kv_bytes
         out["cells_full"] = layout.length
-        full_blob = kv.snapshot.state.to_bytes()
         files = {}
         for r in ratios:
-            rep = kv.compact(ratio=r, method="am-highest", queries="context", progress=False)
+            run = doc.compact(CompactionSettings(ratio=r, method="am-highest", queries=("context",)))
+            summary = CompactionSummary.of(run, doc)
             files[r] = work / f"r{r:g}.kvs"
-            size = kv.save(str(files[r]))
-            out["ratios"][str(r)] = {"cells": rep["cells_after"], "file_bytes": size, "kv_bytes": rep["kv_bytes_after"],
-                                     "fit_s": kv.timings["fit_s"], "decode_ms": []}
+            size = save_session(files[r], model, doc.snapshot, run.cache, layout, doc.session.tokens, layout.length,
+                                [], asdict(summary))
+            out["ratios"][str(r)] = {"cells": summary.cells_after, "file_bytes": size,
+                                     "kv_bytes": summary.kv_bytes_after, "fit_s": run.fit_s, "decode_ms": []}
         full_ms = []
         for _ in range(rounds):  # alternate full and compacted caches in one process
-            kv.session.restore(full_blob)
-            full_ms.append(_decode_ms(kv.session, decode_tokens))
+            doc.restore()
+            full_ms.append(_decode_ms(doc.session, decode_tokens))
             for r in ratios:
-                kv.compact(ratio=r, method="am-highest", queries="context", progress=False)
-                out["ratios"][str(r)]["decode_ms"].append(_decode_ms(kv.session, decode_tokens))
+                doc.compact(CompactionSettings(ratio=r, method="am-highest", queries=("context",)))
+                out["ratios"][str(r)]["decode_ms"].append(_decode_ms(doc.session, decode_tokens))
         out["full_decode_ms"] = statistics.median(full_ms)
         for r in ratios:
             d = out["ratios"][str(r)]
             d["decode_ms"] = statistics.median(d["decode_ms"])
             d["speedup"] = out["full_decode_ms"] / d["decode_ms"]
-    doc = work / "doc.txt"
-    doc.write_text(text)
+    finally:
+        doc.close()
+    doc_path = work / "doc.txt"
+    doc_path.write_text(text)
     r_mid = sorted(ratios)[len(ratios) // 2]
-    out["rss"] = {"full": _rss("full", model.path, doc), f"reload {r_mid:g}x": _rss("reload", model.path, files[r_mid])}
+    out["rss"] = {"full": _rss("full", model.path, doc_path), f"reload {r_mid:g}x": _rss("reload", model.path, files[r_mid])}
     return out
 
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .. import binding
-from ..am import Compactor
-from ..api import model_fingerprint
-from ..onpolicy import compact_on_policy
-from ..queries import collect_queries
-from ..session import Session
+from ..engine import binding
+from ..engine.modelinfo import model_fingerprint
+from ..engine.session import Session
+from ..pipeline import REPEAT_MARGIN, CompactionSettings, CompactionSummary, IngestedDocument, pad
 from . import tasks
 from .data import (
     DEFAULT_DATA, Article, cut_to_tokens, data_dir, data_fingerprint, make_haystack, quality_articles,
@@ -92,43 +90,10 @@ class ResultCache:
         return value
 
 
-_REPEAT_MARGIN = 1400  # tokens beside the document twice: template, system, repeat prompt, questions
-
-
-def _pad(n: int) -> int:
-    return -(-n // 256) * 256
-
-
-@dataclass
-class _Doc:
-    """One ingested document: its session, snapshot and lazily collected queries."""
-
-    session: Session
-    layout: object
-    snap: object
-    blob: bytes
-    ingest_s: float
-    queries: dict = field(default_factory=dict)
-    query_s: dict = field(default_factory=dict)
-
-    def get_queries(self, sources: tuple):
-        parts = []
-        for src in sources:
-            if src not in self.queries:
-                self.session.restore(self.blob)
-                t0 = time.perf_counter()
-                self.queries[src] = collect_queries(self.session, self.layout, [src])
-                self.query_s[src] = time.perf_counter() - t0
-            parts.append(self.queries[src])
-        from ..queryset import QuerySet
-
-        return QuerySet.concat(parts) if parts else None
-
-
 class Evaluator:
     def __init__(self, model: str | binding.Model, config: EvalConfig, cache_dir: str | Path,
                  progress: bool = True, threads: int | None = None):
-        self.model = binding.Model(model) if isinstance(model, str) else model
+        self.model, _ = binding.borrow_or_open(model)  # a path is opened for the evaluator's lifetime
         self.cfg, self.progress, self.threads = config, progress, threads
         fp = model_fingerprint(self.model)["model.file_sha256"][:12]
         root = Path(cache_dir) / f"{self.model.path.stem}-{fp}"
@@ -140,21 +105,13 @@ class Evaluator:
         self.name = self.model.path.stem
 
     # documents ------------------------------------------------------------------------------
-    def _open(self, text: str) -> _Doc:
-        n = len(self.model.tokenize(text, add_special=False))
-        s = Session(self.model, n_ctx=min(self.model.n_ctx_train, _pad(2 * n + _REPEAT_MARGIN)), n_threads=self.threads,
-                    capture=True, progress=False)
-        t0 = time.perf_counter()
-        layout = s.ingest_document(text, system=tasks.SYSTEM, capture_queries=True)
-        ingest_s = time.perf_counter() - t0
-        doc = _Doc(s, layout, s.snapshot(), s.state(), ingest_s)
-        doc.queries["context"], doc.query_s["context"] = s.context_queries, 0.0
-        return doc
+    def _open(self, text: str) -> IngestedDocument:
+        return IngestedDocument.ingest(self.model, text, system=tasks.SYSTEM, threads=self.threads, progress=False)
 
     def _plain(self, text: str | None) -> Session:
         """A session with ``text`` as the document (None: no document, the system prompt only)."""
         n = len(self.model.tokenize(text or "", add_special=False))
-        s = Session(self.model, n_ctx=_pad(n + 1024), n_threads=self.threads, progress=False)
+        s = Session(self.model, n_ctx=pad(n + 1024), n_threads=self.threads, progress=False)
         if text:
             s.ingest_document(text, system=tasks.SYSTEM)
         elif not tasks.completion_style(s):
@@ -163,27 +120,15 @@ class Evaluator:
             s.ingest(s.tokenize("", bos=True) if s.model.add_bos else s.tokenize("\n"))
         return s
 
-    def _compact(self, doc: _Doc, method: str, queries: tuple, ratio: float) -> dict:
-        # methods without queries ignore them for selection; they still score the held-out attention error
-        qs = doc.get_queries(queries) if queries else doc.queries["context"]
-        compactor = Compactor(method, ratio=ratio, max_queries_per_head=self.cfg.max_queries, holdout=0.1,
-                              seed=self.cfg.seed)
-        m = compactor.method
-        facts = m.fact_mask(doc.session.token_texts(doc.layout.length)) if m.uses_facts else None
-        more_s = 0.0
-        if m.stages > 1 and queries:  # on-policy: the sources run again through each compacted stage
-            cache, report, more_s = compact_on_policy(doc.session, doc.layout, doc.snap, compactor, queries,
-                                                      m.stages, first=qs, facts=facts)
-        else:
-            cache, report = compactor.compact(doc.snap, doc.layout.doc_start, doc.layout.doc_end, qs, facts=facts)
-        doc.session.inject(cache, doc.snap)
-        errors = report.layer_errors
-        return {"cells": cache.n_cells, "tokens": doc.layout.length, "effective_ratio": report.effective_ratio,
-                "padding": report.padding_fraction, "fit_s": report.seconds,
-                "query_s": sum(doc.query_s.get(q, 0.0) for q in queries) + more_s, "ingest_s": doc.ingest_s,
-                "attn_rel_l2": float(np.mean([e["output_rel_l2"] for e in errors.values()])) if errors else None,
-                "mass_err": float(np.mean([e["mass_err"] for e in errors.values()])) if errors else None,
-                "layer_errors": {str(k): v for k, v in errors.items()}}
+    def _compact(self, doc: IngestedDocument, method: str, queries: tuple, ratio: float) -> dict:
+        settings = CompactionSettings(ratio=ratio, method=method, queries=queries,
+                                      max_queries_per_head=self.cfg.max_queries, holdout=0.1, seed=self.cfg.seed)
+        run = doc.compact(settings)
+        summary = CompactionSummary.of(run, doc)
+        return {"cells": summary.cells_after, "tokens": summary.tokens_before, "effective_ratio": summary.effective_ratio,
+                "padding": summary.padding_fraction, "fit_s": run.fit_s, "query_s": run.queries_s,
+                "ingest_s": doc.ingest_s, "attn_rel_l2": summary.heldout_output_rel_l2,
+                "mass_err": summary.heldout_mass_err, "layer_errors": summary.layer_errors}
 
     def _cells(self):
         for method, queries in self.cfg.methods:
@@ -193,7 +138,7 @@ class Evaluator:
     def max_doc_tokens(self) -> int:
         if self.cfg.max_doc_tokens is not None:
             return self.cfg.max_doc_tokens
-        return (self.model.n_ctx_train - _REPEAT_MARGIN) // 2
+        return (self.model.n_ctx_train - REPEAT_MARGIN) // 2
 
     # QuALITY retention ----------------------------------------------------------------------
     def _score_quality(self, s: Session, article: Article, refs: list[list[int]]) -> dict:
@@ -230,7 +175,7 @@ class Evaluator:
                 self.cache.put({**self._score_quality(s, art, refs), "tokens": doc.layout.length,
                                 "ingest_s": doc.ingest_s}, key, "full")
             if self.cache.get(key, "summary") is None:
-                s.restore(doc.blob)
+                doc.restore()
                 t0 = time.perf_counter()
                 summary = s.model.detokenize(tasks.greedy(
                     s, tasks.summary_prompt(s, SUMMARY_PROMPT), self.cfg.summary_tokens))
@@ -249,7 +194,7 @@ class Evaluator:
                     self.cache.put({**info, **self._score_quality(s, art, refs)}, key, cell_id(*cell))
                 if bar is not None:
                     bar.update(1)
-            doc.session.close()
+            doc.close()
 
     # needles and next-token agreement -------------------------------------------------------
     def _score_niah(self, s: Session, hay, cont: np.ndarray, ref_lp: np.ndarray | None) -> tuple[dict, np.ndarray]:
@@ -283,7 +228,7 @@ class Evaluator:
                         self.cache.put({**info, **res}, key, cell_id(*cell))
                     if bar is not None:
                         bar.update(1)
-                doc.session.close()
+                doc.close()
 
     def warm_up(self) -> None:
         """Compile the numba kernels before anything is timed."""

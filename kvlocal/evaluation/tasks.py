@@ -10,7 +10,7 @@ import contextlib
 import numpy as np
 from scipy.special import log_softmax
 
-from ..session import Session
+from ..engine.session import Session
 from .data import LETTERS, Question
 
 SYSTEM = "You answer questions about the document the user shares."

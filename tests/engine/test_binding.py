@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import ALL_MODELS, TEXT
-from kvlocal import binding
+from kvlocal.engine import binding
 from kvlocal.errors import EngineError, ModelError
-from kvlocal.statecodec import StateFormatError, parse_seq_state
+from kvlocal.kv.statecodec import StateFormatError, parse_seq_state
 
 STOCK_LIB_SIMULATION = """
 import llama_cpp.llama_cpp as ll
@@ -28,7 +28,7 @@ class StockLibrary:
 
 ll._lib = StockLibrary(ll._lib)
 try:
-    import kvlocal.binding
+    import kvlocal.engine.binding
 except Exception as exc:
     print(type(exc).__name__, exc)
 """
@@ -179,7 +179,7 @@ def test_state_blob_round_trip_with_untransposed_v(load_model, name):
 
 def test_state_blob_with_cell_extensions_round_trips():
     """M-RoPE/PLE caches add 12 bytes (x, y, tok) per cell: parsed and written back exactly."""
-    from kvlocal.statecodec import CacheState, LayerKV, SeqState, StreamState
+    from kvlocal.kv.statecodec import CacheState, LayerKV, SeqState, StreamState
 
     rng = np.random.default_rng(0)
     n = 5

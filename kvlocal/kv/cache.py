@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import KvlocalError
+from ..errors import KvlocalError
 from .statecodec import GGML_F16, CacheState, LayerKV, SeqState, StreamState, parse_seq_state
 
 

@@ -14,12 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TEXT, TINY_VARIANTS
-from kvlocal import binding
+from kvlocal.engine import binding
 from kvlocal.am import DEFAULT_METHOD
 from kvlocal.api import CompactedSession, Compaction
 from kvlocal.cli import main as cli
 from kvlocal.errors import KvlocalError, ModelError
-from kvlocal.session import DocumentError
+from kvlocal.engine.session import DocumentError
 from kvlocal.sessionfile import SessionFileError, read_info, read_session, write_session
 from models import tiny
 
@@ -79,7 +79,7 @@ def test_info_needs_no_model_and_no_llama_cpp(load_model, tmp_path):
     compact_and_save(load_model("llama-gqa"), path)
     code = ("import sys; sys.modules['llama_cpp'] = None\n"
             "import kvlocal; m = kvlocal.info(sys.argv[1]); print(m['cache.n_cells'], m['compaction.method'])\n"
-            "assert 'kvlocal.binding' not in sys.modules")
+            "assert 'kvlocal.engine.binding' not in sys.modules")
     res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[1] == DEFAULT_METHOD
@@ -116,10 +116,10 @@ def test_other_patch_build_is_refused(load_model, saved, tmp_path):
 
 
 def test_unknown_format_version_is_refused(saved, tmp_path, monkeypatch):
-    from kvlocal import sessionfile
+    from kvlocal.sessionfile import container
 
     data = read_session(saved)
-    monkeypatch.setattr(sessionfile, "FORMAT_VERSION", 7)
+    monkeypatch.setattr(container, "FORMAT_VERSION", 7)
     path = tmp_path / "v7.kvs"
     write_session(path, data)
     monkeypatch.undo()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .queryset import QuerySet
+from ..kv.queryset import QuerySet
 
 
 class QueryCapture:

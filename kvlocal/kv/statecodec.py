@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import KvlocalError
+from ..errors import KvlocalError
 
 SEQ_MAGIC = 0xAF143CD8
 GGML_F32, GGML_F16 = 0, 1

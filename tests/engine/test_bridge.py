@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import ALL_MODELS, SMOOTH_MODELS, TEXT, TINY_VARIANTS, session_kwargs
-from kvlocal.capture import QueryCapture
+from kvlocal.engine.capture import QueryCapture
 from kvlocal.errors import KvlocalError
-from kvlocal.kvcache import HeadBlock, assemble, identity_compaction, per_head_segment, shared_segment
-from kvlocal.session import DocumentError, Session
+from kvlocal.kv.cache import HeadBlock, assemble, identity_compaction, per_head_segment, shared_segment
+from kvlocal.engine.session import DocumentError, Session
 from tolerance import assert_identity, reorder_noise, tolerance
 
 QUESTION = [{"role": "user", "content": "What is the magic number for the lighthouse?"}]
@@ -240,7 +240,7 @@ def test_malformed_positions_are_refused_before_the_engine(load_model, name):
 
 @pytest.mark.parametrize("name", ["llama-gqa", "gemma3", "smollm2"])
 def test_query_sources_leave_the_document_cache_alone(load_model, name):
-    from kvlocal.queries import QUERY_SOURCES, SelfStudy, collect_queries
+    from kvlocal.engine.queries import QUERY_SOURCES, SelfStudy, collect_queries
 
     with open_session(load_model, name, capture=True, n_ctx=2048) as s:
         layout = s.ingest_document(TEXT, capture_queries=True)
@@ -272,7 +272,7 @@ def test_query_sources_leave_the_document_cache_alone(load_model, name):
 
 
 def test_repeat_prefill_needs_room(load_model):
-    from kvlocal.queries import QUERY_SOURCES
+    from kvlocal.engine.queries import QUERY_SOURCES
 
     with open_session(load_model, "llama-gqa", capture=True, n_ctx=512) as s:
         layout = s.ingest_document(TEXT)
@@ -294,7 +294,7 @@ def test_documents_that_cannot_be_ingested(load_model):
 
 def test_unsupported_architecture_is_a_clear_error():
     from kvlocal.errors import ModelError
-    from kvlocal.modelinfo import ModelInfo
+    from kvlocal.engine.modelinfo import ModelInfo
 
     class Fake:
         arch, path = "mamba", type("P", (), {"name": "mamba.gguf"})()

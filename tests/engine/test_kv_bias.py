@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ALL_MODELS, SMOOTH_MODELS, TEXT, TINY_VARIANTS, ctx_kwargs
-from kvlocal import binding
+from kvlocal.engine import binding
 from kvlocal.errors import EngineError
 from tolerance import assert_identity, reorder_noise, take_base_cells, tolerance
 

@@ -8,10 +8,10 @@ import pytest
 from conftest import TEXT, session_kwargs
 from kvlocal.am import Compactor, HeadProblem
 from kvlocal.am.kvzip import KVzipGlobal, KVzipKeys
-from kvlocal.capture import QueryCapture
+from kvlocal.engine.capture import QueryCapture
 from kvlocal.errors import KvlocalError
-from kvlocal.queryset import QuerySet
-from kvlocal.session import Session
+from kvlocal.kv.queryset import QuerySet
+from kvlocal.engine.session import Session
 
 LONG = TEXT
 
@@ -51,7 +51,7 @@ def _expected_scores(s: Session, layout, blob: bytes, source, whole: bool = Fals
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "gemma3"])
 def test_kvzip_scores_follow_their_definition(load_model, name):
-    from kvlocal.queries import KVzipRepeat
+    from kvlocal.engine.queries import KVzipRepeat
 
     with Session(load_model(name), n_ctx=1024, capture=True, **session_kwargs(name)) as s:
         layout = s.ingest_document(LONG)
@@ -77,8 +77,8 @@ def test_kvzip_scores_follow_their_definition(load_model, name):
 
 
 def test_kvzip_needs_a_fresh_document(load_model):
-    from kvlocal.kvcache import identity_compaction
-    from kvlocal.queries import KVzipRepeat
+    from kvlocal.kv.cache import identity_compaction
+    from kvlocal.engine.queries import KVzipRepeat
 
     with Session(load_model("llama-gqa"), n_ctx=512, capture=True, progress=False) as s:
         layout = s.ingest_document(TEXT)
@@ -144,7 +144,7 @@ def test_key_scores_travel_with_query_rows(rng):
 
 @pytest.mark.parametrize("method", ["kvzip", "kvzip-uniform", "am-kvzip"])
 def test_kvzip_methods_compact_and_decode(load_model, method):
-    from kvlocal.queries import collect_queries
+    from kvlocal.engine.queries import collect_queries
 
     with Session(load_model("llama-gqa"), n_ctx=1024, capture=True, progress=False) as s:
         layout = s.ingest_document(LONG)

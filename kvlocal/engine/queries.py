@@ -22,9 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .capture import KVzipCapture, QueryCapture
-from .errors import KvlocalError
-from .queryset import RECALL, QuerySet
-from .registry import Registry
+from ..errors import KvlocalError
+from ..kv.queryset import RECALL, QuerySet
+from ..registry import Registry
 from .sampling import Sampler
 from .session import CONTENT_MARK, DocumentLayout, Session
 

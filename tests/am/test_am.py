@@ -289,9 +289,9 @@ def test_least_squares_fallbacks_never_return_nan():
 
 @pytest.fixture(scope="module")
 def tiny_doc(load_model):
-    from kvlocal.session import Session
+    from kvlocal.engine.session import Session
 
-    from kvlocal.queries import collect_queries
+    from kvlocal.engine.queries import collect_queries
 
     with Session(load_model("llama-gqa"), n_ctx=1024, capture=True, **session_kwargs("llama-gqa")) as s:
         layout = s.ingest_document(TEXT, capture_queries=True)
@@ -366,7 +366,7 @@ def test_json_budgets_from_a_file(tmp_path, tiny_doc):
 def test_attention_matching_beats_eviction_on_held_out_queries(load_model, name):
     """Real K/V and queries: at 8x, AM reconstructs held-out attention better than every baseline,
     and the compacted cache runs in the engine."""
-    from kvlocal.session import Session
+    from kvlocal.engine.session import Session
 
     with Session(load_model(name), n_ctx=1024, capture=True, **session_kwargs(name)) as s:
         layout = s.ingest_document(TEXT, capture_queries=True)
@@ -425,7 +425,7 @@ def test_head_curves_fall_with_more_keys(tiny_doc):
 def test_committed_smollm2_budgets_fit_the_model(load_model):
     from importlib import resources
 
-    from kvlocal.modelinfo import ModelInfo
+    from kvlocal.engine.modelinfo import ModelInfo
 
     info = ModelInfo.from_model(load_model("smollm2"))
     path = resources.files("kvlocal.data").joinpath("budgets/SmolLM2-135M-Instruct.json")

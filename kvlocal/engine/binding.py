@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EngineError, ModelError, NativeLibraryError
+from ..errors import EngineError, ModelError, NativeLibraryError
 
 BIAS_ABI_VERSION = 1
 
@@ -317,6 +317,16 @@ class Model(_Native):
 
 # ---------------------------------------------------------------------------------------------
 # eval callback: ggml_tensor mirror and a tap that hands chosen graph nodes to Python
+
+
+def borrow_or_open(model: str | os.PathLike | Model) -> tuple[Model, bool]:
+    """``(model, owned)``: a loaded ``Model`` as it is (``owned`` False: its owner closes it), or a
+    GGUF path opened here (``owned`` True: the caller closes it)."""
+    if isinstance(model, Model):
+        return model, False
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelError(f"a model is a GGUF path or a loaded kvlocal Model, not {type(model).__name__}")
+    return Model(os.fspath(model)), True
 
 
 class GgmlTensor(ctypes.Structure):

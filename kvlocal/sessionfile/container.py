@@ -1,22 +1,5 @@
-"""Compacted sessions on disk: a GGUF container written and read with the ``gguf`` package.
-
-Any GGUF tool can list a session file.  Metadata (all under ``kvlocal.``): format version,
-kvlocal version, the llama.cpp build (llama-cpp-python version, patch hash, bias ABI), the model
-fingerprint, the logical length T, the document layout and its protected tokens, the chat so
-far, and how it was compacted (method, ratio, query sources, budgets, timings, quality).
-Tensors, the compacted layers stacked in the order of ``kvlocal.cache.layers`` (one tensor per
-kind keeps the reader fast: the gguf package spends ~0.1 ms per tensor): ``cache.positions``
-[N] int32; ``cache.k``/``cache.v`` [layers, N, H_kv, d] F16; ``cache.beta`` [layers, N, H_kv]
-F32 and ``cache.origin`` [layers, N, H_kv] int32 (the original position of the key each slot
-holds, -1 for padding); ``swa.state`` (iSWA models: the sliding-window section of the
-llama.cpp state, as bytes).
-
-Session files are untrusted input: nothing is unpickled or evaluated, every field is checked
-for presence, type, shape and range, and a SHA-256 over all tensor bytes catches corrupted
-data.  Any defect raises ``SessionFileError``.  Writes go to a temporary file in the same
-directory, are flushed to disk, then renamed over the target: an interrupted save leaves the
-previous file intact.
-"""
+"""The session file's container: a GGUF file written and read with the ``gguf`` package,
+checked against the schema (``schema.FIELDS``) and its checksums before anything is used."""
 
 from __future__ import annotations
 
@@ -25,90 +8,14 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import KvlocalError
-from .kvcache import all_finite
+from ..kv.cache import all_finite
+from .schema import ARCH, FIELDS, FORMAT_VERSION, SessionData, SessionFileError, check_meta, meta_checksum
 
-FORMAT_VERSION = 1
-ARCH = "kvlocal-session"
 _P = "kvlocal."
-
-
-class SessionFileError(KvlocalError):
-    """A session file is missing, corrupt, of another version, or does not fit."""
-
-
-# field -> type; "str", "u32", "f32", "bool", "i32s" (int32 array), "json"
-FIELDS = {
-    "format_version": "u32",
-    "kvlocal_version": "str",
-    "created": "str",
-    "native.llama_cpp_python": "str",
-    "native.patch_hash": "str",
-    "native.bias_abi": "u32",
-    "model.name": "str",
-    "model.arch": "str",
-    "model.n_layer": "u32",
-    "model.n_head": "u32",
-    "model.n_head_kv": "u32",
-    "model.head_dim": "u32",
-    "model.n_embd": "u32",
-    "model.n_vocab": "u32",
-    "model.n_ctx_train": "u32",
-    "model.rope": "str",
-    "model.file_sha256": "str",
-    "model.tokenizer_sha256": "str",
-    "cache.logical_length": "u32",
-    "cache.n_cells": "u32",
-    "cache.layers": "i32s",
-    "cache.has_swa": "bool",
-    "doc.start": "u32",
-    "doc.end": "u32",
-    "doc.n_prefix": "u32",
-    "doc.n_suffix": "u32",
-    "doc.prefix_tokens": "i32s?",  # absent when empty (GGUF has no empty arrays)
-    "doc.suffix_tokens": "i32s?",
-    "chat.messages": "json",
-    "chat.n_tokens": "u32",
-    "chat.tokens": "i32s?",  # the conversation's exact tokens after the document, replayed on load
-    "compaction.method": "str",
-    "compaction.ratio": "f32",
-    "compaction.queries": "str",
-    "compaction.budgets": "str",
-    "compaction.report": "json",
-    "checksum.meta": "str",  # SHA-256 over every other field, canonically encoded
-    "checksum.sha256": "str",  # SHA-256 over the tensors
-}
-_CHECKSUMS = ("checksum.meta", "checksum.sha256")
-
-
-@dataclass
-class SessionData:
-    meta: dict  # the FIELDS above (without the "kvlocal." prefix)
-    positions: np.ndarray  # int32 [N]
-    keys: list[np.ndarray]  # per compacted layer [N, H_kv, d] float16
-    values: list[np.ndarray]
-    bias: list[np.ndarray]  # float32 [N, H_kv]
-    origin: list[np.ndarray]  # int32 [N, H_kv]
-    swa_state: bytes | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def layer_ids(self) -> list[int]:
-        return list(self.meta["cache.layers"])
-
-    @property
-    def prefix_tokens(self) -> list[int]:
-        return list(self.meta.get("doc.prefix_tokens", []))
-
-    @property
-    def suffix_tokens(self) -> list[int]:
-        return list(self.meta.get("doc.suffix_tokens", []))
-
 
 _ORDER = ("cache.positions", "cache.k", "cache.v", "cache.beta", "cache.origin")
 
@@ -136,24 +43,16 @@ def _checksum(tensors: dict[str, np.ndarray], order: list[str]) -> str:
     return h.hexdigest()
 
 
-def _canonical(value, kind: str):
-    """A field as it reads back from the file (float32 rounding, JSON round trip)."""
-    if value is None:
-        return None
-    kind = kind.rstrip("?")
-    if kind == "f32":
-        return float(np.float32(value))
-    if kind == "json":
-        return json.loads(json.dumps(value))
-    if kind == "i32s":
-        return [int(v) for v in value]
-    return {"str": str, "u32": int, "bool": bool}[kind](value)
+def save_session(path: str | os.PathLike, model, snapshot, cache, layout, tokens: list[int], base: int,
+                 messages: list, report: dict) -> int:
+    """Write a compacted session (``schema.build_meta`` + the cache's arrays) atomically; returns
+    the file size in bytes."""
+    from .schema import build_meta
 
-
-def _meta_checksum(meta: dict) -> str:
-    canon = {k: _canonical(meta.get(k), kind) for k, kind in FIELDS.items() if k not in _CHECKSUMS}
-    canon = {k: v for k, v in canon.items() if v is not None and v != []}  # absent and empty read back alike
-    return hashlib.sha256(json.dumps(canon, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+    meta = build_meta(model, snapshot, cache, layout, tokens, base, messages, report)
+    data = SessionData(meta, cache.positions, cache.keys, cache.values, cache.bias, cache.origin,
+                       snapshot.swa_section())
+    return write_session(path, data)
 
 
 def write_session(path: str | os.PathLike, data: SessionData) -> int:
@@ -166,7 +65,7 @@ def write_session(path: str | os.PathLike, data: SessionData) -> int:
     meta = dict(data.meta, **{"checksum.sha256": _checksum(tensors, order), "format_version": FORMAT_VERSION})
     meta["doc.n_prefix"], meta["doc.n_suffix"] = len(data.prefix_tokens), len(data.suffix_tokens)
     meta["chat.n_tokens"] = len(meta.get("chat.tokens") or [])
-    meta["checksum.meta"] = _meta_checksum(meta)
+    meta["checksum.meta"] = meta_checksum(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -341,49 +240,10 @@ def _meta(reader, path) -> dict:
         raise
     except Exception as exc:  # noqa: BLE001 - malformed values make the gguf package raise anything
         raise SessionFileError(f"{path}: unreadable metadata ({type(exc).__name__}: {exc})") from exc
-    if _meta_checksum(meta) != meta["checksum.meta"]:
+    if meta_checksum(meta) != meta["checksum.meta"]:
         raise SessionFileError(f"{path}: the metadata does not match its checksum (the file is corrupt)")
-    _check_meta(meta, path)
+    check_meta(meta, path)
     return meta
-
-
-def _check_meta(m: dict, path) -> None:
-    def bad(msg):
-        raise SessionFileError(f"{path}: {msg}")
-
-    for key in ("model.n_layer", "model.n_head", "model.n_head_kv", "model.head_dim", "cache.n_cells",
-                "cache.logical_length"):
-        if m[key] < 1:
-            bad(f"{key} must be positive")
-    if m["model.n_head"] % m["model.n_head_kv"]:
-        bad("query heads do not split into the KV heads")
-    layers = m["cache.layers"]
-    if not layers or len(set(layers)) != len(layers) or not all(0 <= il < m["model.n_layer"] for il in layers):
-        bad("cache.layers must list distinct layers of the model")
-    if m["cache.n_cells"] > m["cache.logical_length"]:  # never more cells than the tokens they stand for
-        bad("more cells than the logical length")
-    if not m["doc.start"] <= m["doc.end"] <= m["cache.logical_length"]:
-        bad("document range outside the logical length")
-    for key, n_key in (("doc.prefix_tokens", "doc.n_prefix"), ("doc.suffix_tokens", "doc.n_suffix"),
-                       ("chat.tokens", "chat.n_tokens")):
-        toks = m.get(key, [])
-        if len(toks) != m[n_key] or any(not 0 <= t < m["model.n_vocab"] for t in toks):
-            bad(f"{key} does not match its count or the vocabulary")
-    if m["doc.n_prefix"] != m["doc.start"]:
-        bad("protected prefix length disagrees with the document start")
-    msgs = m["chat.messages"]
-    if not isinstance(msgs, list) or not all(
-            isinstance(x, dict) and set(x) == {"role", "content"} and x["role"] in ("system", "user", "assistant")
-            and isinstance(x["content"], str) for x in msgs):
-        bad("chat.messages must be a list of {role, content}")
-    if not isinstance(m["compaction.report"], dict):
-        bad("compaction.report must be an object")
-    if not m["compaction.ratio"] > 1:
-        bad("compaction.ratio must be > 1")
-    for key in ("checksum.meta", "checksum.sha256", "model.file_sha256", "model.tokenizer_sha256"):
-        v = m[key]
-        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
-            bad(f"{key} is not a SHA-256 hex digest")
 
 
 def read_info(path: str | os.PathLike) -> dict:

@@ -105,9 +105,9 @@ def test_smoke_grid_runs_resumes_and_reports(load_model, tmp_path, gen_data):
 def test_a_base_model_is_asked_in_completion_style(load_model, tmp_path, gen_data, monkeypatch):
     """A model without a chat template (gemma3-270m is a base model) gets completion prompts that
     its answer continues, and the grid (incl. the no-context reference) runs on it."""
-    from kvlocal import binding
+    from kvlocal.engine import binding
     from kvlocal.evaluation import tasks
-    from kvlocal.session import Session
+    from kvlocal.engine.session import Session
 
     model = load_model("llama-gqa")
     with Session(model, n_ctx=512) as s:

@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from . import binding
 from .capture import QueryCapture
-from .errors import KvlocalError
-from .kvcache import CompactedCache, KVSnapshot
-from .statecodec import cells_in_state
+from ..errors import KvlocalError
+from ..kv.cache import CompactedCache, KVSnapshot
+from ..kv.statecodec import cells_in_state
 from .modelinfo import ModelInfo
-from .queryset import QuerySet
+from ..kv.queryset import QuerySet
 from .sampling import GREEDY, Sampler
 
 SCRATCH = 1  # the scratch sequence
@@ -58,8 +58,7 @@ class Session:
         kv = {"f16": binding.GGML_TYPE_F16, "f32": binding.GGML_TYPE_F32}.get(kv_type)
         if kv is None:
             raise KvlocalError(f"kv_type must be 'f16' or 'f32', not {kv_type!r}")
-        self._own_model = not isinstance(model, binding.Model)
-        self.model = binding.Model(model) if self._own_model else model
+        self.model, self._own_model = binding.borrow_or_open(model)
         try:
             self.info = ModelInfo.from_model(self.model)
             self.tap = binding.TensorTap() if capture else None
@@ -174,7 +173,7 @@ class Session:
 
     def token_texts(self, n: int | None = None) -> list[str]:
         """The text of each of the first ``n`` tokens of sequence 0 (all by default), for text-level
-        annotations such as kvlocal.facts."""
+        annotations such as kvlocal.am.facts."""
         return [self.model.detokenize([t]) for t in self.tokens[:n]]
 
     def ingest_document(self, document: str, *, system: str | None = None, capture_queries: bool = False,

@@ -1,11 +1,16 @@
-"""What kvlocal needs to know about a model's attention, and which architectures it supports."""
+"""What kvlocal needs to know about a model: its attention, whether kvlocal supports it, and the
+fingerprint a session file is checked against."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 
-from .errors import ModelError
+from ..errors import ModelError
+from . import binding
 
 # architectures whose attention kvlocal has tested: post-RoPE Q is the `Qcur-<il>` ROPE node,
 # the KV cache is a plain (or iSWA) llama_kv_cache and cells carry no extension data
@@ -70,3 +75,45 @@ def query_scale(model) -> float:
         f = 1.0 / math.sqrt(model.n_embd / model.n_head) if model.n_layer == 62 else 1.0 / math.sqrt(d)
         return f * math.sqrt(d)
     return 1.0
+
+
+@contextlib.contextmanager
+def opened(model: str | binding.Model):
+    """A GGUF path opened for the block (closed after it), or a loaded ``binding.Model`` borrowed
+    as it is (its owner closes it)."""
+    m, owned = binding.borrow_or_open(model)
+    try:
+        yield m
+    finally:
+        if owned:
+            m.close()
+
+
+def model_fingerprint(model: binding.Model) -> dict:
+    """What must match between the model a session was made with and the one reloading it
+    (computed once per loaded model)."""
+    cached = getattr(model, "_kvlocal_fingerprint", None)
+    if cached is None:
+        cached = model._kvlocal_fingerprint = _fingerprint(model)
+    return dict(cached)
+
+
+def _fingerprint(model: binding.Model) -> dict:
+    path = model.path
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:  # the header (metadata, vocabulary, tensor table) and a tail of weights
+        h.update(fh.read(8 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        h.update(fh.read())
+    tok = hashlib.sha256()
+    for i in range(model.n_vocab):
+        tok.update(model.token_bytes(i, special=True) + b"\0")
+    arch = model.arch
+    rope = {k: model.meta(f"{arch}.rope.{k}") for k in ("freq_base", "dimension_count", "scaling.type",
+                                                          "scaling.factor")}
+    return {"model.name": path.name, "model.arch": arch, "model.n_layer": model.n_layer, "model.n_head": model.n_head,
+            "model.n_head_kv": model.n_head_kv, "model.head_dim": model.head_dim, "model.n_embd": model.n_embd,
+            "model.n_vocab": model.n_vocab, "model.n_ctx_train": model.n_ctx_train,
+            "model.rope": json.dumps({k: v for k, v in rope.items() if v is not None}, sort_keys=True),
+            "model.file_sha256": h.hexdigest(), "model.tokenizer_sha256": tok.hexdigest()}

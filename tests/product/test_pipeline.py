@@ -8,10 +8,10 @@ import pytest
 from conftest import TEXT, session_kwargs
 from kvlocal.am import Compactor, get_method
 from kvlocal.errors import KvlocalError
-from kvlocal.kvcache import identity_compaction
-from kvlocal.onpolicy import compact_on_policy, stage_layers
-from kvlocal.queries import collect_queries
-from kvlocal.session import Session
+from kvlocal.kv.cache import identity_compaction
+from kvlocal.pipeline import compact_on_policy, stage_layers
+from kvlocal.engine.queries import collect_queries
+from kvlocal.engine.session import Session
 
 
 def test_stage_layers_are_consecutive_and_cover_every_layer():
@@ -115,3 +115,69 @@ def test_on_policy_default_composition_keeps_facts_verbatim_in_every_stage(doc):
         orig = snap.values[li][layout.doc_start + res.indices[kept], h].astype(np.float32)
         assert np.array_equal(res.values[kept], orig)
     s.restore(blob)
+
+
+# ---------------------------------------------------------------------------------------------
+# one pipeline for the API and the evaluation
+
+
+def test_settings_are_checked_when_made():
+    from kvlocal.pipeline import CompactionSettings
+
+    for kw, message in (({"method": "nope"}, "unknown compaction method"), ({"queries": "telepathy"},
+                        "unknown query source"), ({"ratio": 1.0}, "must be > 1"),
+                        ({"budgets": "/no/such.json"}, "budgets must be"), ({"holdout": 1.5}, "holdout")):
+        with pytest.raises(KvlocalError, match=message):
+            CompactionSettings(**kw)
+    s = CompactionSettings(ratio=8, method="am-highest", queries="repeat,self-study")
+    assert s.queries == ("repeat", "self-study") and s.sources == s.queries
+    assert CompactionSettings(method="am-facts-omp").sources == get_method("am-facts-omp").queries
+    assert CompactionSettings(method="truncate", queries=()).sources == ()
+
+
+def test_context_size_is_one_rule(load_model):
+    from kvlocal.pipeline import REPEAT_MARGIN, context_size, pad
+
+    model = load_model("llama-gqa")
+    assert context_size(model, 100) == pad(200 + REPEAT_MARGIN) and pad(257) == 512
+    assert context_size(model, 10_000) == model.n_ctx_train
+
+
+@pytest.mark.parametrize("method,queries", [("am-highest", ("repeat",)), ("truncate", ()),
+                                            ("am-facts-omp-onpolicy", ("repeat",))])
+def test_api_and_evaluation_compact_alike(load_model, tmp_path, method, queries):
+    """The API and the evaluation grid run the same pipeline: same document, same settings, the
+    same cache bit for bit and the same summary."""
+    from kvlocal.api import Compaction
+    from kvlocal.evaluation import tasks
+    from kvlocal.evaluation.harness import EvalConfig, Evaluator
+
+    model = load_model("llama-gqa")
+    ev = Evaluator(model, EvalConfig.smoke(), tmp_path / "cache", progress=False)
+    doc = ev._open(TEXT)
+    cell = ev._compact(doc, method, queries, 4)
+    with Compaction(model, progress=False) as kv:
+        kv.ingest(TEXT, system=tasks.SYSTEM)
+        assert kv.session.n_ctx == doc.session.n_ctx
+        summary = kv.compact(ratio=4, method=method, queries=queries, max_queries_per_head=ev.cfg.max_queries,
+                             seed=ev.cfg.seed)
+        a, b = kv.cache, doc.session.snapshot()
+        api_snap = kv.session.snapshot()
+    for x, y in zip(api_snap.keys + api_snap.values, b.keys + b.values, strict=True):
+        assert np.array_equal(x, y)
+    assert a.n_cells == cell["cells"] == summary.cells_after and summary.tokens_before == cell["tokens"]
+    assert summary.heldout_output_rel_l2 == cell["attn_rel_l2"] and summary.layer_errors == cell["layer_errors"]
+    doc.close()
+
+
+def test_a_model_given_as_a_path_object_is_opened(load_model, tmp_path):
+    from pathlib import Path
+
+    from kvlocal.engine import binding
+    from kvlocal.evaluation.harness import EvalConfig, Evaluator
+
+    path = Path(load_model("llama-gqa").path)
+    ev = Evaluator(path, EvalConfig.smoke(), tmp_path, progress=False)
+    assert isinstance(ev.model, binding.Model) and ev.model.path == path
+    with pytest.raises(KvlocalError, match="GGUF path or a loaded"):
+        binding.borrow_or_open(42)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kvlocal.queryset import QuerySet
+from kvlocal.kv.queryset import QuerySet
 
 
 def make(n=10, n_head=6, d=4, layers=(0, 3), seed=0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvlocal.am import BoxNNLS, Compactor, HeadProblem, HighestAttnKeys, SharedSpans
-from kvlocal.facts import fact_mask, fact_spans
+from kvlocal.am.facts import fact_mask, fact_spans
 
 TEXT = ("It was late. The special magic number for cathedral is 6088743. Margaret met the crew of NASA in "
         "Paris at 12:30 on 2026-11-24, and she left. She slept.")
@@ -97,7 +97,7 @@ def tiny_doc_facts(load_model):
     from conftest import TEXT as DOC
     from conftest import session_kwargs
     from kvlocal.am import get_method
-    from kvlocal.session import Session
+    from kvlocal.engine.session import Session
 
     with Session(load_model("llama-gqa"), n_ctx=1024, capture=True, **session_kwargs("llama-gqa")) as s:
         layout = s.ingest_document(DOC, capture_queries=True)
@@ -109,9 +109,9 @@ def tiny_doc_facts(load_model):
 def test_recall_probes_tag_their_rows(load_model):
     from conftest import TEXT as DOC
     from conftest import session_kwargs
-    from kvlocal.queries import RecallProbes, collect_queries
-    from kvlocal.queryset import RECALL, QuerySet
-    from kvlocal.session import Session
+    from kvlocal.engine.queries import RecallProbes, collect_queries
+    from kvlocal.kv.queryset import RECALL, QuerySet
+    from kvlocal.engine.session import Session
 
     with Session(load_model("llama-gqa"), n_ctx=1024, capture=True, **session_kwargs("llama-gqa")) as s:
         layout = s.ingest_document(DOC, capture_queries=True)
