@@ -43,19 +43,19 @@ def stories(name: str, n: int) -> list[str]:
 
 
 def model_layers(model):
-    from kvlocal.modelinfo import ModelInfo
+    from kvlocal.engine.modelinfo import ModelInfo
 
     return ModelInfo.from_model(model).base_layers
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvlocal import binding
+    from kvlocal.engine import binding
     from kvlocal.am import Compactor, JsonBudget, get_method, swap_allocation
     from kvlocal.am.budgets import to_json
     from kvlocal.evaluation import tasks
     from kvlocal.evaluation.data import make_haystack
-    from kvlocal.queries import collect_queries
-    from kvlocal.session import Session
+    from kvlocal.engine.queries import collect_queries
+    from kvlocal.engine.session import Session
     from models import smollm2
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
