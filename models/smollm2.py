@@ -100,15 +100,20 @@ def ensure_f32() -> Path:
     return dst
 
 
-def main() -> int:
+def report(*steps) -> int:
+    """Run provisioning ``steps`` and print the path each returns; one error line and status 1 if
+    one fails (the command line of the ``models`` modules)."""
     try:
-        print(ensure())
-        if "--f32" in sys.argv[1:]:
-            print(ensure_f32())
+        for step in steps:
+            print(step())
     except ModelProvisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main() -> int:
+    return report(ensure, *([ensure_f32] if "--f32" in sys.argv[1:] else []))
 
 
 if __name__ == "__main__":
