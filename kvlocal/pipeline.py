@@ -181,16 +181,15 @@ class IngestedDocument:
 
     def queries(self, sources: Sequence[str]) -> QuerySet | None:
         """Reference queries of ``sources`` from the full cache, each source collected once."""
-        parts = []
-        for src in sources:
-            name = QUERY_SOURCES.get(src).name
-            if name not in self._queries:
-                self.restore()
-                t0 = time.perf_counter()
-                self._queries[name] = collect_queries(self.session, self.layout, [src])
-                self.query_s[name] = time.perf_counter() - t0
-            parts.append(self._queries[name])
-        return QuerySet.concat(parts) if parts else None
+        names = [QUERY_SOURCES.get(src).name for src in sources]
+        missing = {name: src for src, name in zip(sources, names, strict=True) if name not in self._queries}
+        if missing:  # query sources leave the cache as they find it: one restore serves them all
+            self.restore()
+        for name, src in missing.items():
+            t0 = time.perf_counter()
+            self._queries[name] = collect_queries(self.session, self.layout, [src])
+            self.query_s[name] = time.perf_counter() - t0
+        return QuerySet.concat([self._queries[n] for n in names]) if names else None
 
     def compact(self, settings: CompactionSettings, progress=None) -> CompactionRun:
         """Compact the full cache as ``settings`` say and inject the result into the session."""
@@ -207,7 +206,6 @@ class IngestedDocument:
         s = self.session
         facts = method.fact_mask(s.token_texts(self.layout.length)) if method.uses_facts else None
         if method.stages > 1 and sources:  # on-policy: the sources run again through each compacted stage
-            self.restore()
             cache, report, more_s = compact_on_policy(s, self.layout, self.snapshot, compactor, sources,
                                                       method.stages, first=qs, facts=facts)
             query_s += more_s

@@ -3,7 +3,6 @@ fingerprint a session file is checked against."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -75,18 +74,6 @@ def query_scale(model) -> float:
         f = 1.0 / math.sqrt(model.n_embd / model.n_head) if model.n_layer == 62 else 1.0 / math.sqrt(d)
         return f * math.sqrt(d)
     return 1.0
-
-
-@contextlib.contextmanager
-def opened(model: str | binding.Model):
-    """A GGUF path opened for the block (closed after it), or a loaded ``binding.Model`` borrowed
-    as it is (its owner closes it)."""
-    m, owned = binding.borrow_or_open(model)
-    try:
-        yield m
-    finally:
-        if owned:
-            m.close()
 
 
 def model_fingerprint(model: binding.Model) -> dict:
