@@ -27,31 +27,79 @@ from .engine.sampling import GREEDY, Sampler
 from .engine.session import DocumentError, DocumentLayout, Session
 from .errors import KvlocalError
 from .kv.cache import CompactedCache, KVSnapshot
+from .online import ChatCompactor, OnlineRecord, OnlineSettings, current_cache
 from .pipeline import CompactionSettings, CompactionSummary, IngestedDocument, pad
+from .streaming import StreamedDocument, one_shot_fits, streams
 from .sessionfile import SessionData, SessionFileError, check_compatible, read_session, save_session
 
 CHAT_BUDGET = 1024  # free cells a reloaded session keeps for the conversation
 
 
 class _Conversation:
-    """ask()/chat() on a session whose sequence 0 holds a (compacted) document of length ``base``."""
+    """ask()/chat() on a session whose sequence 0 holds a (compacted) document of length ``base``.
+
+    With ``auto_compact(OnlineSettings(...))`` the conversation compacts its older part when the
+    context fills instead of failing (``kvlocal.online``); ``online_records`` lists what each
+    compaction did."""
 
     session: Session
     base: int
     messages: list
+    online: ChatCompactor | None = None
+    _origin: list | None = None  # what the cells of the last injected cache hold (original positions)
+
+    def auto_compact(self, settings: OnlineSettings | None = OnlineSettings()) -> None:
+        """Compact the conversation's older part whenever the context fills (None: never)."""
+        if settings is None:
+            self.online = None
+            return
+        if self.session is None or self._origin is None:
+            raise KvlocalError("compact or load a document before the conversation can compact itself")
+        self.online = ChatCompactor(settings, start=self._doc_length)
+        self.online.limit(self.session)  # max_context checked now
+        self.online.capture(self.session)
+
+    @property
+    def online_records(self) -> list[OnlineRecord]:
+        return list(self.online.records) if self.online is not None else []
+
+    def _conversation_texts(self, lo: int) -> list[str]:
+        s = self.session
+        n = s.n_past - lo
+        known = s.tokens[max(0, len(s.tokens) - n):]
+        # before the tokens this process decoded: a conversation compacted in an earlier one
+        return [""] * (n - len(known)) + [s.model.detokenize([t]) for t in known]
+
+    def _room(self, n: int) -> None:
+        if self.online is not None:
+            origin = self.online.ensure(self.session, n, self._conversation_texts, self._origin)
+            if origin is not None:
+                self._origin = origin
+
+    def _decode(self, tokens) -> np.ndarray:
+        self._room(len(tokens) + len(self._turn_end))
+        return self.session.decode(tokens)
 
     def _turn(self, content: str, max_tokens: int, sampler: Sampler, keep: bool) -> Iterator[str]:
         s = self.session
+        cap = self.online.capture(s) if self.online is not None else None
+        with s.capturing(cap):
+            yield from self._turn_captured(content, max_tokens, sampler, keep)
+
+    def _turn_captured(self, content: str, max_tokens: int, sampler: Sampler, keep: bool) -> Iterator[str]:
+        s = self.session
+        self._turn_end = s.turn_end()
         start = s.n_past
+        compactions = len(self.online_records)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
         try:
-            logits = s.decode(s.chat_tokens([{"role": "user", "content": content}]))[-1]
+            logits = self._decode(s.chat_tokens([{"role": "user", "content": content}]))[-1]
             for _ in range(max_tokens):
                 tok = sampler(logits)
                 if s.model.is_eog(tok):
                     break
-                logits = s.decode([tok])[-1]  # in the cache before it is shown: an interrupted turn stays whole
+                logits = self._decode([tok])[-1]  # in the cache before it is shown: an interrupted turn stays whole
                 piece = decoder.decode(s.model.token_bytes(tok))
                 if piece:
                     pieces.append(piece)
@@ -62,10 +110,13 @@ class _Conversation:
                 yield tail
         finally:
             if keep:
-                s.decode(s.turn_end(), logits="none")
+                s.decode(self._turn_end, logits="none")
                 self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": "".join(pieces)}]
-            else:
-                s.rewind(start)
+            elif all(r.region[1] <= start for r in self.online_records[compactions:]):
+                s.rewind(start)  # whatever was compacted lies before the question
+            else:  # the question was compacted into the past: it stays, as a turn without an answer
+                s.decode(self._turn_end, logits="none")
+                self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": "".join(pieces)}]
 
     def _run(self, content: str, max_tokens: int, stream: bool, sampler: Sampler | None, keep: bool):
         if not content or not content.strip():
@@ -81,10 +132,30 @@ class _Conversation:
         """One turn of a conversation that the next turn continues."""
         return self._run(message, max_tokens, stream, sampler, keep=True)
 
+    def append(self, messages: Sequence[dict]) -> None:
+        """Put turns (``{"role", "content"}``) into the conversation as they are - a transcript to
+        continue - compacting the older part on the way when the conversation compacts itself."""
+        s = self.session
+        self._turn_end = s.turn_end()
+        cap = self.online.capture(s) if self.online is not None else None
+        with s.capturing(cap):
+            for msg in messages:
+                if msg.get("role") not in ("user", "assistant", "system") or not str(msg.get("content", "")).strip():
+                    raise KvlocalError(f"a turn needs a role (user, assistant, system) and content, not {msg!r}")
+                tokens = s.chat_tokens([msg], add_assistant=False)
+                step = max(1, (self.online.settings.keep_recent // 2) if self.online is not None else len(tokens))
+                for i in range(0, len(tokens), step):
+                    self._decode(tokens[i:i + step])
+                self.messages.append({"role": msg["role"], "content": str(msg["content"])})
+
     def reset(self) -> None:
         """Forget the conversation; the document stays."""
-        self.session.rewind(self.base)
+        self.session.rewind(self._doc_length if self.online_records else self.base)
         self.messages = []
+        if self.online is not None:  # the compacted conversation went too
+            self._origin = [o[: self.session.cells[0]] for o in self._origin]
+            self.base = self.session.n_past
+            self.auto_compact(self.online.settings)
 
     def close(self) -> None:
         self.session.close()
@@ -124,14 +195,45 @@ class Compaction(_Conversation):
             self.model.close()
 
     def ingest(self, text: str, *, system: str | None = None) -> DocumentLayout:
-        """Ingest the document (its context-prefill queries are captured on the way)."""
+        """Ingest the document (its context-prefill queries are captured on the way).
+
+        A document that does not fit the context (``n_ctx``; by default the model's training
+        context, with room for a repeat-prefill of it) is only tokenized here: ``compact`` then
+        ingests and compacts it chunk by chunk (``kvlocal.streaming``)."""
         if self.doc is not None:
             raise DocumentError("a document is already ingested; open a new one for another document")
-        self.doc = IngestedDocument.ingest(self.model, text, system=system, n_ctx=self.n_ctx, threads=self.threads,
-                                           progress=self.progress)
-        self.timings["ingest_s"] = self.doc.ingest_s
+        if not text or not text.strip():
+            raise DocumentError("the document is empty")
+        self._text, self._system = text, system
+        if streams(self.model, len(self.model.tokenize(text, add_special=False)), self.n_ctx):
+            self.doc = StreamedDocument.open(self.model, text, system=system, n_ctx=self.n_ctx, threads=self.threads,
+                                             progress=self.progress)
+        else:
+            self.doc = IngestedDocument.ingest(self.model, text, system=system, n_ctx=self.n_ctx,
+                                               threads=self.threads, progress=self.progress)
+            self.timings["ingest_s"] = self.doc.ingest_s
         self.base = self.doc.layout.length
         return self.doc.layout
+
+    @property
+    def streamed(self) -> bool:
+        """Is the document compacted while it is ingested (longer than the context)?"""
+        return isinstance(self.doc, StreamedDocument)
+
+    def _stream_if_needed(self, settings: CompactionSettings) -> None:
+        """A document ingested whole whose query passes do not fit beside it in the context is
+        streamed instead (planned before the ingested one is let go: a refusal loses nothing)."""
+        if self.streamed or one_shot_fits(self.doc, settings):
+            return
+        doc = StreamedDocument.open(self.model, self._text, system=self._system, n_ctx=self.doc.session.n_ctx,
+                                    threads=self.threads, progress=self.progress)
+        try:
+            doc.plan(settings)
+        except BaseException:
+            doc.close()
+            raise
+        self.doc.close()
+        self.doc = doc
 
     def compact(self, ratio: float = 10.0, method: str = DEFAULT_METHOD, queries: str | Sequence[str] | None = None,
                 budgets: str = "uniform", recent_window: int = 0, chunk_size: int | None = None,
@@ -144,10 +246,12 @@ class Compaction(_Conversation):
                                           max_queries_per_head, holdout, seed)
         if self.doc is None:
             raise KvlocalError("ingest a document first")
-        # compaction always starts from the full cache: compacting again replaces the last result
-        # (and the conversation held on top of it)
+        self._stream_if_needed(settings)
+        # compaction always starts from the full cache (or, streamed, from the text): compacting
+        # again replaces the last result (and the conversation held on top of it)
         show = self.progress if progress is None else progress
-        with tqdm(total=len(self.doc.snapshot.keys), desc="fit", unit="layer", disable=not show, leave=False) as bar:
+        with tqdm(total=len(self.session.info.base_layers), desc="fit", unit="layer", leave=False,
+                  disable=not show or self.streamed) as bar:
             def tick(done, total):
                 bar.total = total
                 bar.n = done
@@ -155,9 +259,13 @@ class Compaction(_Conversation):
 
             run = self.doc.compact(settings, progress=tick)
         self.timings["queries_s"], self.timings["fit_s"] = run.queries_s, run.fit_s
+        self.timings["ingest_s"] = self.doc.ingest_s
         self.cache = run.cache
         self.messages = []
         self.report = CompactionSummary.of(run, self.doc)
+        self._origin, self._doc_length = run.cache.origin, self.doc.layout.length
+        if self.online is not None:  # a new compaction: the conversation starts again
+            self.auto_compact(self.online.settings)
         return self.report
 
     def save(self, path: str) -> int:
@@ -165,8 +273,14 @@ class Compaction(_Conversation):
         if self.cache is None:
             raise KvlocalError("compact the document before saving it")
         t0 = time.perf_counter()
-        size = save_session(path, self.model, self.doc.snapshot, self.cache, self.doc.layout, self.session.tokens,
-                            self.base, self.messages, {**asdict(self.report), "timings": dict(self.timings)})
+        report = {**asdict(self.report), "timings": dict(self.timings)}
+        cache, snap, base = self.cache, self.doc.snapshot, self.base
+        if self.online_records:  # the conversation compacted itself: its cells are saved as they are
+            cache, snap = current_cache(self.session, self._origin)
+            base = self.session.n_past
+            report["online"] = [r.as_dict() for r in self.online_records]
+        size = save_session(path, self.model, snap, cache, self.doc.layout, self.session.tokens, base,
+                            self.messages, report)
         self.timings["save_s"] = time.perf_counter() - t0
         return size
 
@@ -175,8 +289,10 @@ class CompactedSession(_Conversation):
     """A session reloaded from a file (``kvlocal.load``): ask() and chat() on the compacted context."""
 
     def __init__(self, path: str, model: str | binding.Model, *, chat_budget: int = CHAT_BUDGET,
-                 threads: int | None = None, verbose: bool = False):
-        """``model``: a GGUF path, or a loaded ``binding.Model`` to share (not closed here)."""
+                 threads: int | None = None, verbose: bool = False, online: OnlineSettings | None = None):
+        """``model``: a GGUF path, or a loaded ``binding.Model`` to share (not closed here).
+        ``online``: compact the conversation when it fills the context (``max_context`` cells,
+        default: the cells loaded + ``chat_budget``) instead of stopping."""
         binding.set_verbose(verbose)
         t0 = time.perf_counter()
         data = read_session(path)
@@ -184,9 +300,12 @@ class CompactedSession(_Conversation):
         self.session = None
         try:
             check_compatible(data.meta, self.model, path)
-            self.session = Session(self.model, n_ctx=pad(data.meta["cache.n_cells"] + chat_budget),
-                                   n_threads=threads, progress=False)
+            n_ctx = pad(max(data.meta["cache.n_cells"] + chat_budget, (online.max_context or 0) if online else 0))
+            self.session = Session(self.model, n_ctx=n_ctx, n_threads=threads, progress=False,
+                                   capture=online is not None)
             self._load(data, path)
+            if online is not None:
+                self.auto_compact(online)
         except BaseException:
             self.close()
             raise
@@ -216,8 +335,32 @@ class CompactedSession(_Conversation):
         self.meta = m
         self.base = self.session.n_past
         self.messages = [dict(msg) for msg in m["chat.messages"]]
+        self._loaded = (cache, snap)
+        self._origin = [np.asarray(o, np.int32) for o in data.origin]
+        self._doc_length = m["doc.end"] + len(m["doc.suffix_tokens"])  # a compacted conversation may follow
         if m.get("chat.tokens"):  # replay the conversation saved with the session, token for token
             self.session.ingest(np.asarray(m["chat.tokens"], np.int32), desc="chat")
+        if self.online is not None:
+            self.auto_compact(self.online.settings)
+
+    def save(self, path: str) -> int:
+        """Write the session as it is now - the conversation, compacted or not, included."""
+        m = self.meta
+        layout = DocumentLayout(m["doc.start"], m["doc.end"], self._doc_length)
+        # position-indexed tokens: the template around the document is known, the document's own are not kept
+        known = list(m["doc.prefix_tokens"]) + [0] * (layout.doc_end - layout.doc_start) + list(m["doc.suffix_tokens"])
+        report = dict(m["compaction.report"])
+        if self.online_records:
+            cache, snap = current_cache(self.session, self._origin)
+            base = tokens_end = self.session.n_past
+            report["online"] = list(report.get("online", [])) + [r.as_dict() for r in self.online_records]
+        else:
+            (cache, snap), base = self._loaded, self.base
+            tokens_end = self.session.n_past
+        n_conv = tokens_end - base
+        tokens = known + [0] * (base - len(known)) + (self.session.tokens[len(self.session.tokens) - n_conv:]
+                                                      if n_conv else [])
+        return save_session(path, self.model, snap, cache, layout, tokens, base, self.messages, report)
 
     def close(self) -> None:
         if getattr(self, "session", None) is not None:

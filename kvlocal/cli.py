@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -53,6 +54,7 @@ def _check_output(path: str) -> None:
 def cmd_compact(a) -> int:
     from .api import Compaction
     from .pipeline import CompactionSettings
+    from .streaming import LongContextWarning
 
     text = _read_document(a.document)
     _check_output(a.output)
@@ -62,14 +64,21 @@ def cmd_compact(a) -> int:
                                   max_queries_per_head=a.max_queries, seed=a.seed)
     t0 = time.perf_counter()
     with Compaction(a.model, n_ctx=a.ctx_size, threads=a.threads, progress=not a.quiet, verbose=a.verbose) as kv:
-        layout = kv.ingest(text, system=a.system)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LongContextWarning)
+            layout = kv.ingest(text, system=a.system)
+        for w in caught:
+            print(f"kvlocal: warning: {w.message}", file=sys.stderr)
         r = kv.compact(settings=settings)
         size = kv.save(a.output)
         t = kv.timings
+        n_ctx = kv.session.n_ctx
     total = time.perf_counter() - t0
     print(f"compacted {Path(a.document).name}: {r.tokens_before} tokens ({layout.n_doc} document) -> "
           f"{r.cells_after} cells, {r.method} at {r.ratio:g}x (effective {r.effective_ratio:.1f}x), "
           f"queries {'+'.join(r.queries)}")
+    if r.streamed_chunks:
+        print(f"  streamed   ingested and compacted in chunks: {r.streamed_chunks} of them, in a {n_ctx}-cell context")
     print(f"  KV cache   {_size(r.kv_bytes_before)} -> {_size(r.kv_bytes_after)}"
           f" ({100 * r.padding_fraction:.0f} % padding); session file {_size(size)} -> {a.output}")
     print(f"  time       ingest {t['ingest_s']:.1f} s, queries {t['queries_s']:.1f} s, fit {t['fit_s']:.1f} s, "
@@ -101,8 +110,14 @@ def cmd_ask(a) -> int:
 
 def cmd_chat(a) -> int:
     from .api import CompactedSession
+    from .online import OnlineSettings
 
-    with CompactedSession(a.session, a.model, threads=a.threads, verbose=a.verbose) as s:
+    online = None
+    if a.max_context is not None:
+        online = OnlineSettings(max_context=a.max_context, ratio=a.online_ratio, keep_recent=a.keep_recent)
+    if a.save:
+        _check_output(a.save)
+    with CompactedSession(a.session, a.model, threads=a.threads, verbose=a.verbose, online=online) as s:
         m = s.meta
         print(f"kvlocal chat: {Path(a.session).name} ({m['cache.n_cells']} cells standing for "
               f"{m['cache.logical_length']} tokens, {m['compaction.method']} {m['compaction.ratio']:g}x), "
@@ -118,10 +133,18 @@ def cmd_chat(a) -> int:
             if line.strip() == "/reset":
                 s.reset()
                 continue
+            seen = len(s.online_records)
             for piece in s.chat(line, max_tokens=a.n_predict, stream=True, sampler=_sampler(a)):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+            for r in s.online_records[seen:]:
+                err = f", held-out attention error {r.heldout_output_rel_l2:.3f}" if r.heldout_output_rel_l2 else ""
+                print(f"[compacted the conversation: {r.cells_before} -> {r.cells_after} cells, {r.method} at "
+                      f"{r.ratio:g}x{err}]", file=sys.stderr)
+        if a.save:
+            size = s.save(a.save)
+            print(f"saved {a.save} ({_size(size)})")
     return 0
 
 
@@ -242,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=40)
         p.add_argument("--top-p", type=float, default=0.95)
         p.add_argument("--seed", type=int, default=0)
+        if name == "chat":
+            p.add_argument("--max-context", type=int, default=None,
+                           help="cells the chat may hold; when full it compacts its older part (default: stop)")
+            p.add_argument("--online-ratio", type=float, default=4.0, help="ratio of those compactions (default 4)")
+            p.add_argument("--keep-recent", type=int, default=128, help="last tokens never compacted (default 128)")
+            p.add_argument("--save", default=None, help="write the session (conversation included) here on exit")
         p.set_defaults(func=func)
 
     e = sub.add_parser("eval", help="evaluate methods x ratios against the full cache and baselines")

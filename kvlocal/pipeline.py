@@ -124,17 +124,17 @@ class CompactionSummary:
     heldout_output_rel_l2: float | None
     heldout_mass_err: float | None
     layer_errors: dict
+    streamed_chunks: int = 0  # > 0: ingested and compacted in this many chunks (longer than the context)
 
     @classmethod
     def of(cls, run: CompactionRun, doc: IngestedDocument) -> CompactionSummary:
         """The summary of ``run`` on ``doc`` (the bytes after compaction count cells, padding included)."""
-        report, snap = run.report, doc.snapshot
-        per_cell = doc.full_kv_bytes // max(snap.n_cells, 1)
+        report, per_cell = run.report, doc.kv_bytes_per_cell
         return cls(report.method, float(report.ratio), list(run.settings.sources), str(run.settings.budgets),
                    doc.layout.length, report.n_cells, report.n_document, report.effective_ratio,
                    report.padding_fraction, doc.full_kv_bytes, per_cell * report.n_cells, dict(report.notes),
                    report.chunks, report.mean_error("output_rel_l2"), report.mean_error("mass_err"),
-                   {str(k): v for k, v in report.layer_errors.items()})
+                   {str(k): v for k, v in report.layer_errors.items()}, doc.streamed_chunks)
 
 
 @dataclass
@@ -174,6 +174,12 @@ class IngestedDocument:
     @property
     def full_kv_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in zip(self.snapshot.keys, self.snapshot.values, strict=True))
+
+    @property
+    def kv_bytes_per_cell(self) -> int:
+        return self.full_kv_bytes // max(self.snapshot.n_cells, 1)
+
+    streamed_chunks = 0  # ingested whole
 
     def restore(self) -> None:
         """Back to the full cache (the conversation on top of a compaction is dropped)."""
@@ -228,13 +234,15 @@ def stage_layers(n_layers: int, stages: int) -> list[list[int]]:
 
 def compact_on_policy(session: Session, layout: DocumentLayout, snap: KVSnapshot, compactor: Compactor,
                       sources: Sequence[str], stages: int, first: QuerySet | None = None,
-                      facts: np.ndarray | None = None) -> tuple[CompactedCache, object, float]:
+                      facts: np.ndarray | None = None,
+                      bias: list[np.ndarray] | None = None) -> tuple[CompactedCache, object, float]:
     """Compact ``snap`` (the session's uncompacted document) in ``stages`` on-policy stages.
 
     ``first``: queries of the original cache if the caller has them already.  Returns the final
     cache (to inject, as after ``Compactor.compact``; the session holds the last stage's mixed
     cache until then), the report of the last stage (kept keys, budgets and the held-out errors of
-    every layer) and the seconds spent collecting queries."""
+    every layer) and the seconds spent collecting queries.  ``bias``: what the cells carry already
+    (a document streamed in chunks: the compacted chunks before this one)."""
     groups = stage_layers(len(snap.keys), stages)
     given: dict = {}
     errors: dict = {}
@@ -245,7 +253,7 @@ def compact_on_policy(session: Session, layout: DocumentLayout, snap: KVSnapshot
         queries = first if (i == 0 and first is not None) else collect_queries(session, layout, sources)
         query_s += time.perf_counter() - t0
         later = [li for g in groups[i + 1:] for li in g]
-        cache, report = compactor.compact(snap, layout.doc_start, layout.doc_end, queries, facts=facts,
+        cache, report = compactor.compact(snap, layout.doc_start, layout.doc_end, queries, bias=bias, facts=facts,
                                           whole_layers=later, given=given)
         fit_s += report.seconds
         given.update(report.results)

@@ -43,9 +43,9 @@ class QuerySource:
 
     @staticmethod
     def _check_room(session: Session, n_tokens: int, what: str) -> None:
-        need = session.n_past + n_tokens
+        need = session.cells[0] + n_tokens  # cells, not positions: a compacted past holds fewer
         if need > session.n_ctx:
-            raise KvlocalError(f"{what} needs {need} tokens of context (the document and {n_tokens} more) but "
+            raise KvlocalError(f"{what} needs {need} cells of context (the document and {n_tokens} more) but "
                                f"the session holds {session.n_ctx}; open it with n_ctx >= {need}")
 
 

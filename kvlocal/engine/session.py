@@ -176,6 +176,16 @@ class Session:
         annotations such as kvlocal.am.facts."""
         return [self.model.detokenize([t]) for t in self.tokens[:n]]
 
+    def document_tokens(self, document: str, system: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tokens of ``document`` in a user turn of the chat template (after an optional
+        system turn): template prefix (with BOS), the document, the end of the turn."""
+        if not document or not document.strip():
+            raise DocumentError("the document is empty")
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": CONTENT_MARK}]
+        before, after = self.template_around(messages)
+        return self.tokenize(before, bos=True), self.tokenize(document, special=False), self.tokenize(after)
+
     def ingest_document(self, document: str, *, system: str | None = None, capture_queries: bool = False,
                         reserve: int = 0) -> DocumentLayout:
         """Put ``document`` in a user turn of the chat template at the start of sequence 0.
@@ -185,14 +195,7 @@ class Session:
         """
         if self.n_past:
             raise DocumentError("the session already holds tokens; ingest the document into a new session")
-        if not document or not document.strip():
-            raise DocumentError("the document is empty")
-        messages = ([{"role": "system", "content": system}] if system else []) + \
-            [{"role": "user", "content": CONTENT_MARK}]
-        before, after = self.template_around(messages)
-        prefix = self.tokenize(before, bos=True)
-        doc = self.tokenize(document, special=False)
-        suffix = self.tokenize(after)
+        prefix, doc, suffix = self.document_tokens(document, system)
         total = len(prefix) + len(doc) + len(suffix)
         if total + reserve > self.n_ctx:
             raise DocumentError(
@@ -291,6 +294,29 @@ class Session:
         if self.n_past != cache.logical_length:
             raise KvlocalError(f"after injecting, decoding would continue at {self.n_past}, not "
                                f"{cache.logical_length}")
+
+    def bias(self) -> list[np.ndarray]:
+        """Per base layer ``[n_cells, H_kv]``: the bias sequence 0's cells carry, in the cell order of
+        ``snapshot()`` (0 for cells decoded since the last ``inject``; all 0 when the bias is off)."""
+        n_cells = self.cells[0]
+        out = []
+        for il in self.info.base_layers:
+            b = self.ctx.bias_get(il) if self.ctx.bias_cells(il) >= 0 else \
+                np.zeros((n_cells, self.info.n_head_kv), np.float32)
+            if len(b) != n_cells:
+                raise KvlocalError(f"layer {il}: the engine holds a bias for {len(b)} cells, the sequence {n_cells}")
+            out.append(b)
+        return out
+
+    def clear(self) -> None:
+        """Empty the context (cells, bias, history) for a new document."""
+        self.ctx.clear()
+        self.ctx.bias_enable(False)
+        self.compacted = False
+        self.cells = [0, 0]
+        self.tokens.clear()
+        self.layout = None
+        self.context_queries = None
 
     def restore(self, blob: bytes) -> None:
         """Restore an uncompacted state of sequence 0 (bias off)."""

@@ -281,3 +281,25 @@ def identity_compaction(snap: KVSnapshot, doc_start: int, doc_end: int) -> Compa
     return assemble([shared_segment(snap, np.arange(doc_start)),
                      per_head_segment(blocks, doc_start, doc_end, snap.dtype),
                      shared_segment(snap, np.arange(doc_end, snap.n_cells))], snap.logical_length)
+
+
+def trace_origin(cell_origin: list[np.ndarray], positions: np.ndarray, origin: list[np.ndarray]) -> list[np.ndarray]:
+    """Re-compaction's bookkeeping: a compaction names the source of each slot by the position of
+    the *cell* it came from (``Compactor.compact`` output); when those cells held compacted keys
+    themselves, the original position is the one they recorded.  ``positions``: the compacted
+    cells' positions (strictly increasing, as a snapshot of an injected cache holds them);
+    ``origin``: per layer ``[n, H_kv]`` what each of them holds.  Returns per layer ``[N, H_kv]``
+    original positions, -1 for padding."""
+    positions = np.asarray(positions)
+    if len(positions) > 1 and not (np.diff(positions) > 0).all():
+        raise InjectError("cell positions must increase strictly to trace where keys came from")
+    out = []
+    for co, o in zip(cell_origin, origin, strict=True):
+        co = np.asarray(co)
+        idx = np.clip(np.searchsorted(positions, np.maximum(co, 0)), 0, len(positions) - 1)
+        real = co >= 0
+        if not np.array_equal(positions[idx][real], co[real]):
+            raise InjectError("a compacted slot names a cell the compacted cache did not have")
+        heads = np.broadcast_to(np.arange(co.shape[1]), co.shape)
+        out.append(np.where(real, np.asarray(o)[idx, heads], -1).astype(np.int32))
+    return out

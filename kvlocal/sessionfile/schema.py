@@ -135,7 +135,8 @@ def build_meta(model, snapshot, cache, layout, tokens: list[int], base: int, mes
         "doc.suffix_tokens": tokens[layout.doc_end: layout.length], "chat.messages": messages,
         "chat.tokens": tokens[base:],
         "compaction.method": report["method"], "compaction.ratio": report["ratio"],
-        "compaction.queries": ",".join(report["queries"]), "compaction.budgets": report["budgets"],
+        # GGUF writers drop empty strings: a method without query sources says "none"
+        "compaction.queries": ",".join(report["queries"]) or "none", "compaction.budgets": report["budgets"],
         "compaction.report": report,
     }
 
@@ -172,7 +173,8 @@ def describe(meta: dict, path) -> list[str]:
         f"(document {meta['doc.start']}..{meta['doc.end']}), layers {len(meta['cache.layers'])}"
         + (", with SWA section" if meta["cache.has_swa"] else ""),
         f"  compaction {meta['compaction.method']} at {meta['compaction.ratio']:g}x, queries "
-        f"{meta['compaction.queries']}, budgets {meta['compaction.budgets']}",
+        f"{meta['compaction.queries']}, budgets {meta['compaction.budgets']}"
+        + (f", streamed in {report['streamed_chunks']} chunks" if report.get("streamed_chunks") else ""),
     ]
     if report.get("heldout_output_rel_l2") is not None:
         lines.append(f"  quality    held-out attention error {report['heldout_output_rel_l2']:.3f}, "

@@ -21,6 +21,7 @@ from kvlocal.cli import main as cli
 from kvlocal.errors import KvlocalError, ModelError
 from kvlocal.engine.session import DocumentError
 from kvlocal.sessionfile import SessionFileError, read_info, read_session, write_session
+from kvlocal.streaming import LongContextWarning
 from models import tiny
 
 QUESTION = "What is the magic number for the lighthouse?"
@@ -221,13 +222,15 @@ def test_bad_documents_and_settings(load_model):
     with Compaction(model, progress=False) as kv:
         with pytest.raises(DocumentError, match="empty"):
             kv.ingest("  \n ")
-        with pytest.raises(DocumentError, match="split the document"):
-            kv.ingest(TEXT * 12)  # beyond the tiny model's 2048-token context
         with pytest.raises(KvlocalError, match="ingest a document first"):
             kv.compact()
+    with Compaction(model, progress=False) as kv, pytest.warns(LongContextWarning, match="beyond the 2048"):
+        kv.ingest(TEXT * 12)  # beyond the tiny model's 2048-token context: streamed, with a warning
+        assert kv.streamed
     with Compaction(model, progress=False, n_ctx=256) as kv:
-        with pytest.raises(DocumentError, match="n_ctx >= "):
-            kv.ingest(TEXT)
+        kv.ingest(TEXT)  # longer than the context: planned when the ratio is known
+        with pytest.raises(DocumentError, match="does not fit a 256-cell context at ratio 10 .* use a context of at least"):
+            kv.compact()
     with Compaction(model, progress=False) as kv:
         kv.ingest(TEXT)
         with pytest.raises(KvlocalError, match="compact the document before saving"):
@@ -297,7 +300,7 @@ def test_cli_bad_input_exits_nonzero_and_writes_nothing(tiny_dir, tmp_path, caps
     cases = [
         (["compact", empty, "-m", model, "-o", out], "empty"),
         (["compact", doc, "-m", model, "-o", out, "--ratio", "1"], "must be > 1"),
-        (["compact", doc, "-m", model, "-o", out, "-c", "200"], "n_ctx >="),
+        (["compact", doc, "-m", model, "-o", out, "-c", "200"], "-cell context at ratio 10"),
         (["compact", doc, "-m", tmp_path / "none.gguf", "-o", out], "model file not found"),
         (["compact", tmp_path / "nodoc.txt", "-m", model, "-o", out], "document not found"),
         (["compact", doc, "-m", model, "-o", tmp_path / "no" / "dir.kvs"], "does not exist"),

@@ -1,0 +1,339 @@
+"""Documents longer than the context: compact while ingesting (issue 12).
+
+    doc = StreamedDocument.plan(model, text, settings, n_ctx=2048)   # tokenized, chunks planned
+    run = doc.compact()                                             # ingest a chunk, compact it, ...
+
+A chunk of the document is ingested on top of the cells that hold the chunks before it, already
+compacted; its reference queries are taken (its own context-prefill queries, and the second-pass
+sources - repeat-prefill, self-study, ... - run on the chunk alone in the room the context has
+left), the chunk's cells are fitted at the settings' ratio against those queries, and the
+compacted cache is written back before the next chunk comes.  The cells of earlier chunks keep
+the bias they were fitted with (``Compactor.compact(bias=...)``); positions keep counting, so
+the cache stands for every token of the document while holding only the context's worth of cells.
+This is the paper's chunked compaction done online: each chunk is fitted with queries that see
+the compacted past, not the original one.
+
+``plan_chunks`` decides, before any decoding, how many chunks the document needs so that at
+every step the compacted past + the chunk + the room its query passes need fit the context, and
+refuses a ratio that cannot fit with the smallest ratio (and the smallest context) that would.
+Positions past the model's training context are allowed with a ``LongContextWarning``: llama.cpp
+applies RoPE there as everywhere, without scaling, and what the model does with them is its own
+limit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from .am import CompactionReport
+from .engine import binding
+from .engine.capture import QueryCapture
+from .engine.queries import QUERY_SOURCES, collect_queries
+from .engine.session import DocumentError, DocumentLayout, Session
+from .errors import KvlocalError
+from .kv.cache import CompactedCache, KVSnapshot, trace_origin
+from .kv.queryset import QuerySet
+from .pipeline import REPEAT_MARGIN, CompactionRun, CompactionSettings, IngestedDocument, compact_on_policy
+
+MIN_CHUNK = 64  # document tokens per chunk, at the least
+TEMPLATE_ROOM = 64  # a second pass's prompt around the chunk (chat template, instruction)
+STREAM_CONTEXT = 8192  # the context a long document streams into when none is given (or the training one if smaller)
+
+# cells a query source needs beyond the cache while it runs (in the scratch sequence), for a chunk of n tokens
+SOURCE_ROOM = {
+    "context-prefill": lambda n: 0,
+    "repeat-prefill": lambda n: n + TEMPLATE_ROOM,
+    "kvzip": lambda n: min(n, 2000) + TEMPLATE_ROOM + 16,
+    "self-study": lambda n: 2 * (160 + TEMPLATE_ROOM),  # a two-turn conversation of 160-token answers
+    "recall": lambda n: 128 + TEMPLATE_ROOM,
+}
+
+
+class LongContextWarning(UserWarning):
+    """The document takes positions beyond the model's training context."""
+
+
+def source_room(sources, n: int) -> int:
+    """Scratch cells the query ``sources`` need for a chunk of ``n`` tokens (they run one after another)."""
+    return max([0] + [SOURCE_ROOM[QUERY_SOURCES.get(src).name](n) for src in sources])
+
+
+def kept_cells(n: int, ratio: float) -> int:
+    """Cells a chunk of ``n`` document tokens keeps at ``ratio`` with uniform budgets (``Compactor._budgets``)."""
+    return max(1, int(round(n / ratio)))
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How a document of ``n_doc`` tokens streams through a context of ``n_ctx`` cells."""
+
+    n_ctx: int
+    bounds: tuple[tuple[int, int], ...]  # [lo, hi) offsets into the document, per chunk
+    peak: int  # the most cells held at once (cache + chunk + a query pass's room)
+    cells_after: int  # cells of the compacted document (template and recent window included)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.bounds)
+
+
+def _try(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: float, sources, m: int,
+         recent_window: int) -> ChunkPlan | None:
+    edges = np.linspace(0, n_doc, m + 1).round().astype(int)
+    bounds = tuple((int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True))
+    held, peak = n_prefix, 0
+    for i, (lo, hi) in enumerate(bounds):
+        n = hi - lo
+        if n < min(MIN_CHUNK, n_doc):
+            return None
+        last = i == m - 1
+        fresh = n + (n_suffix if last else 0)
+        peak = max(peak, held + fresh + source_room(sources, n))
+        whole = min(recent_window, n) if last else 0
+        held += kept_cells(n - whole, ratio) + whole
+    if peak > n_ctx:
+        return None
+    return ChunkPlan(n_ctx, bounds, peak, held + n_suffix)
+
+
+def plan_chunks(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: float, sources=(),
+                recent_window: int = 0) -> ChunkPlan:
+    """The fewest equal chunks that stream the document through ``n_ctx`` cells at ``ratio``, or a
+    ``DocumentError`` naming the smallest ratio (and context) that would work."""
+    if n_doc < 1:
+        raise DocumentError("the document is empty")
+    for m in range(1, max(1, n_doc // MIN_CHUNK) + 1):
+        plan = _try(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, m, recent_window)
+        if plan is not None:
+            return plan
+    # what would work: the smallest ratio in this context, the smallest context at this ratio
+    need_ratio = _smallest(lambda r: _fits(n_prefix, n_doc, n_suffix, n_ctx, r, sources, recent_window),
+                           ratio, float(n_doc))
+    need_ctx = _smallest(lambda c: _fits(n_prefix, n_doc, n_suffix, int(c), ratio, sources, recent_window),
+                         n_ctx, float(n_prefix + n_doc + n_suffix + source_room(sources, n_doc) + 1))
+    hint = [f"a ratio of at least {math.ceil(need_ratio * 10) / 10:g}" if need_ratio is not None else None,
+            f"a context of at least {math.ceil(need_ctx)} cells" if need_ctx is not None else None]
+    raise DocumentError(f"a {n_doc}-token document does not fit a {n_ctx}-cell context at ratio {ratio:g} "
+                        f"(the compacted chunks, the next chunk and its query passes "
+                        f"({', '.join(sources) or 'none'}) must fit together); use "
+                        + " or ".join(h for h in hint if h))
+
+
+def _fits(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window) -> bool:
+    return any(_try(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, m, recent_window) is not None
+               for m in range(1, max(1, n_doc // MIN_CHUNK) + 1))
+
+
+def _smallest(ok, lo: float, hi: float) -> float | None:
+    """The smallest x in (lo, hi] with ok(x) (ok monotone), to 1 % or 1 unit; None if ok(hi) fails."""
+    if not ok(hi):
+        return None
+    for _ in range(40):
+        if hi - lo <= max(1.0, 0.01 * hi):
+            break
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
+
+
+def streams(model: binding.Model, n_doc: int, n_ctx: int | None) -> bool:
+    """Must a document of ``n_doc`` tokens be compacted while it is ingested?  With ``n_ctx``
+    given: when it does not fit it once; otherwise when the training context cannot hold it and a
+    repeat-prefill of it (``pipeline.context_size``)."""
+    if n_ctx is not None:
+        return n_doc + TEMPLATE_ROOM > n_ctx
+    return 2 * n_doc + REPEAT_MARGIN > model.n_ctx_train
+
+
+def one_shot_fits(doc: IngestedDocument, settings: CompactionSettings) -> bool:
+    """Do the query passes ``settings`` need fit beside the document ingested whole?"""
+    method = settings.compactor().method
+    sources = settings.sources if method.needs_queries else ()
+    return doc.layout.length + source_room(sources, doc.layout.n_doc) <= doc.session.n_ctx
+
+
+def stream_context(model: binding.Model, n_ctx: int | None) -> int:
+    return n_ctx if n_ctx is not None else min(model.n_ctx_train, STREAM_CONTEXT)
+
+
+@dataclass
+class StreamedDocument:
+    """A document compacted chunk by chunk while it is ingested, in a context smaller than it."""
+
+    session: Session
+    layout: DocumentLayout  # logical positions of the whole document
+    tokens: tuple  # (prefix, doc, suffix) token arrays
+    snapshot: KVSnapshot | None = None  # the cells after the last chunk was ingested, before it was compacted
+    ingest_s: float = 0.0
+    per_cell_bytes: int = 0
+    reports: list = field(default_factory=list)
+
+    @classmethod
+    def open(cls, model: binding.Model, text: str, *, system: str | None = None, n_ctx: int | None = None,
+             threads: int | None = None, progress: bool = True) -> StreamedDocument:
+        """Tokenize ``text`` into a session of ``n_ctx`` cells (default ``STREAM_CONTEXT`` or the
+        training context if smaller); nothing is decoded until ``compact``."""
+        s = Session(model, n_ctx=stream_context(model, n_ctx), n_threads=threads, capture=True, progress=progress)
+        try:
+            prefix, doc, suffix = s.document_tokens(text, system)
+        except BaseException:
+            s.close()
+            raise
+        n = len(prefix) + len(doc)
+        layout = DocumentLayout(len(prefix), n, n + len(suffix))
+        if layout.length > model.n_ctx_train:
+            warnings.warn(f"the document takes positions up to {layout.length}, beyond the {model.n_ctx_train} "
+                          f"{model.path.name} was trained for: llama.cpp applies RoPE there unscaled, and "
+                          "what the model makes of it is its own limit", LongContextWarning, stacklevel=2)
+        return cls(s, layout, (prefix, doc, suffix))
+
+    def plan(self, settings: CompactionSettings) -> ChunkPlan:
+        """The chunks ``settings`` need in this context; every refusal comes here, before decoding."""
+        if settings.budgets != "uniform":
+            raise KvlocalError("a document longer than the context compacts with uniform budgets only "
+                               "(unequal heads would need cells the plan cannot promise)")
+        if "kvzip" in [QUERY_SOURCES.get(src).name for src in settings.sources]:
+            raise KvlocalError("kvzip scoring needs the uncompacted document: it cannot run on a document "
+                               "longer than the context (choose another query source or method)")
+        method = settings.compactor().method
+        sources = settings.sources if method.needs_queries else ()
+        prefix, doc, suffix = self.tokens
+        return plan_chunks(len(prefix), len(doc), len(suffix), self.session.n_ctx, settings.ratio, sources,
+                           settings.recent_window)
+
+    @property
+    def full_kv_bytes(self) -> int:
+        """What the whole document's cache would take (it is never held)."""
+        return self.per_cell_bytes * self.layout.length
+
+    @property
+    def kv_bytes_per_cell(self) -> int:
+        return self.per_cell_bytes
+
+    @property
+    def streamed_chunks(self) -> int:
+        return len(self.reports)
+
+    def compact(self, st: CompactionSettings, progress=None) -> CompactionRun:  # noqa: ARG002 (tokens, not layers)
+        """Ingest and compact chunk by chunk; the session ends holding the compacted document.
+        Compacting again starts over from the text (the whole cache was never held)."""
+        plan = self.plan(st)
+        s = self.session
+        s.clear()
+        self.reports, self.ingest_s = [], 0.0
+        compactor = st.compactor()
+        method = compactor.method
+        sources = st.sources if method.needs_queries else ()
+        prefix, doc, suffix = self.tokens
+        facts = None
+        if method.uses_facts:
+            allt = np.concatenate([prefix, doc, suffix])
+            facts = method.fact_mask([s.model.detokenize([int(t)]) for t in allt])
+        queries_s = fit_s = 0.0
+        notes: Counter = Counter()
+        cache = previous = None
+        t_ingest = time.perf_counter()
+        if len(prefix):
+            s.ingest(prefix, desc="ingest")
+        self.ingest_s += time.perf_counter() - t_ingest
+        d0 = self.layout.doc_start
+        bar = tqdm(total=len(doc), desc="ingest+compact", unit="tok", unit_scale=True, disable=not s.progress)
+        with bar:
+            for i, (lo, hi) in enumerate(plan.bounds):
+                last = i == plan.n_chunks - 1
+                fresh = np.concatenate([doc[lo:hi], suffix]) if last else doc[lo:hi]
+                t0 = time.perf_counter()
+                capture = QueryCapture(s.info, source="context-prefill")
+                quiet, s.progress = s.progress, False
+                try:
+                    with s.capturing(capture):
+                        s.ingest(fresh, desc="ingest")
+                finally:
+                    s.progress = quiet
+                self.ingest_s += time.perf_counter() - t0
+                own = capture.result()
+                own.anchors[: hi - lo] = own.positions[: hi - lo]
+                chunk = DocumentLayout(d0 + lo, d0 + hi, s.n_past)
+                snap = s.snapshot()
+                if not self.per_cell_bytes:
+                    self.per_cell_bytes = sum(k.nbytes + v.nbytes for k, v in zip(snap.keys, snap.values,
+                                                                                  strict=True)) // snap.n_cells
+                bias = s.bias() if cache is not None else None
+                t0 = time.perf_counter()
+                qs = self._queries(chunk, sources, own)
+                queries_s += time.perf_counter() - t0
+                c = compactor if last else _without_window(st)
+                if method.stages > 1 and sources:
+                    cache, report, more_s = compact_on_policy(s, chunk, snap, c, sources, method.stages, first=qs,
+                                                              facts=facts, bias=bias)
+                    queries_s += more_s
+                else:
+                    cache, report = c.compact(snap, chunk.doc_start, chunk.doc_end, qs, bias=bias, facts=facts)
+                if bias is not None:
+                    _carry_origin(cache, previous, snap)
+                previous = cache
+                fit_s += report.seconds
+                notes.update(report.notes)
+                report.results = {}  # not kept: a long document's fits would pile up
+                self.reports.append(report)
+                s.inject(cache, snap)
+                self.snapshot = snap
+                bar.update(hi - lo)
+                bar.set_postfix(chunk=f"{i + 1}/{plan.n_chunks}", cells=cache.n_cells)
+        return CompactionRun(cache, self._merged(cache, notes), st, tuple(sources), queries_s, fit_s)
+
+    def _queries(self, chunk: DocumentLayout, sources, own: QuerySet) -> QuerySet:
+        """The chunk's reference queries: its own context-prefill ones (captured while it was
+        ingested) and the second-pass sources run on it."""
+        names = [QUERY_SOURCES.get(src).name for src in sources]
+        if not names:
+            return own  # methods without queries: they score the held-out error
+        parts = [own if n == "context-prefill" else collect_queries(self.session, chunk, [n]) for n in names]
+        return QuerySet.concat(parts)
+
+    def _merged(self, cache: CompactedCache, notes: Counter) -> CompactionReport:
+        """One report for all chunks: document cells and kept keys summed, per-layer held-out errors
+        averaged over the chunks."""
+        rs = self.reports
+        errors: dict = {}
+        for r in rs:
+            for il, e in r.layer_errors.items():
+                acc = errors.setdefault(il, {"output_rel_l2": 0.0, "mass_err": 0.0, "n": 0})
+                acc["output_rel_l2"] += e["output_rel_l2"]
+                acc["mass_err"] += e["mass_err"]
+                acc["n"] += 1
+        for e in errors.values():
+            n = e.pop("n")
+            e["output_rel_l2"] /= n
+            e["mass_err"] /= n
+        out = CompactionReport(rs[-1].method, rs[-1].ratio, sum(r.n_document for r in rs), cache.n_cells,
+                               sum(r.kept_keys for r in rs), rs[-1].heads, sum(r.chunks for r in rs),
+                               cache.padding_fraction, sum(r.seconds for r in rs), dict(notes),
+                               dict(sorted(errors.items())), [b for r in rs for b in r.budgets])
+        return out
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _without_window(settings: CompactionSettings):
+    """The compactor of every chunk but the last: the recent window is the end of the document."""
+    from dataclasses import replace
+
+    return replace(settings, recent_window=0).compactor()
+
+
+def _carry_origin(cache: CompactedCache, previous: CompactedCache, snap: KVSnapshot) -> None:
+    """The earlier chunks' cells went through this compaction as protected cells: give their
+    slots (and any re-fitted ones) the original positions those cells recorded."""
+    n = previous.n_cells
+    fresh = snap.positions[n:]
+    held = [np.concatenate([o, np.repeat(fresh[:, None], o.shape[1], axis=1)]) for o in previous.origin]
+    cache.origin = trace_origin(cache.origin, snap.positions, held)

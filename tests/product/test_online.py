@@ -1,0 +1,149 @@
+"""Chats that compact themselves when the context fills (kvlocal.online)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import TEXT
+from kvlocal.am import Compactor
+from kvlocal.api import CompactedSession, Compaction
+from kvlocal.engine.session import DocumentError
+from kvlocal.errors import KvlocalError
+from kvlocal.kv.cache import CompactedCache
+from kvlocal.online import OnlineSettings
+from models import tiny
+
+QUESTION = "What is the magic number for the lighthouse?"
+ONLINE = OnlineSettings(max_context=384, ratio=4, keep_recent=64, method="am-highest")
+
+
+@pytest.fixture
+def saved(load_model, tmp_path):
+    path = tmp_path / "doc.kvs"
+    with Compaction(load_model("llama-gqa"), progress=False) as kv:
+        kv.ingest(TEXT)
+        kv.compact(ratio=4, method="am-highest", queries="context")
+        kv.save(str(path))
+    return path
+
+
+def _talk(s, turns=8, tokens=60, strict=True):
+    for i in range(turns):
+        s.chat(f"Tell me more, part {i}.", max_tokens=tokens)
+        if strict and s.online is not None:
+            assert s.session.cells[0] <= s.online.settings.max_context
+
+
+def test_a_chat_runs_past_its_context(load_model, saved):
+    model = load_model("llama-gqa")
+    with CompactedSession(str(saved), model, chat_budget=256) as s:  # without: it stops
+        with pytest.raises(DocumentError, match="larger n_ctx"):
+            _talk(s)
+    with CompactedSession(str(saved), model, chat_budget=256, online=ONLINE) as s:
+        doc_cells = s.session.cells[0]
+        before = s.session.snapshot()
+        bias_before = s.session.bias()
+        _talk(s)
+        records = s.online_records
+        assert len(records) >= 2 and s.session.n_past > 2 * ONLINE.max_context
+        for r in records:
+            assert r.cells_after < r.cells_before <= ONLINE.max_context and r.method == "am-highest"
+            assert r.region[0] == s.meta["doc.end"] + len(s.meta["doc.suffix_tokens"])
+            assert r.heldout_output_rel_l2 is not None and np.isfinite(r.heldout_output_rel_l2)
+        after = s.session.snapshot()
+        bias_after = s.session.bias()
+        for il in range(len(before.keys)):  # the document's cells are never touched
+            assert np.array_equal(after.keys[il][:doc_cells], before.keys[il][:doc_cells])
+            assert np.array_equal(after.values[il][:doc_cells], before.values[il][:doc_cells])
+            assert np.array_equal(bias_after[il][:doc_cells], bias_before[il][:doc_cells])
+        recent = np.arange(s.session.n_past - ONLINE.keep_recent, s.session.n_past)
+        assert np.isin(recent, after.positions).all()  # the last tokens stay whole
+        assert s.ask(QUESTION, max_tokens=6) is not None
+
+
+def test_save_and_reload_after_online_compaction(load_model, saved, tmp_path):
+    model = load_model("llama-gqa")
+    out = tmp_path / "chat.kvs"
+    with CompactedSession(str(saved), model, chat_budget=256, online=ONLINE) as s:
+        _talk(s, turns=6)
+        assert s.online_records
+        n_past, messages = s.session.n_past, list(s.messages)
+        s.save(str(out))
+        prompt = s.session.chat_tokens([{"role": "user", "content": QUESTION}])
+        logits = s.session.decode(prompt)[-1].copy()
+    with CompactedSession(str(out), model) as r:
+        assert r.session.n_past == n_past and r.messages == messages
+        assert len(r.meta["compaction.report"]["online"]) == len(s.online_records)
+        assert np.array_equal(r.session.decode(prompt)[-1], logits)
+    with CompactedSession(str(out), model, chat_budget=256, online=ONLINE) as r:  # and it goes on compacting
+        _talk(r, turns=4, strict=False)  # max_context may be passed until this conversation has queries
+        assert r.online_records and r.session.cells[0] <= ONLINE.max_context
+        r.save(str(out))
+        more = len(r.online_records)
+    with CompactedSession(str(out), model) as r:  # the records of both conversations, in order
+        assert len(r.meta["compaction.report"]["online"]) == len(s.online_records) + more
+        assert r.ask(QUESTION, max_tokens=4) is not None
+
+
+def test_recompacting_a_compacted_region_keeps_its_bias(load_model):
+    """Bias on top of bias: the cells of an earlier compaction, compacted again with every key
+    kept (ratio ~1: the identity fit), must come back with the bias they carried - the logits stay
+    bit for bit.  Dropping that bias (a planted bug) moves them."""
+    model = load_model("llama-gqa")
+    with Compaction(model, progress=False) as kv:
+        kv.ingest(TEXT)
+        kv.compact(ratio=4, method="am-highest", queries="context")
+        s = kv.session
+        kv.chat("hello there", max_tokens=12)
+        assert kv.cache.has_bias
+        probe = s.chat_tokens([{"role": "user", "content": QUESTION}])
+        start = s.n_past
+        snap, bias = s.snapshot(), s.bias()
+        assert any(b[: kv.cache.n_cells].any() for b in bias) and not any(b[kv.cache.n_cells:].any() for b in bias)
+
+        def logits(cache):
+            s.inject(cache, snap)
+            out = s.decode(probe)[-1].copy()
+            s.rewind(start)
+            return out
+
+        ref = logits(CompactedCache(snap.positions.copy(), snap.keys, snap.values, bias, snap.logical_length))
+
+        def recompact(given):
+            return Compactor("am-highest", ratio=1.0001).compact(snap, kv.layout.doc_start, s.n_past,
+                                                                  s.context_queries, bias=given)[0]
+
+        cache = recompact(bias)
+        for il in range(len(bias)):  # every cell kept, in order, with the bias it had
+            assert np.array_equal(cache.bias[il], bias[il])
+        assert np.array_equal(logits(cache), ref)
+        wrong = logits(recompact(None))  # planted: the region's bias forgotten
+        assert np.abs(wrong - ref).max() > 1e-2
+
+
+def test_online_settings_are_checked(load_model, saved):
+    with pytest.raises(KvlocalError, match="twice keep_recent"):
+        OnlineSettings(max_context=100, keep_recent=64)
+    with pytest.raises(KvlocalError, match="must be > 1"):
+        OnlineSettings(ratio=1)
+    with pytest.raises(KvlocalError, match="unknown compaction method"):
+        OnlineSettings(method="nope")
+    with CompactedSession(str(saved), load_model("llama-gqa"), chat_budget=256,
+                          online=OnlineSettings(max_context=260, keep_recent=128, method="am-highest")) as s:
+        with pytest.raises(KvlocalError, match="would not make room"):
+            _talk(s, turns=4)
+
+
+def test_cli_chat_compacts_and_saves(tiny_dir, saved, tmp_path):
+    model = tiny.ensure_tiny(tiny_dir, "llama-gqa")
+    out = tmp_path / "after.kvs"
+    lines = "".join(f"Tell me more, part {i}.\n" for i in range(8)) + "\n"
+    res = subprocess.run([sys.executable, "-m", "kvlocal", "chat", str(saved), "-m", str(model), "-n", "60",
+                          "--max-context", "384", "--keep-recent", "64", "--save", str(out)],
+                         input=lines, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "[compacted the conversation:" in res.stderr and out.is_file()
