@@ -53,6 +53,7 @@ bench: setup
 	$(VPY) bench/facts_heldout.py
 	$(VPY) bench/fact_share.py
 	$(VPY) bench/influence_budgets.py
+	$(VPY) bench/long_document.py
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,am-facts-fitted:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-niah
@@ -64,6 +65,8 @@ bench: setup
 		--out bench/results/directions
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality --max-queries 0 \
 		--methods am-highest:repeat,am-highest:repeat+self-study --ratios 10,20 --out bench/results/all-queries
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality,niah --max-queries 0 \
+		--methods am-facts-omp:repeat+self-study --ratios 5,10,20,50 --out bench/results/all-queries-default
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality,niah \
 		--methods am-facts-omp:repeat+self-study,am-facts-omp-onpolicy:repeat+self-study,am-facts:repeat,am-facts-onpolicy:repeat,truncate,snapkv:self-study \
 		--out bench/results/onpolicy

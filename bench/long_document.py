@@ -13,14 +13,14 @@ inside SmolLM2's 8,192-token training context) with ``--needles`` needles at see
 
 both compactions with the default method on its own query sources.  Measured: needles found
 (by third of the document), next-token KL and top-1 agreement with the full cache over the story's
-next 96 tokens.
+next 96 tokens, and the likelihood of each right number (answer NLL).
 
 Part 2 - a chat longer than its context.  A transcript of ``--turns`` turns (user: "Go on.",
 assistant: the story's next paragraph) on top of a compacted opening of the story, fed into
   full       an 8,192-cell context that holds all of it;
   online     a ``--chat-ctx``-cell conversation that compacts its older part when full
-             (``OnlineSettings``: ratio 4, the last 128 tokens kept);
-  truncate   a ``--chat-ctx``-cell conversation that drops its oldest turns when full;
+             (``OnlineSettings`` defaults, am-highest: ratio 2, the last 256 tokens kept);
+  truncate   a ``--chat-ctx``-cell conversation that drops its oldest turns when full (the same cells);
 then scored on the next assistant turn (teacher-forced): KL and top-1 against the full history.
 
     python bench/long_document.py [--stories 2] [--tokens 7000] [--ctx 2048] [--ratio 10]
@@ -64,8 +64,11 @@ def needles_by_third(text: str, needles) -> list[int]:
 
 def score(s, hay, cont_tokens, ref_lp, tasks) -> dict:
     hits = [tasks.needle_found(s, key, num) for key, num in hay.needles]
+    # how likely the model finds the right number, found or not: NLL per token of the number as the answer
+    nll = [tasks.answer_nll(s, tasks.needle_prompt(s, key), [int(t) for t in s.tokenize(num, special=False)])
+           for key, num in hay.needles]
     lp = tasks.continuation_logprobs(s, cont_tokens)
-    out = {"hits": [bool(h) for h in hits]}
+    out = {"hits": [bool(h) for h in hits], "nll": nll}
     if ref_lp is not None:
         out.update(tasks.agreement(ref_lp, lp))
     return out, lp
@@ -127,12 +130,20 @@ def chat_part(args, model, threads: int) -> dict:
     from kvlocal.evaluation import tasks
     from kvlocal.online import OnlineSettings
 
+    import random
+
+    from kvlocal.evaluation.data import NEEDLE_KEYS
+
     story = squality(1)[0]
     paras = [p.strip() for p in story.split("\n") if len(p.split()) > 25]
     opening, turns, target = paras[0], paras[1:1 + args.turns], paras[1 + args.turns]
+    rng = random.Random(7)  # needles in the first quarter of the chat: gone from a truncated one
+    needles = [(k, str(rng.randrange(1_000_000, 10_000_000))) for k in rng.sample(NEEDLE_KEYS, 4)]
+    for i, (key, num) in enumerate(needles):
+        turns[i * max(1, args.turns // 16)] += f" The special magic number for {key} is {num}."
     transcript = [m for p in turns for m in ({"role": "user", "content": "Go on."},
                                              {"role": "assistant", "content": p})]
-    out = {"turns": args.turns}
+    out = {"turns": args.turns, "needles": len(needles)}
 
     def run(max_context, online):
         with Compaction(model, n_ctx=8192 if max_context is None else max_context, threads=threads,
@@ -140,28 +151,34 @@ def chat_part(args, model, threads: int) -> dict:
             kv.ingest(opening, system=tasks.SYSTEM)
             kv.compact(ratio=2, method="am-highest", queries="context")
             if online:
-                kv.auto_compact(OnlineSettings(max_context=max_context, ratio=4, keep_recent=128,
-                                               method="am-highest"))
+                kv.auto_compact(OnlineSettings(max_context=max_context, method="am-highest"))
             s = kv.session
+            prompt = s.chat_tokens([{"role": "user", "content": "Go on."}])
+            answer = model.tokenize(target, add_special=False)[:96]
             if online or max_context is None:
                 kv.append(transcript)
-            else:  # truncation: the oldest turns go when the next one would not fit
-                for m in transcript:
-                    tok = s.chat_tokens([m], add_assistant=False)
-                    while s.cells[0] + len(tok) + 320 > max_context:
+                kv.make_room(len(prompt) + len(answer))
+            else:  # truncation in the same cells: the oldest turns go when the next one would not fit
+                for m in transcript + [None]:
+                    tok = s.chat_tokens([m], add_assistant=False) if m else np.concatenate([prompt, answer])
+                    while s.cells[0] + len(tok) > max_context:
                         drop = s.snapshot().positions
                         first = int(drop[drop >= kv.layout.length].min()) if (drop >= kv.layout.length).any() else None
                         if first is None:
                             raise RuntimeError("nothing left to drop")
                         s.ctx.seq_rm(0, first, first + 64)
                         s.cells[0] = int(s.snapshot().n_cells)
-                    s.decode(tok, logits="none")
+                    if m:
+                        s.decode(tok, logits="none")
             n_past, cells = s.n_past, s.cells[0]
-            prompt = s.chat_tokens([{"role": "user", "content": "Go on."}])
-            answer = model.tokenize(target, add_special=False)[:96]
             lp = tasks.continuation_logprobs(s, np.concatenate([prompt, answer]))[len(prompt) - 1:-1]
-            return lp, {"n_past": n_past, "cells": cells, "compactions": len(kv.online_records),
-                        "records": [r.as_dict() for r in kv.online_records]}
+            hits, nll = [], []
+            for key, num in needles:  # asked in the room the scoring span left
+                hits.append(bool(tasks.needle_found(s, key, num)))
+                nll.append(tasks.answer_nll(s, tasks.needle_prompt(s, key), [int(t) for t in
+                                                                              s.tokenize(num, special=False)]))
+            return lp, {"n_past": n_past, "cells": cells, "compactions": len(kv.online_records), "hits": hits,
+                        "nll": nll, "records": [r.as_dict() for r in kv.online_records]}
 
     ref, out["full"] = run(None, False)
     for name, online in (("online", True), ("truncate", False)):
@@ -176,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     from models import smollm2
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stories", type=int, default=2)
+    ap.add_argument("--stories", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=7000)
     ap.add_argument("--needles", type=int, default=12)
     ap.add_argument("--ctx", type=int, default=2048)
@@ -202,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             f"each at seeded depths ({n} in all); compactions at {args.ratio:g}x with the default method on its own "
             "query sources; KL / top-1 against the full cache over the story's next 96 tokens.", "",
             "| condition | context (cells) | cells held | needles found | first third | middle | last third "
-            "| next-token KL | top-1 | time s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| answer NLL first third | middle | last third | next-token KL | top-1 | time s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in CONDITIONS:
             hits = [h for r in rows for h in r[c]["hits"]]
@@ -211,31 +228,42 @@ def main(argv: list[str] | None = None) -> int:
             ctx = {"full": 8192, "truncate": args.ctx}.get(c) or int(np.mean([r[c]["n_ctx"] for r in rows]))
             kl = "-" if c == "full" else f"{np.mean([r[c]['kl'] for r in rows]):.3f}"
             top1 = "-" if c == "full" else f"{np.mean([r[c]['top1'] for r in rows]):.3f}"
+            nll = [np.mean([x for r in rows for x, t in zip(r[c]["nll"], r["thirds"], strict=True) if t == k] or [np.nan])
+                   for k in range(3)]
             lines.append(f"| {c} | {ctx} | {int(np.mean([r[c]['cells'] for r in rows]))} | {sum(hits)}/{len(hits)} | "
-                         + " | ".join(f"{sum(b)}/{len(b)}" for b in by)
+                         + " | ".join(f"{sum(b)}/{len(b)}" for b in by) + " | "
+                         + " | ".join(f"{x:.2f}" for x in nll)
                          + f" | {kl} | {top1} | {np.mean([r[c]['s'] for r in rows]):.0f} |")
         st = rows[0]["streamed"]
-        lines += ["", f"Streamed: {np.mean([r['streamed']['streamed_chunks'] for r in rows]):.0f} chunks per document "
+        lines += ["", "Answer NLL: mean negative log-likelihood per token of the right number as the answer to its "
+                  "question (teacher-forced), found or not; lower is better, a uniform guess over digits is "
+                  f"{np.log(10):.2f}.", "", f"Streamed: {np.mean([r['streamed']['streamed_chunks'] for r in rows]):.0f} chunks per document "
                   f"({st['method']}, queries {st['queries']}); times include ingestion, queries, fits and the "
                   "questions. One-shot: the context holds the document twice (repeat-prefill), so its repeat pass "
                   "runs at positions past the 8,192 the model was trained for."]
     lines += ["", f"## A chat of {chat['turns']} turns in a {args.chat_ctx}-cell context", "",
               "The story's opening (compacted 2x) and a transcript of user \"Go on.\" / assistant: the next "
-              "paragraph; scored on the next paragraph (96 tokens, teacher-forced) against the full history.", "",
-              "| condition | positions | cells held | compactions | next-token KL | top-1 |",
-              "|---|---|---|---|---|---|",
-              f"| full | {chat['full']['n_past']} | {chat['full']['cells']} | 0 | - | - |"]
-    for c in ("online", "truncate"):
+              f"paragraph, with {chat['needles']} needles in the assistant turns of the first quarter; scored on "
+              "the next paragraph (96 tokens, teacher-forced) against the full history, then asked for each needle "
+              "(found, and the right number's answer NLL). Online and truncated conversations hold at most the "
+              "same cells.", "",
+              "| condition | positions | cells held | compactions | next-token KL | top-1 | needles found "
+              "| needle answer NLL |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in ("full", "online", "truncate"):
         r = chat[c]
-        lines.append(f"| {c} | {r['n_past']} | {r['cells']} | {r['compactions']} | {r['kl']:.3f} | {r['top1']:.3f} |")
+        kl = "-" if c == "full" else f"{r['kl']:.3f}"
+        top1 = "-" if c == "full" else f"{r['top1']:.3f}"
+        lines.append(f"| {c} | {r['n_past']} | {r['cells']} | {r['compactions']} | {kl} | {top1} | "
+                     f"{sum(r['hits'])}/{len(r['hits'])} | {np.mean(r['nll']):.2f} |")
     plt = pyplot()
     if plt is not None and rows:
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
         for c in CONDITIONS:
-            by = [np.mean([h for r in rows for h, t in zip(r[c]["hits"], r["thirds"], strict=True) if t == k] or [0])
+            by = [np.mean([x for r in rows for x, t in zip(r[c]["nll"], r["thirds"], strict=True) if t == k] or [np.nan])
                   for k in range(3)]
-            ax[0].plot(["first", "middle", "last"], by, marker="o", label=c)
-        ax[0].set_ylabel("needles found")
+            ax[0].plot(["first third", "middle", "last third"], by, marker="o", label=c)
+        ax[0].set_ylabel("needle answer NLL (nats/token)")
         ax[0].set_title(f"{args.tokens}-token document, {args.ctx}-cell context")
         ax[0].legend(fontsize=8)
         names = ["online", "truncate"]

@@ -70,6 +70,11 @@ class _Conversation:
         # before the tokens this process decoded: a conversation compacted in an earlier one
         return [""] * (n - len(known)) + [s.model.detokenize([t]) for t in known]
 
+    def make_room(self, n: int) -> None:
+        """Make sure ``n`` more tokens fit, compacting the conversation if it compacts itself
+        (for callers that decode on ``session`` directly)."""
+        self._room(n)
+
     def _room(self, n: int) -> None:
         if self.online is not None:
             origin = self.online.ensure(self.session, n, self._conversation_texts, self._origin)
@@ -289,10 +294,12 @@ class CompactedSession(_Conversation):
     """A session reloaded from a file (``kvlocal.load``): ask() and chat() on the compacted context."""
 
     def __init__(self, path: str, model: str | binding.Model, *, chat_budget: int = CHAT_BUDGET,
-                 threads: int | None = None, verbose: bool = False, online: OnlineSettings | None = None):
+                 threads: int | None = None, verbose: bool = False,
+                 online: OnlineSettings | None = OnlineSettings()):
         """``model``: a GGUF path, or a loaded ``binding.Model`` to share (not closed here).
-        ``online``: compact the conversation when it fills the context (``max_context`` cells,
-        default: the cells loaded + ``chat_budget``) instead of stopping."""
+        ``online``: how the conversation compacts itself when it fills the context
+        (``max_context`` cells, default: the cells loaded + ``chat_budget``); None: it stops there
+        with an error instead."""
         binding.set_verbose(verbose)
         t0 = time.perf_counter()
         data = read_session(path)

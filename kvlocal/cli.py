@@ -112,9 +112,8 @@ def cmd_chat(a) -> int:
     from .api import CompactedSession
     from .online import OnlineSettings
 
-    online = None
-    if a.max_context is not None:
-        online = OnlineSettings(max_context=a.max_context, ratio=a.online_ratio, keep_recent=a.keep_recent)
+    online = None if a.no_compact else \
+        OnlineSettings(max_context=a.max_context, ratio=a.online_ratio, keep_recent=a.keep_recent)
     if a.save:
         _check_output(a.save)
     with CompactedSession(a.session, a.model, threads=a.threads, verbose=a.verbose, online=online) as s:
@@ -267,9 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         if name == "chat":
             p.add_argument("--max-context", type=int, default=None,
-                           help="cells the chat may hold; when full it compacts its older part (default: stop)")
-            p.add_argument("--online-ratio", type=float, default=4.0, help="ratio of those compactions (default 4)")
-            p.add_argument("--keep-recent", type=int, default=128, help="last tokens never compacted (default 128)")
+                           help="cells the chat may hold before it compacts its older part (default: the "
+                                "session's cells + 1,024)")
+            p.add_argument("--no-compact", action="store_true", help="stop when the context is full instead")
+            p.add_argument("--online-ratio", type=float, default=2.0, help="ratio of those compactions (default 2)")
+            p.add_argument("--keep-recent", type=int, default=256, help="last tokens never compacted (default 256)")
             p.add_argument("--save", default=None, help="write the session (conversation included) here on exit")
         p.set_defaults(func=func)
 

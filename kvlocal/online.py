@@ -32,18 +32,19 @@ class OnlineSettings:
     """When and how a conversation compacts itself."""
 
     max_context: int | None = None  # cells the conversation may hold (None: the session's context)
-    ratio: float = 4.0  # of the compacted region
+    ratio: float = 2.0  # of the compacted region: each compaction halves the older conversation, as in the paper
     method: str = DEFAULT_METHOD
-    keep_recent: int = 128  # last tokens never compacted
+    keep_recent: int = 256  # last tokens never compacted
     max_queries_per_head: int | None = 4096
+    keep_queries: int = 4096  # tokens whose queries are kept for the next compaction (memory bound)
     seed: int = 0
 
     def __post_init__(self):
         if self.max_context is not None and self.max_context < 2 * self.keep_recent:
             raise KvlocalError(f"max_context ({self.max_context}) must hold at least twice keep_recent "
                                f"({self.keep_recent})")
-        if self.keep_recent < 1:
-            raise KvlocalError("keep_recent must be at least 1")
+        if self.keep_recent < 1 or self.keep_queries < 1:
+            raise KvlocalError("keep_recent and keep_queries must be at least 1")
         self.compactor()  # method and ratio checked now
 
     def compactor(self) -> Compactor:
@@ -137,6 +138,8 @@ class ChatCompactor:
         cache, report = st.compactor().compact(snap, lo, hi, queries, bias=bias, facts=facts)
         cache.origin = trace_origin(cache.origin, snap.positions, extend_origin(origin, snap.positions))
         session.inject(cache, snap)
+        if self._capture is not None:
+            self._capture.keep_last(st.keep_queries)
         self.records.append(OnlineRecord(int(snap.logical_length), (lo, hi), snap.n_cells, cache.n_cells,
                                          method.name, st.ratio, report.mean_error("output_rel_l2"),
                                          report.mean_error("mass_err"), time.perf_counter() - t0))

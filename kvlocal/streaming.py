@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from .am import CompactionReport
+from .am import DEFAULT_METHOD, CompactionReport, get_method
 from .engine import binding
 from .engine.capture import QueryCapture
 from .engine.queries import QUERY_SOURCES, collect_queries
@@ -40,7 +40,7 @@ from .engine.session import DocumentError, DocumentLayout, Session
 from .errors import KvlocalError
 from .kv.cache import CompactedCache, KVSnapshot, trace_origin
 from .kv.queryset import QuerySet
-from .pipeline import REPEAT_MARGIN, CompactionRun, CompactionSettings, IngestedDocument, compact_on_policy
+from .pipeline import CompactionRun, CompactionSettings, IngestedDocument, compact_on_policy
 
 MIN_CHUNK = 64  # document tokens per chunk, at the least
 TEMPLATE_ROOM = 64  # a second pass's prompt around the chunk (chat template, instruction)
@@ -145,11 +145,12 @@ def _smallest(ok, lo: float, hi: float) -> float | None:
 
 def streams(model: binding.Model, n_doc: int, n_ctx: int | None) -> bool:
     """Must a document of ``n_doc`` tokens be compacted while it is ingested?  With ``n_ctx``
-    given: when it does not fit it once; otherwise when the training context cannot hold it and a
-    repeat-prefill of it (``pipeline.context_size``)."""
+    given: when it does not fit it once; otherwise when the training context cannot hold it beside
+    the query passes of the default method (a method needing more room streams when it compacts:
+    ``one_shot_fits``)."""
     if n_ctx is not None:
         return n_doc + TEMPLATE_ROOM > n_ctx
-    return 2 * n_doc + REPEAT_MARGIN > model.n_ctx_train
+    return n_doc + TEMPLATE_ROOM + source_room(get_method(DEFAULT_METHOD).queries, n_doc) > model.n_ctx_train
 
 
 def one_shot_fits(doc: IngestedDocument, settings: CompactionSettings) -> bool:

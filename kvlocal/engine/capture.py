@@ -41,6 +41,16 @@ class QueryCapture:
         """The session reports the positions of every batch it decodes while capturing."""
         self._positions.append(np.asarray(positions, np.int32))
 
+    def keep_last(self, n_tokens: int) -> None:
+        """Forget all but the last ``n_tokens`` captured tokens (a long capture stays bounded)."""
+        positions = np.concatenate(self._positions) if self._positions else np.zeros(0, np.int32)
+        if len(positions) <= n_tokens:
+            return
+        self._positions = [positions[len(positions) - n_tokens:].copy()]
+        for il, chunks in self._chunks.items():
+            q = np.concatenate(chunks)
+            self._chunks[il] = [q[len(q) - n_tokens:].copy()]
+
     def result(self) -> QuerySet:
         positions = np.concatenate(self._positions) if self._positions else np.zeros(0, np.int32)
         layers = {}

@@ -35,12 +35,12 @@ def _talk(s, turns=8, tokens=60, strict=True):
     for i in range(turns):
         s.chat(f"Tell me more, part {i}.", max_tokens=tokens)
         if strict and s.online is not None:
-            assert s.session.cells[0] <= s.online.settings.max_context
+            assert s.session.cells[0] <= s.online.limit(s.session)
 
 
 def test_a_chat_runs_past_its_context(load_model, saved):
     model = load_model("llama-gqa")
-    with CompactedSession(str(saved), model, chat_budget=256) as s:  # without: it stops
+    with CompactedSession(str(saved), model, chat_budget=256, online=None) as s:  # without: it stops
         with pytest.raises(DocumentError, match="larger n_ctx"):
             _talk(s)
     with CompactedSession(str(saved), model, chat_budget=256, online=ONLINE) as s:
@@ -147,3 +147,17 @@ def test_cli_chat_compacts_and_saves(tiny_dir, saved, tmp_path):
                          input=lines, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "[compacted the conversation:" in res.stderr and out.is_file()
+
+
+def test_a_reloaded_session_compacts_by_default_and_keeps_its_queries_bounded(load_model, saved):
+    model = load_model("llama-gqa")
+    settings = OnlineSettings(keep_recent=64, keep_queries=200, method="am-highest")
+    with CompactedSession(str(saved), model, chat_budget=256) as s:  # the default: compact when full
+        assert s.online is not None and s.online.settings == OnlineSettings()
+    with CompactedSession(str(saved), model, chat_budget=256, online=settings) as s:
+        _talk(s, turns=8)
+        assert s.online_records and s.session.cells[0] <= s.session.n_ctx
+        held = s.online.queries().n_tokens
+        assert held <= 200 + 8 * 80  # kept after the last compaction + what came since
+        for r in s.online_records[1:]:
+            assert r.cells_before <= s.session.n_ctx
