@@ -109,15 +109,14 @@ def plan_chunks(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: flo
     ``DocumentError`` naming the smallest ratio (and context) that would work."""
     if n_doc < 1:
         raise DocumentError("the document is empty")
-    for m in range(1, max(1, n_doc // MIN_CHUNK) + 1):
-        plan = _try(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, m, recent_window)
-        if plan is not None:
-            return plan
+    plan = _fewest(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window)
+    if plan is not None:
+        return plan
     # what would work: the smallest ratio in this context, the smallest context at this ratio
-    need_ratio = _smallest(lambda r: _fits(n_prefix, n_doc, n_suffix, n_ctx, r, sources, recent_window),
+    need_ratio = _smallest(lambda r: _fewest(n_prefix, n_doc, n_suffix, n_ctx, r, sources, recent_window) is not None,
                            ratio, float(n_doc))
-    need_ctx = _smallest(lambda c: _fits(n_prefix, n_doc, n_suffix, int(c), ratio, sources, recent_window),
-                         n_ctx, float(n_prefix + n_doc + n_suffix + source_room(sources, n_doc) + 1))
+    need_ctx = _smallest(lambda c: _fewest(n_prefix, n_doc, n_suffix, int(c), ratio, sources, recent_window)
+                         is not None, n_ctx, float(n_prefix + n_doc + n_suffix + source_room(sources, n_doc) + 1))
     hint = [f"a ratio of at least {math.ceil(need_ratio * 10) / 10:g}" if need_ratio is not None else None,
             f"a context of at least {math.ceil(need_ctx)} cells" if need_ctx is not None else None]
     raise DocumentError(f"a {n_doc}-token document does not fit a {n_ctx}-cell context at ratio {ratio:g} "
@@ -126,9 +125,25 @@ def plan_chunks(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: flo
                         + " or ".join(h for h in hint if h))
 
 
-def _fits(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window) -> bool:
-    return any(_try(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, m, recent_window) is not None
-               for m in range(1, max(1, n_doc // MIN_CHUNK) + 1))
+def _fewest(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window) -> ChunkPlan | None:
+    """The plan with the fewest chunks that fits, searched by doubling then bisection over the
+    chunk count (fewer, larger chunks need more room at once), O(m log m) for m chunks."""
+    def attempt(m):
+        return _try(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, m, recent_window)
+
+    m_max = max(1, n_doc // MIN_CHUNK)
+    lo, hi = 0, 1  # attempt(lo) does not fit (0: none tried), attempt(hi) is the candidate
+    plan = attempt(hi)
+    while plan is None:
+        if hi >= m_max:
+            return None
+        lo, hi = hi, min(2 * hi, m_max)
+        plan = attempt(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        p = attempt(mid)
+        lo, hi, plan = (lo, mid, p) if p is not None else (mid, hi, plan)
+    return plan
 
 
 def _smallest(ok, lo: float, hi: float) -> float | None:

@@ -6,6 +6,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import TEXT
 from kvlocal.am import Compactor
@@ -255,3 +257,26 @@ def test_a_baseline_without_queries_saves_and_reloads(load_model, tmp_path):
         kv.save(str(tmp_path / "t.kvs"))
     with CompactedSession(str(tmp_path / "t.kvs"), model) as s:
         assert s.meta["compaction.queries"] == "none" and s.ask(QUESTION, max_tokens=6) == answer
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_doc=st.integers(1, 40000), n_ctx=st.integers(256, 16384), ratio=st.floats(1.5, 64),
+       sources=st.sampled_from([(), ("repeat",), ("repeat", "self-study"), ("self-study",)]),
+       window=st.integers(0, 300))
+def test_any_plan_fits_and_is_the_fewest_or_the_refusal_helps(n_doc, n_ctx, ratio, sources, window):
+    try:
+        plan = plan_chunks(5, n_doc, 3, n_ctx, ratio, sources, window)
+    except DocumentError as exc:
+        msg = str(exc)
+        if "a ratio of at least " in msg:
+            r = float(msg.split("a ratio of at least ")[1].split(" ")[0])
+            assert plan_chunks(5, n_doc, 3, n_ctx, r, sources, window).peak <= n_ctx
+        if "a context of at least " in msg:
+            c = int(msg.split("a context of at least ")[1].split(" ")[0])
+            assert plan_chunks(5, n_doc, 3, c, ratio, sources, window).peak <= c
+        assert "a ratio of at least " in msg or "a context of at least " in msg
+        return
+    assert plan.peak <= n_ctx and plan.bounds[0][0] == 0 and plan.bounds[-1][1] == n_doc
+    if plan.n_chunks > 1:  # one fewer chunk does not fit
+        from kvlocal.streaming import _try
+        assert _try(5, n_doc, 3, n_ctx, ratio, sources, plan.n_chunks - 1, window) is None
