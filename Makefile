@@ -54,6 +54,7 @@ bench: setup
 	$(VPY) bench/fact_share.py
 	$(VPY) bench/influence_budgets.py
 	$(VPY) bench/long_document.py
+	$(VPY) bench/streaming_control.py
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,am-facts-fitted:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-niah
