@@ -130,7 +130,9 @@ class _Conversation:
         return it if stream else "".join(it).strip()
 
     def ask(self, question: str, *, max_tokens: int = 256, stream: bool = False, sampler: Sampler | None = None):
-        """One answer from the context; the conversation is left as it was."""
+        """One answer from the context; the conversation is left as it was - unless the context
+        filled while answering and the conversation compacted itself over the question, which then
+        stays in it as a turn."""
         return self._run(question, max_tokens, stream, sampler, keep=False)
 
     def chat(self, message: str, *, max_tokens: int = 256, stream: bool = False, sampler: Sampler | None = None):

@@ -181,7 +181,9 @@ def describe(meta: dict, path) -> list[str]:
                      f"mass error {report['heldout_mass_err']:.3f}")
     if report.get("timings"):
         lines.append("  timings    " + ", ".join(f"{k} {v:.2f}" for k, v in report["timings"].items()))
-    lines.append(f"  chat       {len(meta['chat.messages'])} messages")
+    online = report.get("online") or []
+    lines.append(f"  chat       {len(meta['chat.messages'])} messages"
+                 + (f", compacted {len(online)} times while it ran" if online else ""))
     return lines
 
 

@@ -15,6 +15,7 @@ from kvlocal.engine.session import DocumentError
 from kvlocal.errors import KvlocalError
 from kvlocal.kv.cache import CompactedCache
 from kvlocal.online import OnlineSettings
+from kvlocal.sessionfile import describe
 from models import tiny
 
 QUESTION = "What is the magic number for the lighthouse?"
@@ -78,6 +79,7 @@ def test_save_and_reload_after_online_compaction(load_model, saved, tmp_path):
     with CompactedSession(str(out), model) as r:
         assert r.session.n_past == n_past and r.messages == messages
         assert len(r.meta["compaction.report"]["online"]) == len(s.online_records)
+        assert f"compacted {len(s.online_records)} times while it ran" in "\n".join(describe(r.meta, out))
         assert np.array_equal(r.session.decode(prompt)[-1], logits)
     with CompactedSession(str(out), model, chat_budget=256, online=ONLINE) as r:  # and it goes on compacting
         _talk(r, turns=4, strict=False)  # max_context may be passed until this conversation has queries
