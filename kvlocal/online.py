@@ -130,13 +130,12 @@ class ChatCompactor:
                 f"max_context, lower keep_recent ({st.keep_recent}) or raise the ratio")
         t0 = time.perf_counter()
         bias = session.bias()
+        held = extend_origin(origin, snap.positions)
         facts = None
         if method.uses_facts:
-            facts = np.zeros(session.n_past, bool)
-            conv = token_texts(lo)
-            facts[lo:lo + len(conv)] = method.fact_mask(conv)
+            facts = cell_facts(method.fact_mask(token_texts(lo)), lo, snap.positions, held, session.n_past)
         cache, report = st.compactor().compact(snap, lo, hi, queries, bias=bias, facts=facts)
-        cache.origin = trace_origin(cache.origin, snap.positions, extend_origin(origin, snap.positions))
+        cache.origin = trace_origin(cache.origin, snap.positions, held)
         session.inject(cache, snap)
         if self._capture is not None:
             self._capture.keep_last(st.keep_queries)
@@ -144,6 +143,20 @@ class ChatCompactor:
                                          method.name, st.ratio, report.mean_error("output_rel_l2"),
                                          report.mean_error("mass_err"), time.perf_counter() - t0))
         return cache.origin
+
+
+def cell_facts(mask: np.ndarray, lo: int, positions: np.ndarray, held: list[np.ndarray], n_past: int) -> np.ndarray:
+    """Per position (as the compactor reads it: by each cell's position), whether the cell holds
+    a fact.  ``mask``: the fact tokens of the conversation from position ``lo`` on.  A whole cell
+    holds its own token; a cell of an earlier compaction holds a fact only if it was kept verbatim
+    as one - the same original key in every layer and head (a fitted cell mixes heads) - and that
+    key is a fact token; its position, spread over the compacted range, says nothing."""
+    facts = np.zeros(n_past, bool)
+    o = np.stack(held)  # [layers, cells, heads]
+    src = o[0, :, 0]
+    same = (o == src[None, :, None]).all(axis=(0, 2)) & (src >= lo) & (src < lo + len(mask))
+    facts[positions[same]] = np.asarray(mask, bool)[src[same] - lo]
+    return facts
 
 
 def extend_origin(origin: list[np.ndarray], positions: np.ndarray) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ from kvlocal.api import CompactedSession, Compaction
 from kvlocal.engine.session import DocumentError
 from kvlocal.errors import KvlocalError
 from kvlocal.kv.cache import CompactedCache
-from kvlocal.online import OnlineSettings
+from kvlocal.online import OnlineSettings, cell_facts
 from kvlocal.sessionfile import describe
 from models import tiny
 
@@ -163,3 +163,22 @@ def test_a_reloaded_session_compacts_by_default_and_keeps_its_queries_bounded(lo
         assert held <= 200 + 8 * 80  # kept after the last compaction + what came since
         for r in s.online_records[1:]:
             assert r.cells_before <= s.session.n_ctx
+
+
+def test_facts_of_a_recompaction_follow_origin_not_cell_positions():
+    """A whole cell holds its own token; a compacted cell holds a fact only when it holds the same
+    original key in every layer and head (a verbatim fact); mixed heads and padding are no facts."""
+    lo = 10
+    mask = np.zeros(30, bool)
+    mask[[5, 7, 12]] = True  # positions 15, 17, 22 are fact tokens
+    positions = np.array([2, 11, 13, 15, 30, 31, 32])  # 2: before the region; 11, 13, 15: compacted; 30..: whole
+    layer = np.array([[2, 2], [15, 15], [17, 22], [-1, -1], [30, 30], [31, 31], [32, 32]])
+    other = layer.copy()
+    other[1] = [15, 15]
+    facts = cell_facts(mask, lo, positions, [layer, other], 40)
+    assert facts[11] and not facts[13] and not facts[15]  # verbatim fact / mixed heads / padding
+    assert not facts[[2, 30, 31, 32]].any()
+    other[1] = [15, 16]  # one head of one layer holds another key: not a verbatim fact
+    assert not cell_facts(mask, lo, positions, [layer, other], 40)[11]
+    mask[20] = True  # position 30 is a fact token and cell 30 holds itself
+    assert cell_facts(mask, lo, positions, [layer, other], 40)[30]
