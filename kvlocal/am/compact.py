@@ -58,6 +58,11 @@ class CompactionReport:
         return float(np.mean([e[key] for e in errors.values()])) if errors else None
 
 
+def _facts_first(is_fact: np.ndarray) -> np.ndarray:
+    """A stable order that puts the fact keys first."""
+    return np.concatenate([np.flatnonzero(is_fact), np.flatnonzero(~is_fact)])
+
+
 def _whole(snap: KVSnapshot, cells: np.ndarray, li: int, h: int, bias) -> HeadResult:
     """A head kept as it is: every key with the bias it carries and its own value."""
     b = np.zeros(len(cells), np.float32) if bias is None else np.asarray(bias[li], np.float32)[cells, h]
@@ -210,7 +215,13 @@ class Compactor:
                     acc["n"] += 1
                 kept += res.t
                 kept_cells = cells[res.indices]
-                blocks[li][h] = HeadBlock(snap.keys[li][kept_cells, h], res.values, res.beta, pos[kept_cells])
+                # verbatim facts first, in position order: a fact every head keeps takes the same
+                # slot in every head (and layer), so a later re-compaction can still tell it is one
+                order = _facts_first(facts[pos[kept_cells]]) if facts is not None and method.verbatim_facts \
+                    else slice(None)
+                kept_cells = kept_cells[order]
+                blocks[li][h] = HeadBlock(snap.keys[li][kept_cells, h], res.values[order], res.beta[order],
+                                          pos[kept_cells])
                 left[li] -= 1
                 if not left[li]:
                     done += 1

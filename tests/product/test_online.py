@@ -182,3 +182,25 @@ def test_facts_of_a_recompaction_follow_origin_not_cell_positions():
     assert not cell_facts(mask, lo, positions, [layer, other], 40)[11]
     mask[20] = True  # position 30 is a fact token and cell 30 holds itself
     assert cell_facts(mask, lo, positions, [layer, other], 40)[30]
+
+
+def test_a_fact_stays_verbatim_through_repeated_online_compactions(load_model, saved):
+    """The default method keeps a number sentence whole; the compactions after the first must
+    still see it as a fact (it takes the same slot in every head, found by origin)."""
+    model = load_model("llama-gqa")
+    settings = OnlineSettings(max_context=384, ratio=2, keep_recent=64)  # the default method: facts
+    filler = "and then the quiet boat went slowly along the river past the old mill and the green fields"
+    with CompactedSession(str(saved), model, chat_budget=256, online=settings) as s:
+        s.append([{"role": "user", "content": "note this"},
+                  {"role": "assistant", "content": "the special magic number for the harbor is 5550123."},
+                  {"role": "user", "content": filler}])
+        n = s.session.n_past
+        digits = [p for p in range(s._doc_length, n)
+                  if s.model.detokenize([s.session.tokens[p - n]]).strip().isdigit()]
+        assert len(digits) == 7
+        for _ in range(8):
+            s.append([{"role": "user", "content": filler}, {"role": "assistant", "content": filler}])
+        assert len(s.online_records) >= 4
+        for o in s._origin:  # every digit still held by every head of every layer
+            for p in digits:
+                assert (o == p).any(axis=0).all(), p
