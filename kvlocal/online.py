@@ -23,7 +23,7 @@ from .am import DEFAULT_METHOD, Compactor, get_method
 from .engine.capture import QueryCapture
 from .engine.session import Session
 from .errors import KvlocalError
-from .kv.cache import CompactedCache, trace_origin
+from .kv.cache import CompactedCache, extend_origin, trace_origin
 from .kv.queryset import QuerySet
 
 
@@ -157,16 +157,6 @@ def cell_facts(mask: np.ndarray, lo: int, positions: np.ndarray, held: list[np.n
     same = (o == src[None, :, None]).all(axis=(0, 2)) & (src >= lo) & (src < lo + len(mask))
     facts[positions[same]] = np.asarray(mask, bool)[src[same] - lo]
     return facts
-
-
-def extend_origin(origin: list[np.ndarray], positions: np.ndarray) -> list[np.ndarray]:
-    """Per layer ``[len(positions), H_kv]``: ``origin`` (what the first cells hold) followed by
-    the cells decoded since, which hold their own keys."""
-    n = len(origin[0])
-    if n > len(positions):
-        raise KvlocalError("the session holds fewer cells than its last compaction wrote")
-    fresh = np.asarray(positions[n:], np.int32)
-    return [np.concatenate([o, np.repeat(fresh[:, None], o.shape[1], axis=1)]).astype(np.int32) for o in origin]
 
 
 def current_cache(session: Session, origin: list[np.ndarray]):

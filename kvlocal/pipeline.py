@@ -86,6 +86,11 @@ class CompactionSettings:
     def sources(self) -> tuple[str, ...]:
         return self.queries if self.queries is not None else tuple(get_method(self.method).queries)
 
+    @property
+    def fit_sources(self) -> tuple[str, ...]:
+        """The sources the fit runs: none for a method that needs no queries."""
+        return self.sources if get_method(self.method).needs_queries else ()
+
     def compactor(self) -> Compactor:
         return Compactor(self.method, ratio=self.ratio, budgets=budget_policy(self.budgets),
                          recent_window=self.recent_window, chunk_size=self.chunk_size,
@@ -206,7 +211,7 @@ class IngestedDocument:
             raise KvlocalError(f"ratio {settings.ratio} leaves less than one key per head of a {n_doc}-token document")
         # methods without queries ignore them for selection; context-prefill queries still score
         # the held-out attention error
-        sources = settings.sources if method.needs_queries else ()
+        sources = settings.fit_sources
         qs = self.queries(sources or ("context-prefill",))
         query_s = sum(self.query_s[QUERY_SOURCES.get(src).name] for src in sources)
         s = self.session

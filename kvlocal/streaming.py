@@ -38,7 +38,7 @@ from .engine.capture import QueryCapture
 from .engine.queries import QUERY_SOURCES, collect_queries
 from .engine.session import DocumentError, DocumentLayout, Session
 from .errors import KvlocalError
-from .kv.cache import CompactedCache, KVSnapshot, trace_origin
+from .kv.cache import CompactedCache, KVSnapshot, extend_origin, trace_origin
 from .kv.queryset import QuerySet
 from .pipeline import CompactionRun, CompactionSettings, IngestedDocument, compact_on_policy
 
@@ -170,9 +170,7 @@ def streams(model: binding.Model, n_doc: int, n_ctx: int | None) -> bool:
 
 def one_shot_fits(doc: IngestedDocument, settings: CompactionSettings) -> bool:
     """Do the query passes ``settings`` need fit beside the document ingested whole?"""
-    method = settings.compactor().method
-    sources = settings.sources if method.needs_queries else ()
-    return doc.layout.length + source_room(sources, doc.layout.n_doc) <= doc.session.n_ctx
+    return doc.layout.length + source_room(settings.fit_sources, doc.layout.n_doc) <= doc.session.n_ctx
 
 
 def stream_context(model: binding.Model, n_ctx: int | None) -> int:
@@ -218,11 +216,9 @@ class StreamedDocument:
         if "kvzip" in [QUERY_SOURCES.get(src).name for src in settings.sources]:
             raise KvlocalError("kvzip scoring needs the uncompacted document: it cannot run on a document "
                                "longer than the context (choose another query source or method)")
-        method = settings.compactor().method
-        sources = settings.sources if method.needs_queries else ()
         prefix, doc, suffix = self.tokens
-        return plan_chunks(len(prefix), len(doc), len(suffix), self.session.n_ctx, settings.ratio, sources,
-                           settings.recent_window)
+        return plan_chunks(len(prefix), len(doc), len(suffix), self.session.n_ctx, settings.ratio,
+                           settings.fit_sources, settings.recent_window)
 
     @property
     def full_kv_bytes(self) -> int:
@@ -246,7 +242,7 @@ class StreamedDocument:
         self.reports, self.ingest_s = [], 0.0
         compactor = st.compactor()
         method = compactor.method
-        sources = st.sources if method.needs_queries else ()
+        sources = st.fit_sources
         prefix, doc, suffix = self.tokens
         facts = None
         if method.uses_facts:
@@ -292,8 +288,9 @@ class StreamedDocument:
                     queries_s += more_s
                 else:
                     cache, report = c.compact(snap, chunk.doc_start, chunk.doc_end, qs, bias=bias, facts=facts)
-                if bias is not None:
-                    _carry_origin(cache, previous, snap)
+                if bias is not None:  # earlier chunks passed through as protected cells: keep their origin
+                    cache.origin = trace_origin(cache.origin, snap.positions,
+                                                extend_origin(previous.origin, snap.positions))
                 previous = cache
                 fit_s += report.seconds
                 notes.update(report.notes)
@@ -344,12 +341,3 @@ def _without_window(settings: CompactionSettings):
     from dataclasses import replace
 
     return replace(settings, recent_window=0).compactor()
-
-
-def _carry_origin(cache: CompactedCache, previous: CompactedCache, snap: KVSnapshot) -> None:
-    """The earlier chunks' cells went through this compaction as protected cells: give their
-    slots (and any re-fitted ones) the original positions those cells recorded."""
-    n = previous.n_cells
-    fresh = snap.positions[n:]
-    held = [np.concatenate([o, np.repeat(fresh[:, None], o.shape[1], axis=1)]) for o in previous.origin]
-    cache.origin = trace_origin(cache.origin, snap.positions, held)

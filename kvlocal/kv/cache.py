@@ -303,3 +303,13 @@ def trace_origin(cell_origin: list[np.ndarray], positions: np.ndarray, origin: l
         heads = np.broadcast_to(np.arange(co.shape[1]), co.shape)
         out.append(np.where(real, np.asarray(o)[idx, heads], -1).astype(np.int32))
     return out
+
+
+def extend_origin(origin: list[np.ndarray], positions: np.ndarray) -> list[np.ndarray]:
+    """Per layer ``[len(positions), H_kv]``: ``origin`` (what the first cells hold, as the last
+    injected cache recorded it) followed by the cells decoded since, which hold their own keys."""
+    n = len(origin[0])
+    if n > len(positions):
+        raise InjectError("the session holds fewer cells than its last compaction wrote")
+    fresh = np.asarray(positions[n:], np.int32)
+    return [np.concatenate([o, np.repeat(fresh[:, None], o.shape[1], axis=1)]).astype(np.int32) for o in origin]

@@ -195,13 +195,17 @@ def test_compacting_again_streams_again_from_the_text(load_model):
         kv.close()
 
 
+def _fits_once(model) -> Compaction:
+    """A document ingested whole in a context that holds it once but not beside its repeat-prefill."""
+    doc = TEXT * 3
+    kv = Compaction(model, n_ctx=len(model.tokenize(doc, add_special=False)) + 200, progress=False)
+    kv.ingest(doc)
+    return kv
+
+
 def test_a_document_whose_query_pass_does_not_fit_is_streamed(load_model):
     """Fits the context once but not with its repeat-prefill: compacted in chunks instead of failing."""
-    model = load_model("llama-gqa")
-    doc = TEXT * 3
-    n = len(model.tokenize(doc, add_special=False))
-    with Compaction(model, n_ctx=n + 200, progress=False) as kv:
-        kv.ingest(doc)
+    with _fits_once(load_model("llama-gqa")) as kv:
         assert not kv.streamed
         kv.compact(ratio=4, method="am-highest", queries="context")  # needs no room: stays one-shot
         assert not kv.streamed
@@ -211,10 +215,7 @@ def test_a_document_whose_query_pass_does_not_fit_is_streamed(load_model):
 
 def test_bad_streaming_requests_are_refused_up_front_and_lose_nothing(load_model):
     model = load_model("llama-gqa")
-    doc = TEXT * 3
-    n = len(model.tokenize(doc, add_special=False))
-    with Compaction(model, n_ctx=n + 200, progress=False) as kv:
-        kv.ingest(doc)
+    with _fits_once(model) as kv:
         kv.compact(ratio=4, method="truncate")
         kept = kv.cache
         with pytest.raises(KvlocalError, match="uniform budgets only"):
