@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-document", action="store_true", help="rerun the chat part only (the document "
                     "part is taken from the last results)")
+    ap.add_argument("--skip-chat", action="store_true", help="rerun the document part only (the chat part is "
+                    "taken from the last results)")
     args = ap.parse_args(argv)
     binding.set_verbose(False)
     path = smollm2.locate() or smollm2.ensure()
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads(saved.read_text())["documents"] if saved.exists() else []
     else:
         rows = document_part(args, model, args.threads)
-    chat = chat_part(args, model, args.threads)
+    chat = json.loads(saved.read_text())["chat"] if args.skip_chat else chat_part(args, model, args.threads)
 
     lines = ["# Beyond the context window: streamed compaction and self-compacting chats", "",
              f"Written by `python bench/long_document.py` on {machine(args.threads)}; model {path.name}.", ""]

@@ -13,6 +13,11 @@ the cache stands for every token of the document while holding only the context'
 This is the paper's chunked compaction done online: each chunk is fitted with queries that see
 the compacted past, not the original one.
 
+Every chunk keeps its share of one budget over the whole document (``DocumentFacts``,
+``kvlocal.am.budgets.chunk_budgets``): a method that keeps facts gives each chunk its own fact
+keys and the rest by length, as a one-shot compaction would, instead of ``n / ratio`` per chunk,
+which cut the facts of a chunk where they cluster (measured: bench/results/streaming_control.md).
+
 ``plan_chunks`` decides, before any decoding, how many chunks the document needs so that at
 every step the compacted past + the chunk + the room its query passes need fit the context, and
 refuses a ratio that cannot fit with the smallest ratio (and the smallest context) that would.
@@ -27,12 +32,14 @@ import math
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
 from .am import DEFAULT_METHOD, CompactionReport, get_method
+from .am.budgets import chunk_budgets
 from .engine import binding
 from .engine.capture import QueryCapture
 from .engine.queries import QUERY_SOURCES, collect_queries
@@ -78,6 +85,8 @@ class ChunkPlan:
     bounds: tuple[tuple[int, int], ...]  # [lo, hi) offsets into the document, per chunk
     peak: int  # the most cells held at once (cache + chunk + a query pass's room)
     cells_after: int  # cells of the compacted document (template and recent window included)
+    keys: tuple[int, ...] = ()  # keys per head each chunk keeps (its recent window aside)
+    fact_shares: tuple[float, ...] | None = None  # the share of each chunk's keys facts take (None: no facts)
 
     @property
     def n_chunks(self) -> int:
@@ -85,37 +94,57 @@ class ChunkPlan:
 
 
 def _try(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: float, sources, m: int,
-         recent_window: int) -> ChunkPlan | None:
+         recent_window: int, facts: DocumentFacts | None = None) -> ChunkPlan | None:
     edges = np.linspace(0, n_doc, m + 1).round().astype(int)
     bounds = tuple((int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True))
+    if any(hi - lo < min(MIN_CHUNK, n_doc) for lo, hi in bounds):
+        return None
+    whole = min(recent_window, bounds[-1][1] - bounds[-1][0])  # the last chunk's recent window stays whole
+    fitted = [(lo, hi - (whole if i == m - 1 else 0)) for i, (lo, hi) in enumerate(bounds)]
+    if facts is None:
+        keys, shares = [kept_cells(hi - lo, ratio) for lo, hi in fitted], None
+    else:
+        keys, shares = facts.budgets(fitted, ratio)
     held, peak = n_prefix, 0
-    for i, (lo, hi) in enumerate(bounds):
-        n = hi - lo
-        if n < min(MIN_CHUNK, n_doc):
-            return None
+    for i, ((lo, hi), k) in enumerate(zip(bounds, keys, strict=True)):
         last = i == m - 1
-        fresh = n + (n_suffix if last else 0)
-        peak = max(peak, held + fresh + source_room(sources, n))
-        whole = min(recent_window, n) if last else 0
-        held += kept_cells(n - whole, ratio) + whole
+        fresh = hi - lo + (n_suffix if last else 0)
+        peak = max(peak, held + fresh + source_room(sources, hi - lo))
+        held += k + (whole if last else 0)
     if peak > n_ctx:
         return None
-    return ChunkPlan(n_ctx, bounds, peak, held + n_suffix)
+    return ChunkPlan(n_ctx, bounds, peak, held + n_suffix, tuple(keys), None if shares is None else tuple(shares))
+
+
+@dataclass(frozen=True)
+class DocumentFacts:
+    """Where a document's facts are, and the share of the whole budget its method gives them: a
+    streamed chunk's keys come from one budget over the document (``kvlocal.am.budgets.chunk_budgets``),
+    so a chunk dense with facts keeps as many of them as a one-shot compaction would."""
+
+    cumulative: np.ndarray  # fact tokens among the first i document tokens, i = 0..n_doc
+    share: Callable[[int, int], float]  # (document keys, kept keys) -> the share facts may take
+
+    def budgets(self, fitted, ratio: float):
+        sizes = [max(1, hi - lo) for lo, hi in fitted]
+        counts = [min(n, int(self.cumulative[hi] - self.cumulative[lo])) for n, (lo, hi) in zip(sizes, fitted, strict=True)]
+        n = sum(sizes)
+        return chunk_budgets(sizes, counts, ratio, self.share(n, kept_cells(n, ratio)))
 
 
 def plan_chunks(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: float, sources=(),
-                recent_window: int = 0) -> ChunkPlan:
+                recent_window: int = 0, facts: DocumentFacts | None = None) -> ChunkPlan:
     """The fewest equal chunks that stream the document through ``n_ctx`` cells at ``ratio``, or a
     ``DocumentError`` naming the smallest ratio (and context) that would work."""
     if n_doc < 1:
         raise DocumentError("the document is empty")
-    plan = _fewest(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window)
+    plan = _fewest(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window, facts)
     if plan is not None:
         return plan
     # what would work: the smallest ratio in this context, the smallest context at this ratio
-    need_ratio = _smallest(lambda r: _fewest(n_prefix, n_doc, n_suffix, n_ctx, r, sources, recent_window) is not None,
-                           ratio, float(n_doc))
-    need_ctx = _smallest(lambda c: _fewest(n_prefix, n_doc, n_suffix, int(c), ratio, sources, recent_window)
+    need_ratio = _smallest(lambda r: _fewest(n_prefix, n_doc, n_suffix, n_ctx, r, sources, recent_window, facts)
+                           is not None, ratio, float(n_doc))
+    need_ctx = _smallest(lambda c: _fewest(n_prefix, n_doc, n_suffix, int(c), ratio, sources, recent_window, facts)
                          is not None, n_ctx, float(n_prefix + n_doc + n_suffix + source_room(sources, n_doc) + 1))
     hint = [f"a ratio of at least {math.ceil(need_ratio * 10) / 10:g}" if need_ratio is not None else None,
             f"a context of at least {math.ceil(need_ctx)} cells" if need_ctx is not None else None]
@@ -125,11 +154,11 @@ def plan_chunks(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: flo
                         + " or ".join(h for h in hint if h))
 
 
-def _fewest(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window) -> ChunkPlan | None:
+def _fewest(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window, facts=None) -> ChunkPlan | None:
     """The plan with the fewest chunks that fits, searched by doubling then bisection over the
     chunk count (fewer, larger chunks need more room at once), O(m log m) for m chunks."""
     def attempt(m):
-        return _try(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, m, recent_window)
+        return _try(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, m, recent_window, facts)
 
     m_max = max(1, n_doc // MIN_CHUNK)
     lo, hi = 0, 1  # attempt(lo) does not fit (0: none tried), attempt(hi) is the candidate
@@ -188,6 +217,7 @@ class StreamedDocument:
     ingest_s: float = 0.0
     per_cell_bytes: int = 0
     reports: list = field(default_factory=list)
+    _facts: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, model: binding.Model, text: str, *, system: str | None = None, n_ctx: int | None = None,
@@ -217,8 +247,20 @@ class StreamedDocument:
             raise KvlocalError("kvzip scoring needs the uncompacted document: it cannot run on a document "
                                "longer than the context (choose another query source or method)")
         prefix, doc, suffix = self.tokens
+        method = get_method(settings.method)
+        facts = None
+        if method.uses_facts:
+            mask = self.fact_mask(method)[len(prefix):len(prefix) + len(doc)]
+            facts = DocumentFacts(np.concatenate([[0], np.cumsum(mask)]), method.fact_budget_share)
         return plan_chunks(len(prefix), len(doc), len(suffix), self.session.n_ctx, settings.ratio,
-                           settings.fit_sources, settings.recent_window)
+                           settings.fit_sources, settings.recent_window, facts)
+
+    def fact_mask(self, method) -> np.ndarray:
+        """The method's fact tokens over every position (prefix, document, suffix), computed once."""
+        if self._facts is None:
+            pieces = [self.session.model.detokenize([int(t)]) for t in np.concatenate(self.tokens)]
+            self._facts = method.fact_mask(pieces)
+        return self._facts
 
     @property
     def full_kv_bytes(self) -> int:
@@ -244,10 +286,7 @@ class StreamedDocument:
         method = compactor.method
         sources = st.fit_sources
         prefix, doc, suffix = self.tokens
-        facts = None
-        if method.uses_facts:
-            allt = np.concatenate([prefix, doc, suffix])
-            facts = method.fact_mask([s.model.detokenize([int(t)]) for t in allt])
+        facts = self.fact_mask(method) if method.uses_facts else None
         queries_s = fit_s = 0.0
         notes: Counter = Counter()
         cache = previous = None
@@ -281,7 +320,8 @@ class StreamedDocument:
                 t0 = time.perf_counter()
                 qs = self._queries(chunk, sources, own)
                 queries_s += time.perf_counter() - t0
-                c = compactor if last else _without_window(st)
+                c = _chunk_compactor(st, hi - lo, plan.keys[i], None if plan.fact_shares is None else plan.fact_shares[i],
+                                     last)
                 if method.stages > 1 and sources:
                     cache, report, more_s = compact_on_policy(s, chunk, snap, c, sources, method.stages, first=qs,
                                                               facts=facts, bias=bias)
@@ -300,7 +340,7 @@ class StreamedDocument:
                 self.snapshot = snap
                 bar.update(hi - lo)
                 bar.set_postfix(chunk=f"{i + 1}/{plan.n_chunks}", cells=cache.n_cells)
-        return CompactionRun(cache, self._merged(cache, notes), st, tuple(sources), queries_s, fit_s)
+        return CompactionRun(cache, self._merged(cache, notes, st.ratio), st, tuple(sources), queries_s, fit_s)
 
     def _queries(self, chunk: DocumentLayout, sources, own: QuerySet) -> QuerySet:
         """The chunk's reference queries: its own context-prefill ones (captured while it was
@@ -311,7 +351,7 @@ class StreamedDocument:
         parts = [own if n == "context-prefill" else collect_queries(self.session, chunk, [n]) for n in names]
         return QuerySet.concat(parts)
 
-    def _merged(self, cache: CompactedCache, notes: Counter) -> CompactionReport:
+    def _merged(self, cache: CompactedCache, notes: Counter, ratio: float) -> CompactionReport:
         """One report for all chunks: document cells and kept keys summed, per-layer held-out errors
         averaged over the chunks."""
         rs = self.reports
@@ -326,7 +366,7 @@ class StreamedDocument:
             n = e.pop("n")
             e["output_rel_l2"] /= n
             e["mass_err"] /= n
-        out = CompactionReport(rs[-1].method, rs[-1].ratio, sum(r.n_document for r in rs), cache.n_cells,
+        out = CompactionReport(rs[-1].method, ratio, sum(r.n_document for r in rs), cache.n_cells,
                                sum(r.kept_keys for r in rs), rs[-1].heads, sum(r.chunks for r in rs),
                                cache.padding_fraction, sum(r.seconds for r in rs), dict(notes),
                                dict(sorted(errors.items())), [b for r in rs for b in r.budgets])
@@ -336,8 +376,14 @@ class StreamedDocument:
         self.session.close()
 
 
-def _without_window(settings: CompactionSettings):
-    """The compactor of every chunk but the last: the recent window is the end of the document."""
-    from dataclasses import replace
-
-    return replace(settings, recent_window=0).compactor()
+def _chunk_compactor(settings: CompactionSettings, n: int, keys: int, fact_share: float | None, last: bool):
+    """The compactor of one chunk of ``n`` tokens keeping ``keys`` per head (the plan's share of the
+    document's budget) with facts taking ``fact_share`` of them; the recent window is the end of
+    the document, so only the last chunk keeps it."""
+    window = settings.recent_window if last else 0
+    fitted = n - min(window, n)
+    ratio = settings.ratio if fitted < 2 or keys == kept_cells(fitted, settings.ratio) else fitted / keys
+    c = replace(settings, ratio=ratio, recent_window=window).compactor()
+    if fact_share is not None:
+        c.method = c.method.with_fact_share(fact_share)
+    return c

@@ -191,3 +191,36 @@ class SensitivityBudget(BudgetPolicy):
         curves = context.head_curves(self.method, self.grid)  # [n_layers, n_head_kv, G]
         p = swap_allocation(curves.reshape(-1, len(self.grid)), np.asarray(self.grid), self.targets)
         return p.reshape(len(layer_ids), n_head_kv)
+
+
+def chunk_budgets(sizes, fact_counts, ratio: float, fact_share: float = 0.0, cap: float = 0.75):
+    """Keys per head for blocks compacted one after another (a streamed document's chunks), so that
+    together they keep what one compaction of the whole would: the whole budget ``B = N / ratio``
+    over the ``sizes`` (``N = sum``), of which facts may take ``fact_share``.  Each block gets its
+    own fact keys (all of them, or every block's scaled alike when the document's facts exceed
+    ``fact_share * B``) and the rest of ``B`` in proportion to its length; a block where facts
+    cluster thus keeps more keys than one without.  Returns ``(keys, shares)``: keys per block
+    (rounded cumulatively, so they sum to ``B``, each in [1, cap * size]: what a block cannot take
+    goes to the others) and the share of each
+    block's keys that facts take (None when no facts)."""
+    n = np.asarray(sizes, np.float64)
+    f = np.asarray(fact_counts, np.float64)
+    if n.ndim != 1 or f.shape != n.shape or (n < 1).any() or (f < 0).any() or (f > n).any() or not ratio > 0:
+        raise ValueError("need one size >= 1 and one fact count in [0, size] per block, and ratio > 0")
+    if not fact_share or not f.sum():
+        return [max(1, int(round(x / ratio))) for x in n], None
+    total = max(1.0, round(n.sum() / ratio))
+    f = f * min(1.0, fact_share * total / f.sum())
+    target = f + (total - f.sum()) * n / n.sum()
+    top = np.maximum(1, np.floor(cap * n))
+    for _ in range(len(n)):  # a block over the cap passes what it cannot take to the others, by length
+        over = target > top
+        free = ~over & (target < top)
+        if not over.any() or not free.any():
+            break
+        excess = float((target[over] - top[over]).sum())
+        target[over] = top[over]
+        target[free] += excess * n[free] / n[free].sum()
+    edges = np.round(np.concatenate([[0.0], np.cumsum(target)]))
+    keys = np.clip(np.diff(edges), 1, top).astype(int)
+    return [int(k) for k in keys], [float(min(1.0, x / k)) for x, k in zip(f, keys, strict=True)]

@@ -40,7 +40,7 @@ Each method also names the query source it was designed for (``queries``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -80,6 +80,17 @@ class Method:
     @property
     def uses_facts(self) -> bool:
         return bool(getattr(self.selector, "fact_share", 0))
+
+    def fact_budget_share(self, n_keys: int, t: int) -> float:
+        """The share of ``t`` keys out of ``n_keys`` this method gives facts (0 without facts)."""
+        return float(self.selector.share_of_facts(n_keys, t)) if self.uses_facts else 0.0
+
+    def with_fact_share(self, share: float) -> Method:
+        """This method with facts taking ``share`` of every head's budget whatever the ratio (a
+        streamed chunk: the share comes from one budget over the whole document)."""
+        if not self.uses_facts:
+            return self
+        return replace(self, selector=replace(self.selector, fact_share=float(share), fact_until=None))
 
     def fit(self, p: HeadProblem, selection: Selection | None = None) -> HeadResult:
         """Fit one head; ``selection``: the keys a group selector already chose for it."""

@@ -207,3 +207,37 @@ def test_shared_spans_can_rank_by_kvzip_scores():
         sel.head_scores(heads[0])
     with pytest.raises(ValueError, match="score must be"):
         SharedSpans(score="max")
+
+
+# ---------------------------------------------------------------------------------------------
+# one budget over a document compacted in blocks (streaming)
+
+def test_chunk_budgets_without_facts_are_each_blocks_own_ratio():
+    from kvlocal.am.budgets import chunk_budgets
+    keys, shares = chunk_budgets([640, 640, 333], [0, 0, 0], 10, 0.5)
+    assert keys == [64, 64, 33] and shares is None
+    assert chunk_budgets([640, 640], [50, 0], 10, 0.0) == ([64, 64], None)  # a method without facts
+
+
+def test_chunk_budgets_give_a_block_its_facts_and_the_rest_by_length():
+    from kvlocal.am.budgets import chunk_budgets
+    sizes, facts = [600, 600, 600, 600], [100, 0, 20, 0]
+    keys, shares = chunk_budgets(sizes, facts, 10, 0.5)
+    assert sum(keys) == 240  # the whole document's budget, as one compaction would keep
+    fact_keys = [k * s for k, s in zip(keys, shares, strict=True)]
+    assert np.allclose(fact_keys, facts, atol=0.5)  # every fact: 120 < half the budget
+    other = [k - f for k, f in zip(keys, fact_keys, strict=True)]
+    assert np.allclose(other, 30, atol=1)  # the rest split by length
+    assert keys[0] > keys[2] > keys[1]
+
+
+def test_chunk_budgets_scale_facts_alike_when_they_exceed_their_share():
+    from kvlocal.am.budgets import chunk_budgets
+    keys, shares = chunk_budgets([500, 500, 500, 500], [200, 100, 0, 100], 20, 0.25)  # 100 keys, 25 for facts
+    assert sum(keys) == 100
+    fact_keys = np.array([k * s for k, s in zip(keys, shares, strict=True)])
+    assert np.allclose(fact_keys, [12.5, 6.25, 0, 6.25], atol=0.5)
+    keys, _ = chunk_budgets([100, 100], [100, 0], 2.5, 1.0)
+    assert keys == [75, 5]  # never above the compactor's cap of a block: the rest goes to the other
+    with pytest.raises(ValueError):
+        chunk_budgets([100, 100], [101, 0], 10, 0.5)

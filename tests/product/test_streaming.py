@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import TEXT
-from kvlocal.am import Compactor
+from kvlocal.am import Compactor, get_method
 from kvlocal.api import CompactedSession, Compaction
 from kvlocal.cli import main as cli
 from kvlocal.engine.session import DocumentError, Session
 from kvlocal.errors import KvlocalError
 from kvlocal.pipeline import CompactionSettings
-from kvlocal.streaming import (MIN_CHUNK, LongContextWarning, kept_cells, plan_chunks, source_room)
+from kvlocal.streaming import (MIN_CHUNK, DocumentFacts, LongContextWarning, kept_cells, plan_chunks, source_room)
 from models import tiny
 
 LONG = TEXT * 12  # ~3.5k tokens on the tiny models: beyond their 2,048-token training context
@@ -263,21 +263,60 @@ def test_a_baseline_without_queries_saves_and_reloads(load_model, tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(n_doc=st.integers(1, 40000), n_ctx=st.integers(256, 16384), ratio=st.floats(1.5, 64),
        sources=st.sampled_from([(), ("repeat",), ("repeat", "self-study"), ("self-study",)]),
-       window=st.integers(0, 300))
-def test_any_plan_fits_and_is_the_fewest_or_the_refusal_helps(n_doc, n_ctx, ratio, sources, window):
+       window=st.integers(0, 300), fact_seed=st.one_of(st.none(), st.integers(0, 2 ** 16)))
+def test_any_plan_fits_and_is_the_fewest_or_the_refusal_helps(n_doc, n_ctx, ratio, sources, window, fact_seed):
+    facts = None
+    if fact_seed is not None:  # facts in clusters, as number sentences come
+        rng = np.random.default_rng(fact_seed)
+        mask = np.repeat(rng.random(n_doc // 20 + 1) < rng.uniform(0.05, 0.5), 20)[:n_doc]
+        facts = DocumentFacts(np.concatenate([[0], np.cumsum(mask)]), lambda n, t: min(1.0, 5.0 * t / n))
     try:
-        plan = plan_chunks(5, n_doc, 3, n_ctx, ratio, sources, window)
+        plan = plan_chunks(5, n_doc, 3, n_ctx, ratio, sources, window, facts)
     except DocumentError as exc:
         msg = str(exc)
         if "a ratio of at least " in msg:
             r = float(msg.split("a ratio of at least ")[1].split(" ")[0])
-            assert plan_chunks(5, n_doc, 3, n_ctx, r, sources, window).peak <= n_ctx
+            assert plan_chunks(5, n_doc, 3, n_ctx, r, sources, window, facts).peak <= n_ctx
         if "a context of at least " in msg:
             c = int(msg.split("a context of at least ")[1].split(" ")[0])
-            assert plan_chunks(5, n_doc, 3, c, ratio, sources, window).peak <= c
+            assert plan_chunks(5, n_doc, 3, c, ratio, sources, window, facts).peak <= c
         assert "a ratio of at least " in msg or "a context of at least " in msg
         return
     assert plan.peak <= n_ctx and plan.bounds[0][0] == 0 and plan.bounds[-1][1] == n_doc
-    if plan.n_chunks > 1:  # one fewer chunk does not fit
+    assert len(plan.keys) == plan.n_chunks and min(plan.keys) >= 1
+    if plan.n_chunks > 1 and facts is None:  # one fewer chunk does not fit
         from kvlocal.streaming import _try
         assert _try(5, n_doc, 3, n_ctx, ratio, sources, plan.n_chunks - 1, window) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# one budget over the whole document: a chunk dense with facts keeps them
+
+FACTS = " ".join(f"The code of door {i} is {4817263 + 7919 * i}." for i in range(4))
+PLAIN = ("Margaret kept the lamp burning every night of the long winter, and the ships that passed the "
+         "point saw it and were glad. In the spring a letter came from the mainland. ") * 12
+
+
+def test_facts_clustered_in_one_chunk_are_all_kept_in_every_head(load_model):
+    """Per-chunk budgets would keep at most 5/ratio of the first chunk's keys for its facts; with one
+    budget over the document (as a one-shot compaction has) every fact key stays, in every head."""
+    model = load_model("llama-gqa")
+    with Compaction(model, n_ctx=1024, progress=False) as kv:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LongContextWarning)
+            kv.ingest(FACTS + " " + PLAIN)
+        settings = CompactionSettings(ratio=8.0, method="am-facts", queries=("repeat",))
+        plan = kv.doc.plan(settings)
+        assert plan.n_chunks >= 3 and plan.fact_shares is not None
+        mask = kv.doc.fact_mask(get_method("am-facts"))
+        d0 = kv.layout.doc_start
+        lo, hi = plan.bounds[0]
+        first = np.flatnonzero(mask[d0 + lo:d0 + hi]) + d0 + lo
+        assert len(first) > 5 / 8 * kept_cells(hi - lo, 8.0)  # more than a uniform chunk budget allows
+        assert plan.keys[0] > kept_cells(hi - lo, 8.0) and sum(plan.keys) == pytest.approx(
+            kept_cells(kv.layout.n_doc, 8.0), abs=1)
+        kv.compact(ratio=8.0, method="am-facts", queries="repeat")
+        assert kv.report.streamed_chunks == plan.n_chunks
+        for origin in kv.cache.origin:
+            for h in range(origin.shape[1]):
+                assert set(first.tolist()) <= set(origin[:, h].tolist())
