@@ -16,11 +16,11 @@ $(VPY):
 native: $(VPY)
 	$(VPY) native/build.py
 
-# kvlocal itself, editable, with its test tools; needs `native` first so that pip finds
+# kvlocal itself, editable, with `kvlocal serve` and its test tools; needs `native` first so that pip finds
 # llama-cpp-python==0.3.36 already installed instead of building a stock copy
 deps: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: pyproject.toml | native
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[server,test]'
 	touch $@
 
 models: $(VENV)/.models-stamp

@@ -31,6 +31,7 @@ from .online import ChatCompactor, OnlineRecord, OnlineSettings, current_cache
 from .pipeline import CompactionSettings, CompactionSummary, IngestedDocument, pad
 from .streaming import StreamedDocument, one_shot_fits, streams
 from .sessionfile import SessionData, SessionFileError, check_compatible, read_session, save_session
+from .sessionfile.schema import MAX_NAME
 
 CHAT_BUDGET = 1024  # free cells a reloaded session keeps for the conversation
 
@@ -99,12 +100,7 @@ class _Conversation:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
         try:
-            logits = self._decode(s.chat_tokens([{"role": "user", "content": content}]))[-1]
-            for _ in range(max_tokens):
-                tok = sampler(logits)
-                if s.model.is_eog(tok):
-                    break
-                logits = self._decode([tok])[-1]  # in the cache before it is shown: an interrupted turn stays whole
+            for tok in self._tokens(s.chat_tokens([{"role": "user", "content": content}]), max_tokens, sampler):
                 piece = decoder.decode(s.model.token_bytes(tok))
                 if piece:
                     pieces.append(piece)
@@ -122,6 +118,49 @@ class _Conversation:
             else:  # the question was compacted into the past: it stays, as a turn without an answer
                 s.decode(self._turn_end, logits="none")
                 self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": "".join(pieces)}]
+
+    def _tokens(self, prompt, max_tokens: int, sampler: Sampler, with_logits: bool = False) -> Iterator:
+        """Decode ``prompt``, then sample up to ``max_tokens``; each token is in the cache before it
+        is yielded (an interrupted turn stays whole); an end-of-generation token ends it, undecoded.
+        ``with_logits``: yield (token, the logits it was sampled from) instead."""
+        logits = self._feed(prompt)[-1]
+        for _ in range(max_tokens):
+            tok = sampler(logits)
+            if self.session.model.is_eog(tok):
+                return
+            seen = logits
+            logits = self._decode([tok])[-1]
+            yield (tok, seen) if with_logits else tok
+
+    def _feed(self, tokens) -> np.ndarray:
+        """Decode ``tokens``; a conversation that compacts itself takes them in steps of half its
+        recent window, so that compaction has queries of them to fit against."""
+        step = max(1, self.online.settings.keep_recent // 2) if self.online is not None else max(1, len(tokens))
+        out = None
+        for i in range(0, len(tokens), step):
+            out = self._decode(tokens[i:i + step])
+        return out
+
+    def continue_tokens(self, tokens, *, max_tokens: int = 256, sampler: Sampler | None = None,
+                        with_logits: bool = False) -> Iterator:
+        """Decode ``tokens`` (at least one) after what the session holds - the caller's own prompt,
+        template and all - and sample up to ``max_tokens`` after them, yielding each token once it
+        is in the cache (with ``with_logits``: with the logits it was sampled from); nothing is
+        rewound or closed afterwards (``kvlocal.server`` keeps the cells for the next request).  A
+        conversation that compacts itself does so on the way."""
+        if len(tokens) < 1:
+            raise KvlocalError("continue_tokens needs at least one token to decode")
+        s = self.session
+        self._turn_end = s.turn_end()
+        cap = self.online.capture(s) if self.online is not None else None
+        with s.capturing(cap):
+            yield from self._tokens(tokens, max_tokens, sampler or GREEDY, with_logits)
+
+    @property
+    def compacted_until(self) -> int:
+        """The position before which the conversation compacted itself (its cells cannot be rewound
+        into); ``base`` when it did not."""
+        return max([self.base] + [r.region[1] for r in self.online_records])
 
     def _run(self, content: str, max_tokens: int, stream: bool, sampler: Sampler | None, keep: bool):
         if not content or not content.strip():
@@ -149,10 +188,7 @@ class _Conversation:
             for msg in messages:
                 if msg.get("role") not in ("user", "assistant", "system") or not str(msg.get("content", "")).strip():
                     raise KvlocalError(f"a turn needs a role (user, assistant, system) and content, not {msg!r}")
-                tokens = s.chat_tokens([msg], add_assistant=False)
-                step = max(1, (self.online.settings.keep_recent // 2) if self.online is not None else len(tokens))
-                for i in range(0, len(tokens), step):
-                    self._decode(tokens[i:i + step])
+                self._feed(s.chat_tokens([msg], add_assistant=False))
                 self.messages.append({"role": msg["role"], "content": str(msg["content"])})
 
     def reset(self) -> None:
@@ -184,6 +220,7 @@ class Compaction(_Conversation):
         self.model, self._own_model = binding.borrow_or_open(model)
         self.n_ctx, self.threads, self.progress = n_ctx, threads, progress
         self.doc: IngestedDocument | None = None
+        self.document_name: str | None = None
         self.cache: CompactedCache | None = None
         self.report: CompactionSummary | None = None
         self.messages: list = []
@@ -201,8 +238,9 @@ class Compaction(_Conversation):
         if self._own_model:
             self.model.close()
 
-    def ingest(self, text: str, *, system: str | None = None) -> DocumentLayout:
-        """Ingest the document (its context-prefill queries are captured on the way).
+    def ingest(self, text: str, *, system: str | None = None, name: str | None = None) -> DocumentLayout:
+        """Ingest the document (its context-prefill queries are captured on the way); ``name``
+        (e.g. its file name) is saved with the session and shown by ``kvlocal info`` and ``serve``.
 
         A document that does not fit the context (``n_ctx``; by default the model's training
         context, with room for a repeat-prefill of it) is only tokenized here: ``compact`` then
@@ -211,7 +249,9 @@ class Compaction(_Conversation):
             raise DocumentError("a document is already ingested; open a new one for another document")
         if not text or not text.strip():
             raise DocumentError("the document is empty")
-        self._text, self._system = text, system
+        if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME):
+            raise KvlocalError(f"a document name is a non-empty string of at most {MAX_NAME} characters")
+        self._text, self._system, self.document_name = text, system, name
         if streams(self.model, len(self.model.tokenize(text, add_special=False)), self.n_ctx):
             self.doc = StreamedDocument.open(self.model, text, system=system, n_ctx=self.n_ctx, threads=self.threads,
                                              progress=self.progress)
@@ -281,6 +321,8 @@ class Compaction(_Conversation):
             raise KvlocalError("compact the document before saving it")
         t0 = time.perf_counter()
         report = {**asdict(self.report), "timings": dict(self.timings)}
+        if self.document_name:
+            report["document"] = self.document_name
         cache, snap, base = self.cache, self.doc.snapshot, self.base
         if self.online_records:  # the conversation compacted itself: its cells are saved as they are
             cache, snap = current_cache(self.session, self._origin)
@@ -340,15 +382,22 @@ class CompactedSession(_Conversation):
         snap = KVSnapshot.from_arrays(data.positions, data.keys, data.values, data.layer_ids, data.swa_state)
         cache = CompactedCache(np.asarray(data.positions), snap.keys, snap.values,
                                [np.asarray(b, np.float32) for b in data.bias], m["cache.logical_length"])
-        self.session.inject(cache, snap)
         self.meta = m
-        self.base = self.session.n_past
-        self.messages = [dict(msg) for msg in m["chat.messages"]]
         self._loaded = (cache, snap)
-        self._origin = [np.asarray(o, np.int32) for o in data.origin]
+        self._loaded_origin = [np.asarray(o, np.int32) for o in data.origin]
         self._doc_length = m["doc.end"] + len(m["doc.suffix_tokens"])  # a compacted conversation may follow
-        if m.get("chat.tokens"):  # replay the conversation saved with the session, token for token
-            self.session.ingest(np.asarray(m["chat.tokens"], np.int32), desc="chat")
+        self.restart()
+
+    def restart(self) -> None:
+        """Back to the session as its file holds it: the compacted document and the conversation
+        saved with it (replayed token for token); what was said since, compacted or not, is gone."""
+        cache, snap = self._loaded
+        self.session.inject(cache, snap)
+        self.base = self.session.n_past
+        self.messages = [dict(msg) for msg in self.meta["chat.messages"]]
+        self._origin = list(self._loaded_origin)
+        if self.meta.get("chat.tokens"):
+            self.session.ingest(np.asarray(self.meta["chat.tokens"], np.int32), desc="chat")
         if self.online is not None:
             self.auto_compact(self.online.settings)
 

@@ -66,7 +66,7 @@ def cmd_compact(a) -> int:
     with Compaction(a.model, n_ctx=a.ctx_size, threads=a.threads, progress=not a.quiet, verbose=a.verbose) as kv:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LongContextWarning)
-            layout = kv.ingest(text, system=a.system)
+            layout = kv.ingest(text, system=a.system, name=Path(a.document).name[:255])
         for w in caught:
             print(f"kvlocal: warning: {w.message}", file=sys.stderr)
         r = kv.compact(settings=settings)
@@ -144,6 +144,16 @@ def cmd_chat(a) -> int:
         if a.save:
             size = s.save(a.save)
             print(f"saved {a.save} ({_size(size)})")
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from .online import OnlineSettings
+    from .server import serve
+
+    online = None if a.no_compact else OnlineSettings(max_context=a.max_context)
+    serve(a.sessions, a.model, host=a.host, port=a.port, allow_remote=a.allow_remote, max_loaded=a.max_loaded,
+          online=online, threads=a.threads, max_tokens=a.n_predict, log_level="info" if a.verbose else "warning")
     return 0
 
 
@@ -292,6 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--notes", default=None, help="a markdown file appended to the report as its analysis")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("serve", help="serve session files behind an OpenAI-compatible HTTP API")
+    v.add_argument("sessions", nargs="+", help="session files (.kvs); a request's model names one by its file stem")
+    common(v)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--allow-remote", action="store_true", help="allow an address other machines can reach")
+    v.add_argument("--max-loaded", type=int, default=2, help="sessions held in memory at once (default 2)")
+    v.add_argument("-n", "--n-predict", type=int, default=256, help="answer length when a request sets none")
+    v.add_argument("--max-context", type=int, default=None,
+                   help="cells a conversation may hold before it compacts its older part")
+    v.add_argument("--no-compact", action="store_true",
+                   help="refuse conversations that do not fit instead of compacting them")
+    v.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="show what a session file records (no model needed)")
     i.add_argument("session")

@@ -32,7 +32,7 @@ def run(model_path: str, out: str, threads: int | None) -> None:
     doc_file = resources.files("kvlocal.data").joinpath("sample_document.txt")
     document = doc_file.read_text()
     with api.Compaction(model_path, threads=threads) as kv:
-        layout = kv.ingest(document, system=SYSTEM)
+        layout = kv.ingest(document, system=SYSTEM, name=doc_file.name)
         print(f"model: {kv.model.path.name}; document: {doc_file.name}, {layout.n_doc} tokens "
               f"({layout.length} with the chat template), ingested in {kv.timings['ingest_s']:.1f} s")
         print(f"\nQ: {QUESTION}\nA (full KV cache, {layout.length} cells): {kv.ask(QUESTION, max_tokens=48)}")

@@ -15,3 +15,8 @@ class ModelError(KvlocalError):
 
 class EngineError(KvlocalError):
     """llama.cpp refused an operation (decode, state restore, bias update, ...)."""
+
+
+class ContextFullError(KvlocalError):
+    """A conversation or document needs more KV cells than the context holds (or than compacting
+    its older part can free)."""

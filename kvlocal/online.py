@@ -22,7 +22,7 @@ import numpy as np
 from .am import DEFAULT_METHOD, Compactor, get_method
 from .engine.capture import QueryCapture
 from .engine.session import Session
-from .errors import KvlocalError
+from .errors import ContextFullError, KvlocalError
 from .kv.cache import CompactedCache, extend_origin, trace_origin
 from .kv.queryset import QuerySet
 
@@ -117,14 +117,14 @@ class ChatCompactor:
             # fit against, so they go into the context's spare cells and compaction waits for them
             if session.cells[0] + n <= session.n_ctx:
                 return None
-            raise KvlocalError(f"online compaction with {method.name} needs queries of the conversation and "
+            raise ContextFullError(f"online compaction with {method.name} needs queries of the conversation and "
                                f"none were decoded yet; the context ({session.n_ctx} cells) is full")
         lo, hi = self.start, session.n_past - st.keep_recent
         snap = session.snapshot()
         region = int(((snap.positions >= lo) & (snap.positions < hi)).sum())
         after = snap.n_cells - region + max(1, int(round(region / st.ratio)))
         if region < 2 or after + n > limit:
-            raise KvlocalError(
+            raise ContextFullError(
                 f"the conversation fills the context ({session.cells[0]} of {limit} cells) and compacting its "
                 f"older part ({region} cells at {st.ratio:g}x) would not make room for {n} more: raise "
                 f"max_context, lower keep_recent ({st.keep_recent}) or raise the ratio")

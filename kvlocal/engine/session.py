@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import binding
 from .capture import QueryCapture
-from ..errors import KvlocalError
+from ..errors import ContextFullError, KvlocalError
 from ..kv.cache import CompactedCache, KVSnapshot
 from ..kv.statecodec import cells_in_state
 from .modelinfo import ModelInfo
@@ -31,6 +31,10 @@ CONTENT_MARK = "@@kvlocal-content-7f3a@@"  # no NUL: the template goes through C
 
 class DocumentError(KvlocalError):
     """A document cannot be ingested as asked (empty, longer than the context, ...)."""
+
+
+class ContextFull(DocumentError, ContextFullError):
+    """Sequence 0 needs more cells than the context holds."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,9 @@ class Session:
         if n_drop:
             self.ctx.seq_rm(0, length, -1)
             self.cells[0] -= n_drop
-            del self.tokens[length:]
+            # the history ends at n_past but may start later than position 0 (a reloaded session
+            # knows only what it decoded itself): the dropped positions are its last tokens
+            del self.tokens[max(0, len(self.tokens) - n_drop):]
 
     @property
     def n_past(self) -> int:
@@ -143,7 +149,7 @@ class Session:
         if start == 0 and seq_id == SCRATCH:
             raise KvlocalError("the scratch sequence is empty: use Session.fork()")
         if sum(self.cells) + len(toks) > self.n_ctx:
-            raise DocumentError(f"{sum(self.cells) + len(toks)} KV cells are needed but the context holds "
+            raise ContextFull(f"{sum(self.cells) + len(toks)} KV cells are needed but the context holds "
                                 f"{self.n_ctx}; create the session with a larger n_ctx")
         out = self.ctx.decode(toks, pos=start, seq_id=seq_id, logits=logits)
         self.cells[min(seq_id, 1)] += len(toks)

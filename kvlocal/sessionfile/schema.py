@@ -64,6 +64,7 @@ FIELDS = {
     "checksum.sha256": "str",  # SHA-256 over the tensors
 }
 _CHECKSUMS = ("checksum.meta", "checksum.sha256")
+MAX_NAME = 255  # characters of a document name (compaction.report["document"])
 
 
 @dataclass
@@ -172,6 +173,7 @@ def describe(meta: dict, path) -> list[str]:
         f"  cache      {meta['cache.n_cells']} cells standing for {meta['cache.logical_length']} tokens "
         f"(document {meta['doc.start']}..{meta['doc.end']}), layers {len(meta['cache.layers'])}"
         + (", with SWA section" if meta["cache.has_swa"] else ""),
+        *([f"  document   {report['document']}"] if report.get("document") else []),
         f"  compaction {meta['compaction.method']} at {meta['compaction.ratio']:g}x, queries "
         f"{meta['compaction.queries']}, budgets {meta['compaction.budgets']}"
         + (f", streamed in {report['streamed_chunks']} chunks" if report.get("streamed_chunks") else ""),
@@ -218,6 +220,9 @@ def check_meta(m: dict, path) -> None:
         bad("chat.messages must be a list of {role, content}")
     if not isinstance(m["compaction.report"], dict):
         bad("compaction.report must be an object")
+    name = m["compaction.report"].get("document")
+    if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME):
+        bad(f"the document name must be a non-empty string of at most {MAX_NAME} characters")
     if not m["compaction.ratio"] > 1:
         bad("compaction.ratio must be > 1")
     for key in ("checksum.meta", "checksum.sha256", "model.file_sha256", "model.tokenizer_sha256"):
