@@ -14,12 +14,15 @@ PKG = Path(__file__).resolve().parent.parent / "kvlocal"
 # layer -> kvlocal modules it must never import (prefixes)
 FORBIDDEN = {
     "kv": ("kvlocal.engine", "kvlocal.am", "kvlocal.pipeline", "kvlocal.api", "kvlocal.sessionfile",
-           "kvlocal.evaluation", "kvlocal.cli", "kvlocal.demo"),
+           "kvlocal.evaluation", "kvlocal.cli", "kvlocal.demo", "kvlocal.server"),
     "am": ("kvlocal.engine", "kvlocal.pipeline", "kvlocal.api", "kvlocal.sessionfile", "kvlocal.evaluation",
-           "kvlocal.cli", "kvlocal.demo"),
+           "kvlocal.cli", "kvlocal.demo", "kvlocal.server"),
     "engine": ("kvlocal.am", "kvlocal.pipeline", "kvlocal.api", "kvlocal.sessionfile", "kvlocal.evaluation",
+               "kvlocal.cli", "kvlocal.demo", "kvlocal.server"),
+    "evaluation": ("kvlocal.api", "kvlocal.cli", "kvlocal.demo", "kvlocal.server"),
+    # the server sits on the API: no algorithms, no evaluation, no command line
+    "server": ("kvlocal.am", "kvlocal.kv", "kvlocal.pipeline", "kvlocal.streaming", "kvlocal.evaluation",
                "kvlocal.cli", "kvlocal.demo"),
-    "evaluation": ("kvlocal.api", "kvlocal.cli", "kvlocal.demo"),
 }
 
 

@@ -348,3 +348,14 @@ def test_a_reloaded_sessions_token_history_follows_rewinds(files):
         assert kept and len(kept) < s.session.n_past
         s.ask(QUESTION, max_tokens=4)  # decoded, then rewound
         assert s.session.tokens == kept
+
+
+def test_serve_without_the_server_extra_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    from kvlocal import server
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    with pytest.raises(KvlocalError, match=r"pip install 'kvlocal\[server\]' \(missing: uvicorn\)"):
+        server.serve(["x.kvs"], "model.gguf")
