@@ -282,8 +282,7 @@ class StreamedDocument:
         s = self.session
         s.clear()
         self.reports, self.ingest_s = [], 0.0
-        compactor = st.compactor()
-        method = compactor.method
+        method = get_method(st.method)
         sources = st.fit_sources
         prefix, doc, suffix = self.tokens
         facts = self.fact_mask(method) if method.uses_facts else None

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import KvlocalError
+from ..sessionfile import SessionFileError
 from .schemas import ChatRequest, ModelCard, ModelList, error_body
 from .sessions import ContextFull, SessionPool, UnknownSession, sampler_for
 
@@ -57,6 +58,10 @@ def create_app(pool: SessionPool, *, max_tokens: int = 256) -> FastAPI:
     @app.exception_handler(ContextFull)
     async def _full(request: Request, exc: ContextFull):
         return _error(400, str(exc), code="context_length_exceeded", param="messages")
+
+    @app.exception_handler(SessionFileError)
+    async def _file(request: Request, exc: SessionFileError):  # it was checked at start-up: changed since
+        return _error(500, str(exc), "server_error")
 
     @app.exception_handler(KvlocalError)
     async def _kvlocal(request: Request, exc: KvlocalError):

@@ -18,7 +18,7 @@ import codecs
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +83,7 @@ class Generation:
     prompt_tokens: int
     cached_tokens: int
     pieces: Iterator[str]
-    release: callable
+    release: Callable[[], None]
     completion_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list | None = None  # per generated token, when asked for (OpenAI's logprobs.content)
@@ -271,18 +271,15 @@ class SessionPool:
     @contextmanager
     def use(self, name: str):
         """The session ``name``, loaded, for one request at a time (later ones wait here)."""
-        served = self.get(name)
-        served.lock.acquire()
+        served, release = self.acquire(name)
         try:
-            self._make_loaded(served)
             yield served
         finally:
-            served.lock.release()
-            with self._cond:
-                self._cond.notify_all()
+            release()
 
-    def acquire(self, name: str) -> tuple[ServedSession, callable]:
-        """Like ``use`` for a streamed answer: the session and the function that hands it back."""
+    def acquire(self, name: str) -> tuple[ServedSession, Callable[[], None]]:
+        """Like ``use`` for an answer read later (streamed): the session and the function that
+        hands it back."""
         served = self.get(name)
         served.lock.acquire()
         try:
