@@ -16,7 +16,7 @@ from __future__ import annotations
 import codecs
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -32,6 +32,7 @@ from .pipeline import CompactionSettings, CompactionSummary, IngestedDocument, p
 from .streaming import StreamedDocument, one_shot_fits, streams
 from .sessionfile import SessionData, SessionFileError, check_compatible, read_session, save_session
 from .sessionfile.schema import MAX_NAME
+from .summarize import SummaryRecord, SummarySettings, summarize
 
 CHAT_BUDGET = 1024  # free cells a reloaded session keeps for the conversation
 
@@ -221,6 +222,7 @@ class Compaction(_Conversation):
         self.n_ctx, self.threads, self.progress = n_ctx, threads, progress
         self.doc: IngestedDocument | None = None
         self.document_name: str | None = None
+        self.summary: SummaryRecord | None = None  # set when the document was summarized, then compacted
         self.cache: CompactedCache | None = None
         self.report: CompactionSummary | None = None
         self.messages: list = []
@@ -282,17 +284,39 @@ class Compaction(_Conversation):
         self.doc.close()
         self.doc = doc
 
+    def _summarize(self, settings: CompactionSettings, st: SummarySettings, progress: bool | None) -> CompactionSettings:
+        """Replace the document by the model's summary of it; the settings to compact the summary with."""
+        if self.streamed:
+            raise KvlocalError("summarizing needs the whole document in the context: this one is longer than it "
+                               "(give a larger n_ctx, or compact without summarizing)")
+        doc, self.summary = summarize(self.doc, settings.ratio, st, system=self._system, threads=self.threads,
+                                      progress=self.progress if progress is None else progress)
+        self.timings["document_ingest_s"] = self.doc.ingest_s
+        self.doc.close()
+        self.doc, self.base = doc, doc.layout.length
+        self.timings["summary_s"] = self.summary.seconds
+        return replace(settings, ratio=self.summary.am_ratio)
+
     def compact(self, ratio: float = 10.0, method: str = DEFAULT_METHOD, queries: str | Sequence[str] | None = None,
                 budgets: str = "uniform", recent_window: int = 0, chunk_size: int | None = None,
                 max_queries_per_head: int = 4096, holdout: float = 0.1, seed: int = 0,
-                progress: bool | None = None, settings: CompactionSettings | None = None) -> CompactionSummary:
+                progress: bool | None = None, settings: CompactionSettings | None = None,
+                summarize: SummarySettings | bool | None = None) -> CompactionSummary:
         """Compact the ingested document in place and return the summary.  ``settings`` (checked
-        already) replaces the keyword arguments."""
+        already) replaces the keyword arguments.  ``summarize``: the model first writes a summary
+        of the document and the summary's KV is compacted to ``ratio`` overall (``kvlocal.summarize``;
+        True: default ``SummarySettings``); the document itself is let go."""
         if settings is None:
             settings = CompactionSettings(ratio, method, queries or None, budgets, recent_window, chunk_size,
                                           max_queries_per_head, holdout, seed)
         if self.doc is None:
             raise KvlocalError("ingest a document first")
+        if self.summary is not None:
+            raise KvlocalError("this Compaction holds a summary of the document now, not the document: open a "
+                               "new one to compact the document again")
+        if summarize:
+            settings = self._summarize(settings, summarize if isinstance(summarize, SummarySettings)
+                                       else SummarySettings(), progress)
         self._stream_if_needed(settings)
         # compaction always starts from the full cache (or, streamed, from the text): compacting
         # again replaces the last result (and the conversation held on top of it)
@@ -323,6 +347,8 @@ class Compaction(_Conversation):
         report = {**asdict(self.report), "timings": dict(self.timings)}
         if self.document_name:
             report["document"] = self.document_name
+        if self.summary is not None:
+            report["summary"] = self.summary.as_dict()
         cache, snap, base = self.cache, self.doc.snapshot, self.base
         if self.online_records:  # the conversation compacted itself: its cells are saved as they are
             cache, snap = current_cache(self.session, self._origin)

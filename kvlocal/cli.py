@@ -55,6 +55,7 @@ def cmd_compact(a) -> int:
     from .api import Compaction
     from .pipeline import CompactionSettings
     from .streaming import LongContextWarning
+    from .summarize import SummarySettings
 
     text = _read_document(a.document)
     _check_output(a.output)
@@ -66,17 +67,26 @@ def cmd_compact(a) -> int:
     with Compaction(a.model, n_ctx=a.ctx_size, threads=a.threads, progress=not a.quiet, verbose=a.verbose) as kv:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LongContextWarning)
-            layout = kv.ingest(text, system=a.system, name=Path(a.document).name[:255])
+            kv.ingest(text, system=a.system, name=Path(a.document).name[:255])
         for w in caught:
             print(f"kvlocal: warning: {w.message}", file=sys.stderr)
-        r = kv.compact(settings=settings)
+        r = kv.compact(settings=settings, summarize=SummarySettings(max_tokens=a.summary_tokens, seed=a.seed)
+                       if a.summarize else None)
         size = kv.save(a.output)
         t = kv.timings
         n_ctx = kv.session.n_ctx
+        summary = kv.summary
     total = time.perf_counter() - t0
-    print(f"compacted {Path(a.document).name}: {r.tokens_before} tokens ({layout.n_doc} document) -> "
+    if summary is not None:
+        print(f"summarized {Path(a.document).name}: {summary.document_tokens} tokens -> a {summary.summary_tokens}-token "
+              f"summary ({summary.summary_ratio:.1f}x) in {summary.seconds:.1f} s; the document itself is not kept")
+    what = "its summary" if summary is not None else Path(a.document).name
+    print(f"compacted {what}: {r.tokens_before} tokens ({r.document_tokens} document) -> "
           f"{r.cells_after} cells, {r.method} at {r.ratio:g}x (effective {r.effective_ratio:.1f}x), "
           f"queries {'+'.join(r.queries)}")
+    if summary is not None:
+        print(f"  overall    {summary.document_tokens} document tokens -> {r.cells_after} cells "
+              f"({summary.document_tokens / r.cells_after:.0f}x)")
     if r.streamed_chunks:
         print(f"  streamed   ingested and compacted in chunks: {r.streamed_chunks} of them, in a {n_ctx}-cell context")
     print(f"  KV cache   {_size(r.kv_bytes_before)} -> {_size(r.kv_bytes_after)}"
@@ -259,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-queries", type=int, default=4096, help="reference queries per KV head")
     c.add_argument("--system", default=None, help="system prompt placed before the document")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--summarize", action="store_true",
+                   help="have the model summarize the document and compact the summary's KV to --ratio overall "
+                        "(for 50-200x when the gist is enough; the document itself is not kept)")
+    c.add_argument("--summary-tokens", type=int, default=320, help="summary length at most (default 320)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compact)
 

@@ -228,7 +228,8 @@ class ServedSession:
         report = m["compaction.report"]
         return {"id": self.name, "created": int(self.path.stat().st_mtime),
                 "document": str(report.get("document") or self.path.name), "cells": m["cache.n_cells"],
-                "tokens": m["cache.logical_length"], "ratio": float(m["compaction.ratio"]),
+                "tokens": m["cache.logical_length"],
+                "ratio": float((report.get("summary") or {}).get("overall_ratio") or m["compaction.ratio"]),
                 "method": m["compaction.method"]}
 
 

@@ -183,10 +183,25 @@ def describe(meta: dict, path) -> list[str]:
                      f"mass error {report['heldout_mass_err']:.3f}")
     if report.get("timings"):
         lines.append("  timings    " + ", ".join(f"{k} {v:.2f}" for k, v in report["timings"].items()))
+    summ = report.get("summary")
+    if summ:
+        lines.append(f"  summary    the model's summary ({summ['summary_tokens']} tokens) stands for a "
+                     f"{summ['document_tokens']}-token document that was not kept: summary "
+                     f"{summ['document_tokens'] / summ['summary_tokens']:.1f}x, then {meta['compaction.method']} "
+                     f"{summ['am_ratio']:.1f}x = {summ['overall_ratio']:g}x overall")
     online = report.get("online") or []
     lines.append(f"  chat       {len(meta['chat.messages'])} messages"
                  + (f", compacted {len(online)} times while it ran" if online else ""))
     return lines
+
+
+def _valid_summary(x) -> bool:
+    def num(v, lo):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo and v == v
+    return (isinstance(x, dict) and isinstance(x.get("text"), str) and bool(x["text"].strip())
+            and all(isinstance(x.get(k), int) and not isinstance(x.get(k), bool) and x[k] >= 1
+                    for k in ("document_tokens", "summary_tokens"))
+            and num(x.get("seconds"), 0) and num(x.get("am_ratio"), 1) and num(x.get("overall_ratio"), 1))
 
 
 def check_meta(m: dict, path) -> None:
@@ -220,6 +235,9 @@ def check_meta(m: dict, path) -> None:
         bad("chat.messages must be a list of {role, content}")
     if not isinstance(m["compaction.report"], dict):
         bad("compaction.report must be an object")
+    summary = m["compaction.report"].get("summary")
+    if summary is not None and not _valid_summary(summary):
+        bad("the summary record must hold its text, token counts, time and ratios")
     name = m["compaction.report"].get("document")
     if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME):
         bad(f"the document name must be a non-empty string of at most {MAX_NAME} characters")

@@ -1,0 +1,111 @@
+"""Summarize, then compact (issue 15): the model writes a summary of the document, the session is
+built from the summary's KV instead of the document's, and that KV is compacted with the default
+method to the overall ratio asked for (document tokens per cell kept).
+
+    kv.ingest(text)
+    kv.compact(ratio=100, summarize=SummarySettings())   # or `kvlocal compact --summarize`
+
+The summary is ingested under a header that says it is one (``SUMMARY_HEADER``), so the model
+never reads it as the document itself; the session file records the summary, its text and both
+ratios (``kvlocal info`` shows them).
+
+Reference queries: the default method's own sources (repeat-prefill, self-study) run on the
+summary's cache.  Queries of the original document cannot stand in for them: they carry RoPE
+phases of positions the summary's cache does not have and were fitted to attend over keys that
+are gone, so matching their attention on the summary's keys matches nothing the model will do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from tqdm import tqdm
+
+from .engine.sampling import Sampler
+from .engine.session import DocumentError
+from .errors import KvlocalError
+from .pipeline import IngestedDocument
+
+INSTRUCTION = "Summarize the document in detail. Keep every name, number, place and key event."
+SUMMARY_HEADER = "A summary of a document (the document itself was not kept):\n\n"
+MIN_DOCUMENT = 128  # tokens: a shorter document is not worth summarizing
+MIN_CELLS = 8  # cells the overall ratio must leave
+MIN_SUMMARY = 16  # tokens the model must write
+
+
+@dataclass(frozen=True)
+class SummarySettings:
+    max_tokens: int = 320  # summary length at most
+    temperature: float = 0.0  # 0: greedy
+    seed: int = 0
+    instruction: str = INSTRUCTION
+
+    def __post_init__(self):
+        if self.max_tokens < MIN_SUMMARY or self.temperature < 0 or not self.instruction.strip():
+            raise KvlocalError(f"a summary needs max_tokens >= {MIN_SUMMARY}, temperature >= 0 and an instruction")
+
+
+@dataclass
+class SummaryRecord:
+    """What the summary step did (saved in the session file's report under "summary")."""
+
+    text: str
+    document_tokens: int  # of the original document
+    summary_tokens: int  # of the summary as ingested (header included)
+    seconds: float
+    am_ratio: float  # summary tokens per cell kept
+    overall_ratio: float  # document tokens per cell kept (as asked)
+
+    @property
+    def summary_ratio(self) -> float:
+        return self.document_tokens / self.summary_tokens
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "summary_ratio": self.summary_ratio}
+
+
+def check_request(n_doc: int, ratio: float) -> None:
+    """Refuse, before any generation, what summarizing cannot do well."""
+    if n_doc < MIN_DOCUMENT:
+        raise DocumentError(f"a {n_doc}-token document is too short to summarize (at least {MIN_DOCUMENT} tokens): "
+                            "compact it without summarizing")
+    if n_doc / ratio < MIN_CELLS:
+        raise DocumentError(f"ratio {ratio:g} would leave {n_doc / ratio:.1f} cells of a {n_doc}-token document; "
+                            f"at most {n_doc / MIN_CELLS:.0f}x keeps {MIN_CELLS}")
+
+
+def write_summary(doc: IngestedDocument, st: SummarySettings, progress: bool = True) -> tuple[str, float]:
+    """The model's summary of the document ``doc`` holds (generated after it, then rewound)."""
+    s = doc.session
+    t0 = time.perf_counter()
+    start = s.n_past
+    bar = tqdm(total=st.max_tokens, desc="summary", unit="tok", disable=not progress, leave=False)
+    try:
+        with bar:
+            out = s.generate(s.chat_tokens([{"role": "user", "content": st.instruction}]), max_tokens=st.max_tokens,
+                             sampler=Sampler(temperature=st.temperature, seed=st.seed), on_token=lambda _: bar.update())
+    finally:
+        s.rewind(start)
+    return s.model.detokenize(out).strip(), time.perf_counter() - t0
+
+
+def summarize(doc: IngestedDocument, ratio: float, st: SummarySettings, *, system: str | None = None,
+              threads: int | None = None, progress: bool = True) -> tuple[IngestedDocument, SummaryRecord]:
+    """The summary of ``doc`` ingested as a document of its own, and the AM ratio that brings it to
+    ``ratio`` overall.  ``doc`` is left as it was (the caller closes it)."""
+    n_doc = doc.layout.n_doc
+    check_request(n_doc, ratio)
+    text, seconds = write_summary(doc, st, progress)
+    model = doc.session.model
+    if len(model.tokenize(text, add_special=False)) < MIN_SUMMARY:
+        raise DocumentError(f"the model wrote a summary of {len(text)} characters: too little to build a session on")
+    summary = IngestedDocument.ingest(model, SUMMARY_HEADER + text, system=system, threads=threads, progress=progress)
+    n_sum = summary.layout.n_doc
+    am_ratio = n_sum * ratio / n_doc
+    if am_ratio <= 1.0:
+        summary.close()
+        raise DocumentError(f"the summary ({n_sum} tokens) is already {n_doc / n_sum:.1f}x shorter than the "
+                            f"{n_doc}-token document: ask for more than {n_doc / n_sum:.1f}x, or compact without "
+                            "summarizing")
+    return summary, SummaryRecord(text, n_doc, n_sum, seconds, am_ratio, ratio)

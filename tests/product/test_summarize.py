@@ -1,0 +1,96 @@
+"""Summarize, then compact (kvlocal.summarize): the mode end to end on a tiny model, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TEXT
+from kvlocal.api import CompactedSession, Compaction
+from kvlocal.cli import main as cli
+from kvlocal.engine.session import DocumentError
+from kvlocal.errors import KvlocalError
+from kvlocal.sessionfile import read_info
+from kvlocal.sessionfile.schema import _valid_summary
+from kvlocal.summarize import MIN_DOCUMENT, SUMMARY_HEADER, SummarySettings
+from models import tiny
+
+DOC = TEXT * 2
+QUICK = dict(method="am-highest", queries="repeat")
+
+
+def test_summarize_then_compact_round_trips_with_its_record(load_model, tmp_path):
+    model = load_model("llama-gqa")
+    path = tmp_path / "s.kvs"
+    with Compaction(model, progress=False) as kv:
+        layout = kv.ingest(DOC, name="doc.txt")
+        n_doc = layout.n_doc
+        r = kv.compact(ratio=40, summarize=SummarySettings(max_tokens=64, seed=3), **QUICK)
+        rec = kv.summary
+        assert rec.document_tokens == n_doc and rec.overall_ratio == 40 and rec.am_ratio > 1
+        assert rec.summary_tokens == r.document_tokens == len(model.tokenize(SUMMARY_HEADER + rec.text,
+                                                                               add_special=False))
+        assert rec.am_ratio == pytest.approx(rec.summary_tokens * 40 / n_doc)
+        assert r.cells_after < n_doc / 40 + layout.length - n_doc + 1  # the document's budget, template aside
+        with pytest.raises(KvlocalError, match="holds a summary"):
+            kv.compact(ratio=40, **QUICK)  # the document is gone: no silent compaction of the summary
+        kv.save(str(path))
+    meta = read_info(path)
+    summ = meta["compaction.report"]["summary"]
+    assert summ["text"] == rec.text and summ["overall_ratio"] == 40 and summ["document_tokens"] == n_doc
+    assert meta["compaction.report"]["timings"]["summary_s"] > 0
+    with CompactedSession(str(path), model) as s:
+        assert s.ask("What is the magic number?", max_tokens=4) is not None
+
+
+def test_the_summary_is_seeded(load_model):
+    model = load_model("llama-gqa")
+    texts = []
+    for seed in (1, 1, 2):
+        with Compaction(model, progress=False) as kv:
+            kv.ingest(DOC)
+            kv.compact(ratio=40, summarize=SummarySettings(max_tokens=32, temperature=0.8, seed=seed), **QUICK)
+            texts.append(kv.summary.text)
+    assert texts[0] == texts[1] != texts[2]
+
+
+@pytest.mark.parametrize("text,ratio,match", [
+    ("A short note about the lighthouse.", 20, "too short to summarize"),
+    (DOC, 1000, "at most"),
+    (DOC, 1.5, "already"),  # a 64-token summary is shorter than 1/1.5 of the document
+])
+def test_what_summarizing_cannot_do_is_refused_and_loses_nothing(load_model, text, ratio, match):
+    model = load_model("llama-gqa")
+    with Compaction(model, progress=False) as kv:
+        kv.ingest(text)
+        with pytest.raises(DocumentError, match=match):
+            kv.compact(ratio=ratio, summarize=SummarySettings(max_tokens=64), **QUICK)
+        assert kv.summary is None
+        r = kv.compact(ratio=2, **QUICK)  # the document is still there
+        assert r.document_tokens == kv.layout.n_doc
+
+
+def test_summary_records_are_checked():
+    good = {"text": "x", "document_tokens": 500, "summary_tokens": 50, "seconds": 1.0, "am_ratio": 5.0,
+            "overall_ratio": 50.0, "summary_ratio": 10.0}
+    assert _valid_summary(good)
+    for k, v in (("text", ""), ("document_tokens", 0), ("summary_tokens", 2.5), ("am_ratio", 0.5),
+                 ("overall_ratio", float("nan")), ("seconds", -1), ("document_tokens", True)):
+        assert not _valid_summary({**good, k: v}), k
+    assert not _valid_summary("text") and not _valid_summary({})
+    with pytest.raises(KvlocalError):
+        SummarySettings(max_tokens=4)
+    assert MIN_DOCUMENT > 0
+
+
+def test_cli_compact_summarize_and_info(tiny_dir, tmp_path, capsys):
+    model = str(tiny.ensure_tiny(tiny_dir, "llama-gqa"))
+    doc = tmp_path / "story.txt"
+    doc.write_text(DOC)
+    out = tmp_path / "story.kvs"
+    assert cli(["compact", str(doc), "-m", model, "--ratio", "40", "--summarize", "--summary-tokens", "48",
+                "--method", "am-highest", "--queries", "repeat", "-o", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "summarized story.txt" in printed and "not kept" in printed and "overall" in printed
+    assert cli(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "summary    the model's summary" in info and "was not kept" in info and "= 40x overall" in info
