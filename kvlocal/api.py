@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
@@ -87,15 +88,21 @@ class _Conversation:
         self._room(len(tokens) + len(self._turn_end))
         return self.session.decode(tokens)
 
-    def _turn(self, content: str, max_tokens: int, sampler: Sampler, keep: bool) -> Iterator[str]:
+    @contextlib.contextmanager
+    def _decoding(self):
+        """Around every decode of the conversation: the turn end is known (room is made for it)
+        and, when the conversation compacts itself, its queries are captured."""
         s = self.session
-        cap = self.online.capture(s) if self.online is not None else None
-        with s.capturing(cap):
+        self._turn_end = s.turn_end()
+        with s.capturing(self.online.capture(s) if self.online is not None else None):
+            yield
+
+    def _turn(self, content: str, max_tokens: int, sampler: Sampler, keep: bool) -> Iterator[str]:
+        with self._decoding():
             yield from self._turn_captured(content, max_tokens, sampler, keep)
 
     def _turn_captured(self, content: str, max_tokens: int, sampler: Sampler, keep: bool) -> Iterator[str]:
         s = self.session
-        self._turn_end = s.turn_end()
         start = s.n_past
         compactions = len(self.online_records)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -151,11 +158,15 @@ class _Conversation:
         conversation that compacts itself does so on the way."""
         if len(tokens) < 1:
             raise KvlocalError("continue_tokens needs at least one token to decode")
-        s = self.session
-        self._turn_end = s.turn_end()
-        cap = self.online.capture(s) if self.online is not None else None
-        with s.capturing(cap):
+        with self._decoding():
             yield from self._tokens(tokens, max_tokens, sampler or GREEDY, with_logits)
+
+    @property
+    def conversation_tokens(self) -> list[int]:
+        """The tokens after ``base`` (what was decoded on top of the document and saved chat)."""
+        s = self.session
+        n = s.n_past - self.base
+        return s.tokens[len(s.tokens) - n:] if n > 0 else []
 
     @property
     def compacted_until(self) -> int:
@@ -183,9 +194,7 @@ class _Conversation:
         """Put turns (``{"role", "content"}``) into the conversation as they are - a transcript to
         continue - compacting the older part on the way when the conversation compacts itself."""
         s = self.session
-        self._turn_end = s.turn_end()
-        cap = self.online.capture(s) if self.online is not None else None
-        with s.capturing(cap):
+        with self._decoding():
             for msg in messages:
                 if msg.get("role") not in ("user", "assistant", "system") or not str(msg.get("content", "")).strip():
                     raise KvlocalError(f"a turn needs a role (user, assistant, system) and content, not {msg!r}")
@@ -436,12 +445,11 @@ class CompactedSession(_Conversation):
         report = dict(m["compaction.report"])
         if self.online_records:
             cache, snap = current_cache(self.session, self._origin)
-            base = tokens_end = self.session.n_past
+            base = self.session.n_past
             report["online"] = list(report.get("online", [])) + [r.as_dict() for r in self.online_records]
         else:
             (cache, snap), base = self._loaded, self.base
-            tokens_end = self.session.n_past
-        n_conv = tokens_end - base
+        n_conv = self.session.n_past - base
         tokens = known + [0] * (base - len(known)) + (self.session.tokens[len(self.session.tokens) - n_conv:]
                                                       if n_conv else [])
         return save_session(path, self.model, snap, cache, layout, tokens, base, self.messages, report)

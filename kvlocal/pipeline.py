@@ -178,7 +178,7 @@ class IngestedDocument:
 
     @property
     def full_kv_bytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.snapshot.keys, self.snapshot.values, strict=True))
+        return self.snapshot.kv_bytes
 
     @property
     def kv_bytes_per_cell(self) -> int:

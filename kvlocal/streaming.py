@@ -313,8 +313,7 @@ class StreamedDocument:
                 chunk = DocumentLayout(d0 + lo, d0 + hi, s.n_past)
                 snap = s.snapshot()
                 if not self.per_cell_bytes:
-                    self.per_cell_bytes = sum(k.nbytes + v.nbytes for k, v in zip(snap.keys, snap.values,
-                                                                                  strict=True)) // snap.n_cells
+                    self.per_cell_bytes = snap.kv_bytes // snap.n_cells
                 bias = s.bias() if cache is not None else None
                 t0 = time.perf_counter()
                 qs = self._queries(chunk, sources, own)

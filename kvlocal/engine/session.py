@@ -283,6 +283,7 @@ class Session:
         SWA section (iSWA models) is written back unchanged."""
         snap = snapshot if snapshot is not None else self.snapshot()
         cache.validate(self.info)
+        n_before = self.n_past
         if cache.logical_length != snap.logical_length:
             raise KvlocalError(f"the compacted cache continues at {cache.logical_length}, the session at "
                                f"{snap.logical_length}")
@@ -296,7 +297,8 @@ class Session:
                 self.ctx.bias_set(il, bias)
         self.compacted = True
         self.cells = [cache.n_cells, 0]
-        del self.tokens[cache.logical_length:]  # history beyond T is gone with the old cells
+        # history beyond T is gone with the old cells: its last tokens (see rewind)
+        del self.tokens[max(0, len(self.tokens) - max(0, n_before - cache.logical_length)):]
         if self.n_past != cache.logical_length:
             raise KvlocalError(f"after injecting, decoding would continue at {self.n_past}, not "
                                f"{cache.logical_length}")

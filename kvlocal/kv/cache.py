@@ -93,6 +93,11 @@ class KVSnapshot:
         return len(self.positions)
 
     @property
+    def kv_bytes(self) -> int:
+        """Bytes of the base layers' K and V as stored."""
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values, strict=True))
+
+    @property
     def logical_length(self) -> int:
         """T: the position the next token takes (max position + 1 over all sections)."""
         top = [int(s.pos.max()) for c in self.state.caches for s in c.streams if s is not None and s.n_cells]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.special import log_softmax
 
 from ..api import CHAT_BUDGET, CompactedSession
 from ..engine import binding
@@ -121,20 +122,23 @@ class ServedSession:
         self.online, self.threads, self.chat_budget = online, threads, chat_budget
         self.lock = threading.Lock()  # one request at a time
         self.conv: CompactedSession | None = None
-        self.held: list[int] = []  # the tokens the context holds after the session's base
         self.stats: Counter = Counter()  # requests, prompt_tokens, cached_tokens, decoded_tokens, restarts, loads
 
     # loading ----------------------------------------------------------------------------------
     def load(self) -> None:
         self.conv = CompactedSession(str(self.path), self.model, chat_budget=self.chat_budget, threads=self.threads,
                                      online=self.online)
-        self.held = []
         self.stats["loads"] += 1
 
     def unload(self) -> None:
         if self.conv is not None:
             self.conv.close()
-        self.conv, self.held = None, []
+        self.conv = None
+
+    @property
+    def held(self) -> list[int]:
+        """The tokens the context holds after the session's base (read off the session's history)."""
+        return self.conv.conversation_tokens if self.conv is not None else []
 
     # answering --------------------------------------------------------------------------------
     def generate(self, turns: list[dict], *, max_tokens: int, sampler: Sampler, stops: Sequence[str],
@@ -157,7 +161,6 @@ class ServedSession:
         except BaseException:
             self._forget()
             raise
-        self.held = prompt
         self.stats["prompt_tokens"] += len(prompt)
         self.stats["cached_tokens"] += n
         self.stats["decoded_tokens"] += len(prompt) - n
@@ -174,7 +177,6 @@ class ServedSession:
                 tok, logits = step
                 if logprobs is not None:
                     gen.logprobs.append(self._logprob(tok, logits, logprobs))
-                self.held.append(tok)
                 gen.completion_tokens += 1
                 out = stop.feed(decoder.decode(self.model.token_bytes(tok)))
                 if out:
@@ -196,8 +198,7 @@ class ServedSession:
     def _logprob(self, tok: int, logits, top: int) -> dict:
         """OpenAI's logprobs entry of ``tok``: its log-probability under ``logits`` (float64 log-softmax)
         and the ``top`` likeliest tokens'."""
-        z = np.asarray(logits, np.float64)
-        lp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+        lp = log_softmax(np.asarray(logits, np.float64))
 
         def entry(t: int) -> dict:
             raw = self.model.token_bytes(int(t))
@@ -211,17 +212,15 @@ class ServedSession:
         n = min(common_prefix(self.held, prompt), len(prompt) - 1)
         if n < conv.compacted_until - conv.base:  # compacted cells cannot be rewound into
             conv.restart()
-            self.held, n = [], 0
+            n = 0
             self.stats["restarts"] += 1
         conv.session.rewind(conv.base + n)
-        del self.held[n:]
         return n
 
     def _forget(self) -> None:
         """After an error: back to the file's state (what the cells hold is not known for sure)."""
         if self.conv is not None:
             self.conv.restart()
-        self.held = []
 
     def card(self) -> dict:
         m = self.meta

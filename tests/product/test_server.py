@@ -145,7 +145,6 @@ def test_a_growing_conversation_decodes_only_its_new_tokens_and_answers_as_from_
     model, paths = files
     with server.pool.use("lighthouse") as served:  # from the file's state, as the reference starts
         served.conv.restart()
-        served.held = []
     first = [{"role": "user", "content": QUESTION}]
     a1 = _ask(server, first, max_tokens=16)
     before = served.stats["decoded_tokens"]
@@ -348,6 +347,8 @@ def test_a_reloaded_sessions_token_history_follows_rewinds(files):
         assert kept and len(kept) < s.session.n_past
         s.ask(QUESTION, max_tokens=4)  # decoded, then rewound
         assert s.session.tokens == kept
+        s.restart()  # the file's state injected again: the conversation's tokens go with its cells
+        assert s.session.tokens == [] and s.conversation_tokens == []
 
 
 def test_serve_without_the_server_extra_says_how_to_get_it(monkeypatch):
