@@ -63,6 +63,8 @@ def cmd_compact(a) -> int:
     settings = CompactionSettings(ratio=a.ratio, method=a.method, queries=a.queries or None, budgets=a.budgets,
                                   recent_window=a.recent_window, chunk_size=a.chunk_size,
                                   max_queries_per_head=a.max_queries, seed=a.seed)
+    summarize = SummarySettings(max_tokens=a.summary_tokens, seed=a.seed,
+                                no_repeat_ngram=a.summary_no_repeat) if a.summarize else None
     t0 = time.perf_counter()
     with Compaction(a.model, n_ctx=a.ctx_size, threads=a.threads, progress=not a.quiet, verbose=a.verbose) as kv:
         with warnings.catch_warnings(record=True) as caught:
@@ -70,8 +72,7 @@ def cmd_compact(a) -> int:
             kv.ingest(text, system=a.system, name=Path(a.document).name[:255])
         for w in caught:
             print(f"kvlocal: warning: {w.message}", file=sys.stderr)
-        r = kv.compact(settings=settings, summarize=SummarySettings(max_tokens=a.summary_tokens, seed=a.seed)
-                       if a.summarize else None)
+        r = kv.compact(settings=settings, summarize=summarize)
         size = kv.save(a.output)
         t = kv.timings
         n_ctx = kv.session.n_ctx
@@ -201,8 +202,11 @@ def cmd_eval(a) -> int:
     from .evaluation import cost as cost_mod
     from .evaluation import report
     from .evaluation.data import data_dir
-    from .evaluation.harness import EvalConfig, Evaluator
+    from .evaluation.harness import PARTS, EvalConfig, Evaluator
 
+    parts = tuple(a.parts.split(","))
+    if set(parts) - set(PARTS):
+        raise KvlocalError(f"--parts: unknown {', '.join(sorted(set(parts) - set(PARTS)))}; choose from {', '.join(PARTS)}")
     notes = None  # read first: a bad path fails before an hour of work
     if a.notes:
         try:
@@ -213,6 +217,10 @@ def cmd_eval(a) -> int:
     cfg = EvalConfig.smoke(data=a.data) if a.smoke else EvalConfig(data=a.data)
     if a.ratios:
         cfg.ratios = tuple(float(x) for x in a.ratios.split(","))
+    if a.summary_ratios:
+        cfg.summary_ratios = tuple(float(x) for x in a.summary_ratios.split(","))
+    if a.summary_no_repeat is not None:
+        cfg.summary_no_repeat = a.summary_no_repeat
     if a.articles:
         cfg.articles = tuple(int(x) for x in a.articles.split(","))
     if a.questions:
@@ -225,7 +233,6 @@ def cmd_eval(a) -> int:
         cfg.max_queries = a.max_queries or None
     model = binding.Model(a.model)
     ev = Evaluator(model, cfg, a.cache, progress=not a.quiet, threads=a.threads)
-    parts = tuple(a.parts.split(","))
     ev.run(parts)
     measured = None
     if "cost" in parts:
@@ -273,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="have the model summarize the document and compact the summary's KV to --ratio overall "
                         "(for 50-200x when the gist is enough; the document itself is not kept)")
     c.add_argument("--summary-tokens", type=int, default=320, help="summary length at most (default 320)")
+    c.add_argument("--summary-no-repeat", type=int, default=4,
+                   help="no n-gram of this length twice in the summary (default 4; 0: off)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compact)
 
@@ -301,7 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate methods x ratios against the full cache and baselines")
     common(e)
     e.add_argument("--smoke", action="store_true", help="a seconds-long grid for testing the harness")
-    e.add_argument("--parts", default="quality,niah,cost", help="quality, niah, cost (comma-separated)")
+    e.add_argument("--parts", default="quality,niah,summary,cost",
+                   help="quality, niah, summary (summarize-then-compact at --summary-ratios), cost (comma-separated)")
+    e.add_argument("--summary-ratios", default=None, help="overall ratios of the summary part (default 50,100,200)")
+    e.add_argument("--summary-no-repeat", type=int, default=None,
+                   help="the summary part's n-gram guard (default 4, as kvlocal compact --summarize; 0: off)")
     e.add_argument("--ratios", default=None, help="e.g. 5,10,20,50")
     e.add_argument("--articles", default=None, help="LEval-QuALITY article indices, e.g. 8,1,2")
     e.add_argument("--questions", type=int, default=None, help="questions per article")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
-from .engine.sampling import Sampler
+from .engine.sampling import NoRepeatNgram, Sampler
 from .engine.session import DocumentError
 from .errors import KvlocalError
 from .pipeline import IngestedDocument
@@ -40,10 +40,20 @@ class SummarySettings:
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     instruction: str = INSTRUCTION
+    # no n-gram of this length twice (0: off): greedy summaries of small models fall into loops
+    # (SmolLM2-135M repeats one sentence to the length bound); 4 leaves the 3-word phrases a
+    # summary legitimately repeats ("the old school") alone
+    no_repeat_ngram: int = 4
 
     def __post_init__(self):
         if self.max_tokens < MIN_SUMMARY or self.temperature < 0 or not self.instruction.strip():
             raise KvlocalError(f"a summary needs max_tokens >= {MIN_SUMMARY}, temperature >= 0 and an instruction")
+        if self.no_repeat_ngram == 1 or self.no_repeat_ngram < 0:
+            raise KvlocalError("no_repeat_ngram is 0 (off) or at least 2")
+
+    def sampler(self):
+        base = Sampler(temperature=self.temperature, seed=self.seed)
+        return NoRepeatNgram(base, self.no_repeat_ngram) if self.no_repeat_ngram else base
 
 
 @dataclass
@@ -75,6 +85,14 @@ def check_request(n_doc: int, ratio: float) -> None:
                             f"at most {n_doc / MIN_CELLS:.0f}x keeps {MIN_CELLS}")
 
 
+def summary_prompt(s, instruction: str):
+    """The instruction as a chat turn, or for a model without a chat template (a base model) a
+    completion that the summary continues."""
+    if s.model.chat_template() is None:
+        return s.tokenize("\n\nA detailed summary of the document above, with every name, number and place:\n")
+    return s.chat_tokens([{"role": "user", "content": instruction}])
+
+
 def write_summary(doc: IngestedDocument, st: SummarySettings, progress: bool = True) -> tuple[str, float]:
     """The model's summary of the document ``doc`` holds (generated after it, then rewound)."""
     s = doc.session
@@ -83,11 +101,30 @@ def write_summary(doc: IngestedDocument, st: SummarySettings, progress: bool = T
     bar = tqdm(total=st.max_tokens, desc="summary", unit="tok", disable=not progress, leave=False)
     try:
         with bar:
-            out = s.generate(s.chat_tokens([{"role": "user", "content": st.instruction}]), max_tokens=st.max_tokens,
-                             sampler=Sampler(temperature=st.temperature, seed=st.seed), on_token=lambda _: bar.update())
+            out = s.generate(summary_prompt(s, st.instruction), max_tokens=st.max_tokens, sampler=st.sampler(),
+                             on_token=lambda _: bar.update())
     finally:
         s.rewind(start)
     return s.model.detokenize(out).strip(), time.perf_counter() - t0
+
+
+def ingest_summary(model, text: str, *, system: str | None = None, threads: int | None = None,
+                   progress: bool = True) -> IngestedDocument:
+    """The summary ``text`` ingested, under ``SUMMARY_HEADER``, as a document of its own."""
+    if len(model.tokenize(text, add_special=False)) < MIN_SUMMARY:
+        raise DocumentError(f"the model wrote a summary of {len(text)} characters: too little to build a session on")
+    return IngestedDocument.ingest(model, SUMMARY_HEADER + text, system=system, threads=threads, progress=progress)
+
+
+def am_ratio(n_doc: int, n_sum: int, ratio: float) -> float:
+    """The ratio to compact an ``n_sum``-token summary with so that an ``n_doc``-token document ends
+    ``ratio`` times smaller; refused when the summary alone is already that small."""
+    r = n_sum * ratio / n_doc
+    if r <= 1.0:
+        raise DocumentError(f"the summary ({n_sum} tokens) is already {n_doc / n_sum:.1f}x shorter than the "
+                            f"{n_doc}-token document: ask for more than {n_doc / n_sum:.1f}x, or compact without "
+                            "summarizing")
+    return r
 
 
 def summarize(doc: IngestedDocument, ratio: float, st: SummarySettings, *, system: str | None = None,
@@ -97,15 +134,11 @@ def summarize(doc: IngestedDocument, ratio: float, st: SummarySettings, *, syste
     n_doc = doc.layout.n_doc
     check_request(n_doc, ratio)
     text, seconds = write_summary(doc, st, progress)
-    model = doc.session.model
-    if len(model.tokenize(text, add_special=False)) < MIN_SUMMARY:
-        raise DocumentError(f"the model wrote a summary of {len(text)} characters: too little to build a session on")
-    summary = IngestedDocument.ingest(model, SUMMARY_HEADER + text, system=system, threads=threads, progress=progress)
+    summary = ingest_summary(doc.session.model, text, system=system, threads=threads, progress=progress)
     n_sum = summary.layout.n_doc
-    am_ratio = n_sum * ratio / n_doc
-    if am_ratio <= 1.0:
+    try:
+        r = am_ratio(n_doc, n_sum, ratio)
+    except DocumentError:
         summary.close()
-        raise DocumentError(f"the summary ({n_sum} tokens) is already {n_doc / n_sum:.1f}x shorter than the "
-                            f"{n_doc}-token document: ask for more than {n_doc / n_sum:.1f}x, or compact without "
-                            "summarizing")
-    return summary, SummaryRecord(text, n_doc, n_sum, seconds, am_ratio, ratio)
+        raise
+    return summary, SummaryRecord(text, n_doc, n_sum, seconds, r, ratio)

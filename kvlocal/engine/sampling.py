@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,33 @@ class Sampler:
             p = p[:keep] / p[:keep].sum()
             order = order[:keep]
         return int(order[self._rng.choice(len(p), p=p)])
+
+
+@dataclass
+class NoRepeatNgram:
+    """``inner`` with every token ruled out that would repeat an ``n``-gram this sampler already
+    produced (the guard against the loops greedy decoding falls into on small models)."""
+
+    inner: Sampler
+    n: int = 4
+    _seen: dict = field(default_factory=dict, repr=False)  # (n-1)-gram -> tokens that followed it
+    _out: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if self.n < 2:
+            raise ValueError("an n-gram guard needs n >= 2")
+
+    def __call__(self, logits: np.ndarray) -> int:
+        key = tuple(self._out[-(self.n - 1):]) if len(self._out) >= self.n - 1 else None
+        banned = self._seen.get(key)
+        if banned:
+            logits = np.array(logits, dtype=np.float64).reshape(-1)
+            logits[list(banned)] = -np.inf
+        tok = self.inner(logits)
+        if key is not None:
+            self._seen.setdefault(key, set()).add(tok)
+        self._out.append(tok)
+        return tok
 
 
 GREEDY = Sampler()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from ..engine import binding
 from ..engine.modelinfo import model_fingerprint
 from ..engine.session import Session
+from ..errors import KvlocalError
 from ..pipeline import REPEAT_MARGIN, CompactionSettings, CompactionSummary, IngestedDocument, pad
 from . import tasks
 from .data import (
@@ -32,7 +32,7 @@ STANDARD_METHODS = (
     ("truncate", ()), ("streaming-llm", ()), ("h2o", ("context",)), ("snapkv", ("self-study",)),
     ("kvzip", ("kvzip",)), ("kvzip-uniform", ("kvzip",)),
 )
-SUMMARY_PROMPT = "Summarize the document in detail. Keep every name, number, place and key event."
+PARTS = ("quality", "niah", "summary", "cost")  # "cost" is measured by evaluation.cost (the CLI runs it)
 
 
 @dataclass
@@ -47,6 +47,8 @@ class EvalConfig:
     needles: int = 8
     continuation_tokens: int = 96
     summary_tokens: int = 320
+    summary_ratios: tuple = (50, 100, 200)  # overall ratios of summarize-then-compact (and AM alone beside it)
+    summary_no_repeat: int = 4  # SummarySettings.no_repeat_ngram of the summary part
     max_queries: int = 4096
     cost_tokens: int = 4000  # the long document of the speed and memory measurements
     article_words: int | None = None  # cut articles to this many words (smoke runs on tiny models)
@@ -61,8 +63,8 @@ class EvalConfig:
         """One short document, two methods, two ratios: the harness's own test."""
         base = dict(methods=(("am-highest", ("context",)), ("truncate", ())), ratios=(4, 8), articles=(8,),
                     questions=2, answer_tokens=8, haystack_tokens=(600,), haystack_stories=(0,), needles=2,
-                    continuation_tokens=16, summary_tokens=24, max_queries=512, article_words=60,
-                    cost_tokens=300)
+                    continuation_tokens=16, summary_tokens=24, summary_ratios=(16,), max_queries=512,
+                    article_words=60, cost_tokens=300)
         return cls(**{**base, **kw})
 
 
@@ -147,7 +149,8 @@ class Evaluator:
         mc = [tasks.multiple_choice(s, q) for q in qs]
         return {"nll": nll, "mc": [bool(x) for x in mc]}
 
-    def quality(self, bar=None) -> None:
+    def articles(self):
+        """(cache key, article) of every QuALITY article of the grid, cut as the grid cuts it."""
         articles = quality_articles(self.cfg.data)
         for ai in self.cfg.articles:
             art = articles[ai]
@@ -155,39 +158,38 @@ class Evaluator:
                 art = Article(art.index, " ".join(art.text.split()[: self.cfg.article_words]), art.questions)
             text, was_cut = cut_to_tokens(art.text, self.max_doc_tokens(),
                                           lambda t: len(self.model.tokenize(t, add_special=False)))
-            art = Article(art.index, text, art.questions)
             key = f"quality{ai}"
             if self.cache.get(key, "doc") is None:
                 self.cache.put({"doc_tokens": len(self.model.tokenize(text, add_special=False)), "cut": was_cut},
                                key, "doc")
+            yield key, Article(art.index, text, art.questions)
+
+    def quality_references(self, key: str, art: Article, doc: IngestedDocument) -> list[list[int]]:
+        """The reference answers (the full cache's greedy answers), and the full-cache and
+        no-context scores, each computed once."""
+        s = doc.session
+        refs = self.cache.get(key, "refs")
+        if refs is None:
+            refs = self.cache.put([tasks.greedy(s, tasks.open_prompt(s, q), self.cfg.answer_tokens)
+                                   for q in art.questions[: self.cfg.questions]], key, "refs")
+        if self.cache.get(key, "full") is None:
+            self.cache.put({**self._score_quality(s, art, refs), "tokens": doc.layout.length,
+                            "ingest_s": doc.ingest_s}, key, "full")
+        if self.cache.get(key, "none") is None:
+            with self._plain(None) as sn:
+                self.cache.put(self._score_quality(sn, art, refs), key, "none")
+        return refs
+
+    def quality(self, bar=None) -> None:
+        for key, art in self.articles():
             todo = [c for c in self._cells() if self.cache.get(key, cell_id(*c)) is None]
-            if not todo and all(self.cache.get(key, k) is not None for k in ("full", "none", "summary")):
+            if not todo and all(self.cache.get(key, k) is not None for k in ("full", "none")):
                 if bar is not None:
                     bar.update(len(list(self._cells())))
                 continue
             doc = self._open(art.text)
             s = doc.session
-            refs = self.cache.get(key, "refs")
-            if refs is None:
-                refs = self.cache.put([tasks.greedy(s, tasks.open_prompt(s, q), self.cfg.answer_tokens)
-                                       for q in art.questions[: self.cfg.questions]], key, "refs")
-            if self.cache.get(key, "full") is None:
-                self.cache.put({**self._score_quality(s, art, refs), "tokens": doc.layout.length,
-                                "ingest_s": doc.ingest_s}, key, "full")
-            if self.cache.get(key, "summary") is None:
-                doc.restore()
-                t0 = time.perf_counter()
-                summary = s.model.detokenize(tasks.greedy(
-                    s, tasks.summary_prompt(s, SUMMARY_PROMPT), self.cfg.summary_tokens))
-                gen_s = time.perf_counter() - t0
-                with self._plain(summary) as ss:
-                    n_sum = len(self.model.tokenize(summary, add_special=False))
-                    self.cache.put({**self._score_quality(ss, art, refs), "summary_tokens": n_sum,
-                                    "effective_ratio": doc.layout.n_doc / max(n_sum, 1), "summary_s": gen_s}, key,
-                                   "summary")
-            if self.cache.get(key, "none") is None:
-                with self._plain(None) as sn:
-                    self.cache.put(self._score_quality(sn, art, refs), key, "none")
+            refs = self.quality_references(key, art, doc)
             for cell in self._cells():
                 if self.cache.get(key, cell_id(*cell)) is None:
                     info = self._compact(doc, *cell)
@@ -205,30 +207,34 @@ class Evaluator:
             out.update(tasks.agreement(ref_lp, lp))
         return out, lp
 
-    def niah(self, bar=None) -> None:
+    def haystacks(self):
+        """(cache key, haystack, continuation tokens) of every needle document of the grid."""
         stories = squality_stories(self.cfg.data)
         for si in self.cfg.haystack_stories:
             for n_tok in self.cfg.haystack_tokens:
-                key = f"niah{si}-{n_tok}"
-                if all(self.cache.get(key, cell_id(*c)) is not None for c in self._cells()) \
-                        and self.cache.get(key, "full") is not None:
-                    if bar is not None:
-                        bar.update(len(list(self._cells())))
-                    continue
                 hay = make_haystack(stories[si], n_tok, lambda t: len(self.model.tokenize(t, add_special=False)),
                                     k=self.cfg.needles, seed=self.cfg.seed * 1000 + si)
                 cont = self.model.tokenize(" " + hay.continuation, add_special=False)[: self.cfg.continuation_tokens]
-                doc = self._open(hay.text)
-                full, ref_lp = self._score_niah(doc.session, hay, cont, None)
-                self.cache.put({**full, "tokens": doc.layout.length}, key, "full")
-                for cell in self._cells():
-                    if self.cache.get(key, cell_id(*cell)) is None:
-                        info = self._compact(doc, *cell)
-                        res, _ = self._score_niah(doc.session, hay, cont, ref_lp)
-                        self.cache.put({**info, **res}, key, cell_id(*cell))
-                    if bar is not None:
-                        bar.update(1)
-                doc.close()
+                yield f"niah{si}-{n_tok}", hay, cont
+
+    def niah(self, bar=None) -> None:
+        for key, hay, cont in self.haystacks():
+            if all(self.cache.get(key, cell_id(*c)) is not None for c in self._cells()) \
+                    and self.cache.get(key, "full") is not None:
+                if bar is not None:
+                    bar.update(len(list(self._cells())))
+                continue
+            doc = self._open(hay.text)
+            full, ref_lp = self._score_niah(doc.session, hay, cont, None)
+            self.cache.put({**full, "tokens": doc.layout.length}, key, "full")
+            for cell in self._cells():
+                if self.cache.get(key, cell_id(*cell)) is None:
+                    info = self._compact(doc, *cell)
+                    res, _ = self._score_niah(doc.session, hay, cont, ref_lp)
+                    self.cache.put({**info, **res}, key, cell_id(*cell))
+                if bar is not None:
+                    bar.update(1)
+            doc.close()
 
     def warm_up(self) -> None:
         """Compile the numba kernels before anything is timed."""
@@ -239,14 +245,23 @@ class Evaluator:
             get_method(method).fit(HeadProblem(x, x, x, 8))
 
     def run(self, parts=("quality", "niah")) -> None:
+        from .summaries import SummaryPart
+
+        unknown = set(parts) - set(PARTS)
+        if unknown:
+            raise KvlocalError(f"unknown evaluation part(s) {', '.join(sorted(unknown))}: choose from {', '.join(PARTS)}")
         self.warm_up()
-        n = len(list(self._cells())) * (len(self.cfg.articles) * ("quality" in parts) + len(
-            self.cfg.haystack_stories) * len(self.cfg.haystack_tokens) * ("niah" in parts))
+        n_docs = {"quality": len(self.cfg.articles),
+                  "niah": len(self.cfg.haystack_stories) * len(self.cfg.haystack_tokens)}
+        n = len(list(self._cells())) * sum(n_docs[p] for p in ("quality", "niah") if p in parts)
+        n += sum(n_docs.values()) * ("summary" in parts)
         with tqdm(total=n, desc="eval cells", unit="cell", disable=not self.progress) as bar:
             if "quality" in parts:
                 self.quality(bar)
             if "niah" in parts:
                 self.niah(bar)
+            if "summary" in parts:
+                SummaryPart(self).run(bar)
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)

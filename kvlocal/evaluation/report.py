@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import summaries
 from .harness import Evaluator, cell_id
 
 TARGET_R = {10: 0.92, 20: 0.85, 50: 0.75}  # issue 10
@@ -40,15 +41,17 @@ def collect(ev: Evaluator) -> dict:
         return out
 
     refs = {name: {"nll": _mean(pooled(q_keys, name, "nll")), "mc": _mean(pooled(q_keys, name, "mc"))}
-            for name in ("full", "none", "summary")}
-    refs["summary"]["effective_ratio"] = _mean(pooled(q_keys, "summary", "effective_ratio"))
+            for name in ("full", "none")}
     refs["full"]["niah"] = _mean(pooled(n_keys, "full", "hits"))
     span = refs["none"]["nll"] - refs["full"]["nll"]
 
     def retention(nll):
         return (refs["none"]["nll"] - nll) / span if span and not math.isnan(nll) else float("nan")
 
-    refs["summary"]["R"] = retention(refs["summary"]["nll"])
+    summarized = summaries.collect(ev, retention)
+    alone = summarized["summary"]
+    refs["summary"] = {"nll": alone["nll"], "mc": alone["mc"], "R": alone["R"],
+                       "effective_ratio": alone["overall_ratio"]}
     rows = {}
     for method, queries in cfg.methods:
         for ratio in cfg.ratios:
@@ -70,7 +73,7 @@ def collect(ev: Evaluator) -> dict:
                 "padding": _mean(pooled(q_keys + n_keys, cell, "padding")),
                 "done": len(pooled(q_keys + n_keys, cell, "fit_s")),
             }
-    return {"refs": refs, "rows": rows, "expected": len(q_keys) + len(n_keys)}
+    return {"refs": refs, "rows": rows, "summarized": summarized, "expected": len(q_keys) + len(n_keys)}
 
 
 def _article_sizes(ev: Evaluator) -> str:
@@ -110,8 +113,9 @@ def write(ev: Evaluator, out_dir: Path, cost: dict | None = None, machine: str =
         "attention error; uniform budgets; BOS/system/template tokens kept whole.",
         f"- References: full cache NLL {_fmt(refs['full']['nll'])}, MC accuracy {_fmt(refs['full']['mc'], '.2f')}, "
         f"needles {_fmt(refs['full']['niah'], '.2f')}; no context NLL {_fmt(refs['none']['nll'])}, MC "
-        f"{_fmt(refs['none']['mc'], '.2f')}; summarization (effective ratio {_fmt(refs['summary']['effective_ratio'], '.1f')}x) "
-        f"R {_fmt(refs['summary']['R'])}, MC {_fmt(refs['summary']['mc'], '.2f')}.",
+        f"{_fmt(refs['none']['mc'], '.2f')}; the model's summary alone (effective ratio "
+        f"{_fmt(refs['summary']['effective_ratio'], '.1f')}x) R {_fmt(refs['summary']['R'])}, MC "
+        f"{_fmt(refs['summary']['mc'], '.2f')} (the summarize part; – when it was not run).",
         "",
     ]
     for title, key, spec in (("Retention R (QuALITY reference answers)", "R", ".3f"),
@@ -136,11 +140,12 @@ def write(ev: Evaluator, out_dir: Path, cost: dict | None = None, machine: str =
     if missing:
         lines += [f"Incomplete cells (resume with the same command): {', '.join(missing[:12])}", ""]
     lines += _targets(rows, refs, cfg, labels)
+    lines += summaries.report_lines(res["summarized"], cfg)
     if cost:
         lines += _cost_lines(cost)
     if notes:
         lines += ["## Analysis", "", notes.strip(), ""]
-    plots = _plots(rows, refs, cfg, labels, out_dir, stem)
+    plots = _plots(rows, refs, cfg, labels, out_dir, stem, res["summarized"])
     if plots is None:
         lines += ["", "(plots skipped: matplotlib is not installed; `pip install 'kvlocal[eval]'`)"]
     else:
@@ -296,7 +301,7 @@ def _cost_lines(cost: dict) -> list[str]:
     return lines + [""]
 
 
-def _plots(rows, refs, cfg, labels, out_dir: Path, stem: str) -> list[Path] | None:
+def _plots(rows, refs, cfg, labels, out_dir: Path, stem: str, summarized: dict | None = None) -> list[Path] | None:
     """The report's PNGs; None when matplotlib is missing (the report then says so)."""
     try:
         import matplotlib
@@ -305,6 +310,7 @@ def _plots(rows, refs, cfg, labels, out_dir: Path, stem: str) -> list[Path] | No
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    summ = [(v, d) for v, d in (summarized or {}).items() if v != "summary" and not math.isnan(d["R"])]
     paths = []
     for key, ylabel, ref in (("R", "retention R", None), ("niah", "needle exact match", refs["full"]["niah"])):
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -313,11 +319,19 @@ def _plots(rows, refs, cfg, labels, out_dir: Path, stem: str) -> list[Path] | No
             ax.plot(cfg.ratios, ys, marker="o", ls="-" if lbl.startswith("am-") else "--", label=lbl)
         if ref is not None:
             ax.axhline(ref, color="k", ls=":", label="full cache")
+        ticks = list(cfg.ratios)
         if key == "R" and not math.isnan(refs["summary"]["R"]):
-            ax.plot([refs["summary"]["effective_ratio"]], [refs["summary"]["R"]], "k*", ms=12, label="summarization")
+            ax.plot([refs["summary"]["effective_ratio"]], [refs["summary"]["R"]], "k*", ms=12, label="summary alone")
+        if key == "R" and summ:
+            for prefix, marker, name in (("summary+am@", "kP", f"summary + {summaries.DEFAULT_METHOD}"),
+                                         ("am@", "kx", f"{summaries.DEFAULT_METHOD} alone (summary part)")):
+                pts = sorted((d["overall_ratio"], d["R"]) for v, d in summ if v.startswith(prefix))
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker[1:], color=marker[0], ls=":", ms=9, label=name)
+            ticks = sorted(set(ticks) | set(cfg.summary_ratios))
         ax.set_xscale("log")
         ax.minorticks_off()
-        ax.set_xticks(list(cfg.ratios), [f"{r:g}x" for r in cfg.ratios])
+        ax.set_xticks(ticks, [f"{r:g}x" for r in ticks])
         ax.set_xlabel("compaction ratio")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=6)
@@ -332,10 +346,17 @@ def _plots(rows, refs, cfg, labels, out_dir: Path, stem: str) -> list[Path] | No
             d = rows[(lbl, r)]
             ax.scatter(d["time_vs_ingest"], d["R"], marker="o" if r == 10 else "s")
             ax.annotate(f"{lbl} {r}x", (d["time_vs_ingest"], d["R"]), fontsize=5)
+    title = "compaction time vs quality (o 10x, s 20x"
+    points = [d for v, d in (summarized or {}).items() if not math.isnan(d["R"])]
+    for d in points:  # summarize-then-compact and its comparison: one point per variant
+        ax.scatter(d["time_vs_ingest"], d["R"], marker="*", color="k", s=60)
+        ax.annotate(f"{d['label']} ({d['overall_ratio']:.0f}x)", (d["time_vs_ingest"], d["R"]), fontsize=5)
+    if points:
+        title += ", * summarize part"
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlabel("compaction time ÷ ingestion time")
     ax.set_ylabel("retention R")
-    ax.set_title("compaction time vs quality (o 10x, s 20x)", fontsize=9)
+    ax.set_title(title + ")", fontsize=9)
     fig.tight_layout()
     p = out_dir / f"{stem}-pareto.png"
     fig.savefig(p, dpi=110)

@@ -47,13 +47,6 @@ def open_prompt(s: Session, q: Question) -> np.ndarray:
     return s.chat_tokens([{"role": "user", "content": q.stem + OPEN_HINT}])
 
 
-def summary_prompt(s: Session, instruction: str) -> np.ndarray:
-    """The prompt of the summary baseline."""
-    if completion_style(s):
-        return s.tokenize("\n\nA detailed summary of the story above, with every name, number and place:\n")
-    return s.chat_tokens([{"role": "user", "content": instruction}])
-
-
 def greedy(s: Session, prompt: np.ndarray, max_tokens: int) -> list[int]:
     with rewound(s):
         return s.generate(prompt, max_tokens=max_tokens)

@@ -179,6 +179,16 @@ def test_eval_cli_without_data_says_where_to_get_it(load_model, tmp_path, capsys
     assert not (tmp_path / "c").exists()
 
 
+def test_eval_cli_refuses_an_unknown_part_before_any_work(tmp_path, capsys):
+    from kvlocal.cli import main
+
+    rc = main(["eval", "-m", str(tmp_path / "no-model.gguf"), "--smoke", "--parts", "quality,summaries",
+               "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "unknown summaries" in err and "summary" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "c").exists()
+
+
 def test_targets_compare_only_baselines_at_their_nominal_memory():
     from types import SimpleNamespace
 
@@ -199,3 +209,50 @@ def test_targets_compare_only_baselines_at_their_nominal_memory():
     lines = "\n".join(_target_lines(rows, refs, cfg, labels, ["am-x (repeat)"], "the default"))
     assert "missed: kvzip (kvzip) at 10x" in lines and "not compared" not in lines
     assert _memory_table(rows, labels, cfg) == []
+
+
+def test_summary_part_scores_every_variant_side_by_side(load_model, tmp_path, gen_data):
+    """Summarize-then-compact in the evaluation: the summary alone, the summary compacted to each
+    overall ratio and the default method alone at it, scored on both kinds of document, refusals
+    recorded with their reason, resumed from the cache and reported (table + plot points)."""
+    from kvlocal.evaluation.summaries import cached, variants
+
+    model = load_model("llama-gqa")
+    cfg = EvalConfig.smoke(data=gen_data, article_words=260, summary_ratios=(2, 16), ratios=(4,),
+                           methods=(("truncate", ()),))
+    ev = Evaluator(model, cfg, tmp_path / "cache", progress=False)
+    ev.run(("summary",))
+    keys = ["quality8", "niah0-600"]
+    cells = {k: {v: cached(ev.cache, cfg, k, v) for v in variants(cfg.summary_ratios)} for k in keys}
+    for k in keys:
+        c = cells[k]
+        n_doc, n_sum = c["summary"]["doc_tokens"], c["summary"]["summary_tokens"]
+        assert n_doc >= 128 and n_doc / n_sum > 2  # premise: the summary alone is past 2x
+        assert "already" in c["summary+am@2"]["refused"]  # so summary + AM to 2x is refused, with the reason
+        assert c["summary"]["overall_ratio"] == pytest.approx(n_doc / n_sum)
+        # AM on the summary to 16x overall: its keys are the document's tokens / 16, as AM alone's are
+        for v in ("summary+am@16", "am@16"):
+            assert c[v]["overall_ratio"] == pytest.approx(16, rel=0.25)
+        assert c["summary+am@16"]["am_ratio"] == pytest.approx(n_sum * 16 / n_doc)
+        assert c["summary+am@16"]["time_s"] > c["summary"]["time_s"] > 0
+        assert c["am@2"]["overall_ratio"] == pytest.approx(2, rel=0.25)
+    assert {"nll", "mc"} <= set(cells["quality8"]["summary+am@16"])
+    assert {"hits", "kl", "top1"} <= set(cells["niah0-600"]["summary+am@16"])
+    assert cells["niah0-600"]["summary"]["kl"] > 0
+    before = {p: p.stat().st_mtime_ns for p in ev.cache.root.rglob("*.json")}
+    Evaluator(model, cfg, tmp_path / "cache", progress=False).run(("summary",))
+    assert before == {p: p.stat().st_mtime_ns for p in ev.cache.root.rglob("*.json")}
+    res = collect(ev)
+    rows = res["summarized"]
+    assert rows["summary+am@16"]["done"] == 2 and rows["summary+am@2"]["refused"]
+    assert res["refs"]["summary"]["R"] == rows["summary"]["R"]  # the reference line is the same summary
+    report = write(ev, tmp_path / "out").read_text()
+    assert "Summarize, then compact" in report and "summary + am-facts-omp to 16x" in report
+    assert "am-facts-omp alone at 2x" in report and "refused, summary + am-facts-omp to 2x" in report
+    assert (tmp_path / "out" / "eval-tiny-llama-gqa-s0-pareto.png").is_file()
+    # summaries written another way are not mistaken for these: the n-gram guard has its own cells
+    other = Evaluator(model, EvalConfig.smoke(**{**cfg.__dict__, "summary_no_repeat": 0}), tmp_path / "cache",
+                      progress=False)
+    assert all(cached(other.cache, other.cfg, k, "summary") is None for k in keys)
+    with pytest.raises(KvlocalError, match="unknown evaluation part"):
+        ev.run(("quality", "sumary"))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from conftest import TEXT
 from kvlocal.api import CompactedSession, Compaction
 from kvlocal.cli import main as cli
+from kvlocal.engine.sampling import NoRepeatNgram, Sampler
 from kvlocal.engine.session import DocumentError
 from kvlocal.errors import KvlocalError
 from kvlocal.sessionfile import read_info
@@ -79,6 +81,9 @@ def test_summary_records_are_checked():
     assert not _valid_summary("text") and not _valid_summary({})
     with pytest.raises(KvlocalError):
         SummarySettings(max_tokens=4)
+    for n in (1, -2):
+        with pytest.raises(KvlocalError, match="no_repeat_ngram"):
+            SummarySettings(no_repeat_ngram=n)
     assert MIN_DOCUMENT > 0
 
 
@@ -88,9 +93,59 @@ def test_cli_compact_summarize_and_info(tiny_dir, tmp_path, capsys):
     doc.write_text(DOC)
     out = tmp_path / "story.kvs"
     assert cli(["compact", str(doc), "-m", model, "--ratio", "40", "--summarize", "--summary-tokens", "48",
-                "--method", "am-highest", "--queries", "repeat", "-o", str(out), "-q"]) == 0
+                "--summary-no-repeat", "3", "--method", "am-highest", "--queries", "repeat", "-o", str(out), "-q"]) == 0
     printed = capsys.readouterr().out
     assert "summarized story.txt" in printed and "not kept" in printed and "overall" in printed
     assert cli(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "summary    the model's summary" in info and "was not kept" in info and "= 40x overall" in info
+
+
+def _looping_logits(vocab: int = 12, period: int = 3):
+    """Logits a greedy decoder follows round a loop: token t is followed by (t + 1) % period, the
+    other tokens a little less likely in a fixed order."""
+    def logits(prev: int) -> np.ndarray:
+        x = -np.arange(vocab, dtype=np.float64) * 0.01
+        x[(prev + 1) % period] = 1.0
+        return x
+    return logits
+
+
+def _decode(sampler, steps: int) -> list[int]:
+    logits, out, prev = _looping_logits(), [], 0
+    for _ in range(steps):
+        prev = sampler(logits(prev))
+        out.append(prev)
+    return out
+
+
+def test_the_ngram_guard_breaks_greedy_loops():
+    plain = _decode(Sampler(), 30)
+    assert plain[:6] == [1, 2, 0, 1, 2, 0]  # premise: greedy loops
+    for n in (2, 3, 4):
+        out = _decode(NoRepeatNgram(Sampler(), n), 30)
+        grams = [tuple(out[i:i + n]) for i in range(len(out) - n + 1)]
+        assert len(grams) == len(set(grams)), n  # no n-gram twice
+        assert out[:n] == plain[:n]  # the guard changes nothing before a repeat is possible
+    assert _decode(NoRepeatNgram(Sampler(), 40), 30) == plain  # no 39-gram completes in 30 tokens
+    with pytest.raises(ValueError):
+        NoRepeatNgram(Sampler(), 1)
+
+
+def test_summary_settings_pick_the_guard():
+    assert isinstance(SummarySettings().sampler(), NoRepeatNgram)
+    assert SummarySettings().sampler().n == 4
+    assert isinstance(SummarySettings(no_repeat_ngram=0).sampler(), Sampler)
+
+
+def test_a_base_model_is_asked_for_its_summary_in_completion_style(load_model, monkeypatch):
+    from kvlocal.engine import binding
+    from kvlocal.engine.session import Session
+    from kvlocal.summarize import INSTRUCTION, summary_prompt
+
+    model = load_model("llama-gqa")
+    with Session(model, n_ctx=256) as s:
+        assert INSTRUCTION in model.detokenize(summary_prompt(s, INSTRUCTION))
+        monkeypatch.setattr(binding.Model, "chat_template", lambda self: None)
+        text = model.detokenize(summary_prompt(s, INSTRUCTION))
+        assert text.rstrip().endswith("every name, number and place:") and INSTRUCTION not in text
