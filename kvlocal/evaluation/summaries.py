@@ -3,7 +3,9 @@
 Per document, in one run so that the times compare: the model's summary alone (the product's
 ``kvlocal.summarize`` path: same instruction, header and length bound), the summary compacted with
 the default method to each overall ratio of ``EvalConfig.summary_ratios``, and the default method
-alone on the document at those ratios.  Cells live under ``<document>/summarize/`` in the cache.
+alone on the document at those ratios.  Cells live under ``<document>/summarize/`` in the cache
+(``summarize-ngram<N>/`` for summaries written with another n-gram guard) and carry the summary
+settings they were made with; cells made with other settings are computed again.
 
 Every variant is scored like the grid: QuALITY articles by reference-answer NLL (R) and multiple
 choice, needle haystacks by needles found and next-token agreement with the full cache.  A variant
@@ -47,6 +49,8 @@ def cached(cache, cfg, key: str, variant: str) -> dict | None:
 
 
 class SummaryPart:
+    """Runs the part for an ``Evaluator`` (its documents, scorers and cache)."""
+
     def __init__(self, ev):
         self.ev, self.cfg, self.cache = ev, ev.cfg, ev.cache
         self.queries = tuple(get_method(DEFAULT_METHOD).queries)
