@@ -86,8 +86,9 @@ def cmd_compact(a) -> int:
           f"{r.cells_after} cells, {r.method} at {r.ratio:g}x (effective {r.effective_ratio:.1f}x), "
           f"queries {'+'.join(r.queries)}")
     if summary is not None:
-        print(f"  overall    {summary.document_tokens} document tokens -> {r.cells_after} cells "
-              f"({summary.document_tokens / r.cells_after:.0f}x)")
+        kept = r.cells_after - (r.tokens_before - r.document_tokens)  # the template's cells are kept whole
+        print(f"  overall    {summary.document_tokens} document tokens -> {kept} cells for the summary's text "
+              f"({summary.document_tokens / max(kept, 1):.0f}x; {r.cells_after} cells with the template)")
     if r.streamed_chunks:
         print(f"  streamed   ingested and compacted in chunks: {r.streamed_chunks} of them, in a {n_ctx}-cell context")
     print(f"  KV cache   {_size(r.kv_bytes_before)} -> {_size(r.kv_bytes_after)}"

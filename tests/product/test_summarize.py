@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -96,6 +98,9 @@ def test_cli_compact_summarize_and_info(tiny_dir, tmp_path, capsys):
                 "--summary-no-repeat", "3", "--method", "am-highest", "--queries", "repeat", "-o", str(out), "-q"]) == 0
     printed = capsys.readouterr().out
     assert "summarized story.txt" in printed and "not kept" in printed and "overall" in printed
+    # the overall line counts the summary text's cells, not the template's (kept whole)
+    overall = re.search(r"-> (\d+) cells for the summary's text \((\d+)x; (\d+) cells with the template", printed)
+    assert overall and int(overall[1]) < int(overall[3]) and int(overall[2]) == pytest.approx(40, rel=0.15)
     assert cli(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "summary    the model's summary" in info and "was not kept" in info and "= 40x overall" in info
