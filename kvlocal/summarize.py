@@ -96,12 +96,18 @@ def summary_prompt(s, instruction: str):
 def write_summary(doc: IngestedDocument, st: SummarySettings, progress: bool = True) -> tuple[str, float]:
     """The model's summary of the document ``doc`` holds (generated after it, then rewound)."""
     s = doc.session
+    prompt = summary_prompt(s, st.instruction)
+    room = s.n_ctx - s.n_past - len(prompt)
+    if room < st.max_tokens:  # refused before a token is written, not half way through
+        raise DocumentError(f"the context ({s.n_ctx} cells) leaves room for {max(room, 0)} summary tokens after the "
+                            f"{s.n_past}-token document, not {st.max_tokens}: ask for a shorter summary or a larger "
+                            "context (n_ctx / --ctx-size)")
     t0 = time.perf_counter()
     start = s.n_past
     bar = tqdm(total=st.max_tokens, desc="summary", unit="tok", disable=not progress, leave=False)
     try:
         with bar:
-            out = s.generate(summary_prompt(s, st.instruction), max_tokens=st.max_tokens, sampler=st.sampler(),
+            out = s.generate(prompt, max_tokens=st.max_tokens, sampler=st.sampler(),
                              on_token=lambda _: bar.update())
     finally:
         s.rewind(start)

@@ -73,6 +73,19 @@ def test_what_summarizing_cannot_do_is_refused_and_loses_nothing(load_model, tex
         assert r.document_tokens == kv.layout.n_doc
 
 
+def test_a_summary_the_context_cannot_hold_is_refused_before_it_is_written(load_model):
+    model = load_model("llama-gqa")
+    n = len(model.tokenize(DOC, add_special=False))
+    with Compaction(model, n_ctx=n + 96, progress=False) as kv:  # the document fits, a long summary not
+        kv.ingest(DOC)
+        assert not kv.streamed  # premise: ingested whole
+        with pytest.raises(DocumentError, match="leaves room for") as e:
+            kv.compact(ratio=20, summarize=SummarySettings(max_tokens=200), **QUICK)
+        assert "not 200" in str(e.value) and kv.summary is None
+        kv.compact(ratio=20, summarize=SummarySettings(max_tokens=24), **QUICK)  # a short one fits
+        assert kv.summary is not None
+
+
 def test_summary_records_are_checked():
     good = {"text": "x", "document_tokens": 500, "summary_tokens": 50, "seconds": 1.0, "am_ratio": 5.0,
             "overall_ratio": 50.0, "summary_ratio": 10.0}
