@@ -70,3 +70,14 @@ def test_kv_and_am_import_without_llama_cpp():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=PKG.parent)
     assert res.returncode == 0, res.stderr
+
+
+def test_only_the_binding_layer_touches_ctypes_and_llama_cpp():
+    touching = set()
+    for f in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(n.split(".")[0] in ("ctypes", "llama_cpp") for n in names):
+                touching.add(str(f.relative_to(PKG)))
+    assert touching == {"engine/native.py", "engine/binding.py"}, sorted(touching)

@@ -1,10 +1,8 @@
-"""The binding layer: the only kvlocal module that touches ctypes and llama.cpp.
-
-It loads llama-cpp-python's low-level bindings (``llama_cpp.llama_cpp``), checks that the
-library is kvlocal's patched build, declares the patch's ``llama_kv_bias_*`` functions and
-a ctypes mirror of ``struct ggml_tensor`` for the eval callback, and wraps the native
-handles in small classes with explicit ``close()``.  Everything above this module deals in
-numpy arrays, bytes and Python objects.
+"""The binding layer's handles: a GGUF ``Model`` and a llama.cpp ``Context`` (decoding, state
+blobs, sequences, the patch's KV bias, the eval-callback tap), each wrapping a native handle with
+an explicit ``close()``.  ``native`` loads and checks the library; together they are the only
+kvlocal code that touches ctypes and llama.cpp.  Everything above deals in numpy arrays, bytes and
+Python objects.
 
 Shapes use numpy order.  A KV bias of layer ``il`` is ``[n_cells, n_head_kv]`` float32 in
 logit units, cells in the order of the sequence's state blob.
@@ -12,111 +10,23 @@ logit units, cells in the order of the sequence's state blob.
 
 from __future__ import annotations
 
-import collections
 import ctypes
-import json
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import EngineError, ModelError, NativeLibraryError
+from ..errors import EngineError, ModelError
+from .native import (
+    BIAS_ABI_VERSION, GGML_TYPE_F16, GGML_TYPE_F32, LIB_PATH, TensorTap, _engine_error, _lib, clear_log, last_log, ll,
+    native_info, set_verbose,
+)
 
-BIAS_ABI_VERSION = 1
+# the engine's public face: the handles, and the library facts and switches callers reach through it
+__all__ = ["BIAS_ABI_VERSION", "GGML_TYPE_F16", "GGML_TYPE_F32", "LIB_PATH", "Context", "Model", "TensorTap",
+           "borrow_or_open", "last_log", "native_info", "set_verbose"]
 
-try:
-    import llama_cpp.llama_cpp as ll
-except (ImportError, OSError, RuntimeError) as _exc:  # the package or its shared library is missing
-    raise NativeLibraryError(
-        f"cannot load llama.cpp through llama-cpp-python ({_exc}); kvlocal needs its patched build: "
-        "run `make setup` (or `python native/build.py`) in the kvlocal checkout") from _exc
-
-_lib = ll._lib
-LIB_PATH = Path(_lib._name)
-
-if not hasattr(_lib, "llama_kv_bias_abi_version"):
-    raise NativeLibraryError(
-        f"{LIB_PATH} is a stock llama.cpp: it lacks the llama_kv_bias_* functions of kvlocal's patch. "
-        "Run `make setup` (or `python native/build.py`) in the kvlocal checkout to install the patched build")
-
-_lib.llama_kv_bias_abi_version.argtypes = []
-_lib.llama_kv_bias_abi_version.restype = ctypes.c_int32
-_lib.llama_kv_bias_enable.argtypes = [ll.llama_context_p_ctypes, ctypes.c_bool]
-_lib.llama_kv_bias_enable.restype = ctypes.c_bool
-for _fn in (_lib.llama_kv_bias_set, _lib.llama_kv_bias_get):
-    _fn.argtypes = [ll.llama_context_p_ctypes, ctypes.c_int32, ctypes.c_int32,
-                    ctypes.POINTER(ctypes.c_float), ctypes.c_int32]
-    _fn.restype = ctypes.c_int32
-
-if _lib.llama_kv_bias_abi_version() != BIAS_ABI_VERSION:
-    raise NativeLibraryError(
-        f"{LIB_PATH} implements KV-bias ABI {_lib.llama_kv_bias_abi_version()}, kvlocal needs {BIAS_ABI_VERSION}; "
-        "rebuild with `make setup`")
-
-# ggml-base (ops, tensor reads) from the same directory; its RUNPATH is $ORIGIN
-_ggml = ctypes.CDLL(str(LIB_PATH.parent / "libggml-base.so"))
-_ggml.ggml_op_name.argtypes = [ctypes.c_int]
-_ggml.ggml_op_name.restype = ctypes.c_char_p
-_ggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
-_ggml.ggml_nbytes.restype = ctypes.c_size_t
-_ggml.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
-_ggml.ggml_is_contiguous.restype = ctypes.c_bool
-_ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-_ggml.ggml_backend_tensor_get.restype = None
-
-GGML_TYPE_F32 = 0
-GGML_TYPE_F16 = 1
-
-
-def native_info() -> dict:
-    """The build manifest written next to the patched library (version, patch hash, flags)."""
-    try:
-        info = json.loads((LIB_PATH.parent / "kvlocal-native.json").read_text())
-    except (OSError, ValueError):
-        info = {}
-    info["library"] = str(LIB_PATH)
-    info["bias_abi"] = BIAS_ABI_VERSION
-    return info
-
-
-# ---------------------------------------------------------------------------------------------
-# logging: llama.cpp's log goes to a ring buffer (quoted in errors), to stderr only if verbose
-
-_LOG_TAIL: collections.deque[str] = collections.deque(maxlen=40)
-_VERBOSE = [False]
-
-
-@ll.llama_log_callback
-def _log_callback(level, text, user_data):  # noqa: ARG001
-    msg = text.decode("utf-8", errors="replace") if text else ""
-    if level == 5 and _LOG_TAIL:  # GGML_LOG_LEVEL_CONT
-        _LOG_TAIL[-1] += msg.rstrip("\n")
-    elif level >= 3:  # WARN, ERROR
-        _LOG_TAIL.append(msg.rstrip("\n"))
-    if _VERBOSE[0]:
-        sys.stderr.write(msg)
-
-
-ll.llama_log_set(_log_callback, ctypes.c_void_p())
-ll.llama_backend_init()
-
-
-def set_verbose(on: bool) -> None:
-    """Echo llama.cpp's own log to stderr."""
-    _VERBOSE[0] = bool(on)
-
-
-def last_log(n: int = 5) -> str:
-    """The last warnings/errors llama.cpp logged, for error messages."""
-    lines = [line for line in list(_LOG_TAIL)[-n:] if line.strip()]
-    return " | ".join(lines)
-
-
-def _engine_error(what: str) -> EngineError:
-    tail = last_log()
-    return EngineError(f"{what}" + (f" (llama.cpp: {tail})" if tail else ""))
 
 
 class _Native:
@@ -164,7 +74,7 @@ class Model(_Native):
         params.n_gpu_layers = n_gpu_layers
         params.vocab_only = vocab_only
         params.use_mmap = use_mmap
-        _LOG_TAIL.clear()
+        clear_log()
         handle = ll.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             tail = last_log()
@@ -315,10 +225,6 @@ class Model(_Native):
         return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", errors="replace")
 
 
-# ---------------------------------------------------------------------------------------------
-# eval callback: ggml_tensor mirror and a tap that hands chosen graph nodes to Python
-
-
 def borrow_or_open(model: str | os.PathLike | Model) -> tuple[Model, bool]:
     """``(model, owned)``: a loaded ``Model`` as it is (``owned`` False: its owner closes it), or a
     GGUF path opened here (``owned`` True: the caller closes it)."""
@@ -328,83 +234,6 @@ def borrow_or_open(model: str | os.PathLike | Model) -> tuple[Model, bool]:
         raise ModelError(f"a model is a GGUF path or a loaded kvlocal Model, not {type(model).__name__}")
     return Model(os.fspath(model)), True
 
-
-class GgmlTensor(ctypes.Structure):
-    """Mirror of ``struct ggml_tensor`` (ggml/include/ggml.h, 336 bytes)."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * 16),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * 10),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-        ("name", ctypes.c_char * 64),
-        ("extra", ctypes.c_void_p),
-        ("padding", ctypes.c_char * 8),
-    ]
-
-
-assert ctypes.sizeof(GgmlTensor) == 336 and GgmlTensor.data.offset == 248 and GgmlTensor.name.offset == 256
-
-_OP_NAMES: dict[int, str] = {}
-
-
-def _op_name(op: int) -> str:
-    name = _OP_NAMES.get(op)
-    if name is None:
-        name = _OP_NAMES[op] = (_ggml.ggml_op_name(op) or b"").decode()
-    return name
-
-
-def _read_tensor(ptr: int, t: GgmlTensor) -> np.ndarray:
-    """Copy a contiguous F32/F16 graph tensor to numpy, shape (ne3, ne2, ne1, ne0)."""
-    dtype = {GGML_TYPE_F32: np.float32, GGML_TYPE_F16: np.float16}.get(t.type)
-    if dtype is None or not _ggml.ggml_is_contiguous(ptr):
-        raise EngineError(f"cannot read tensor {t.name.decode()}: type {t.type}, contiguous={_ggml.ggml_is_contiguous(ptr)}")
-    nbytes = _ggml.ggml_nbytes(ptr)
-    out = np.empty(nbytes // np.dtype(dtype).itemsize, dtype=dtype)
-    _ggml.ggml_backend_tensor_get(ptr, out.ctypes.data, 0, nbytes)
-    return out.reshape(tuple(int(x) for x in reversed(t.ne)))
-
-
-class TensorTap:
-    """The eval callback of a context.
-
-    ``select(name, op) -> bool`` picks graph nodes by name and op name (e.g. ``"Qcur-3"``,
-    ``"ROPE"``); ``sink(name, op, array)`` receives each picked node's data once computed,
-    as a numpy copy of shape ``(ne3, ne2, ne1, ne0)``.  With ``select = None`` (the default)
-    nothing is observed and the graph runs unsplit.  An exception raised by either function
-    aborts the decode and is re-raised by ``Context.decode``.
-    """
-
-    def __init__(self):
-        self.select: Callable[[str, str], bool] | None = None
-        self.sink: Callable[[str, str, np.ndarray], None] | None = None
-        self.error: BaseException | None = None
-        self._c_fn = ll.ggml_backend_sched_eval_callback(self._callback)
-
-    def _callback(self, ptr, ask, user_data):  # noqa: ARG002
-        select = self.select
-        if select is None:
-            return not ask
-        try:
-            t = GgmlTensor.from_address(ptr)
-            name = t.name.decode("utf-8", errors="replace")
-            op = _op_name(t.op)
-            if ask:
-                return bool(select(name, op))
-            if self.sink is not None:
-                self.sink(name, op, _read_tensor(ptr, t))
-            return True
-        except BaseException as exc:  # noqa: BLE001 - must not unwind through C
-            self.error = exc
-            return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +272,7 @@ class Context(_Native):
         if tap is not None:
             p.cb_eval = tap._c_fn
             p.cb_eval_user_data = None
-        _LOG_TAIL.clear()
+        clear_log()
         handle = ll.llama_init_from_model(model.handle, p)
         if not handle:
             raise _engine_error(f"llama.cpp could not create a context (n_ctx={n_ctx})")
@@ -542,7 +371,7 @@ class Context(_Native):
         """Restore a state blob into ``seq_id`` (replacing its cells); returns bytes read."""
         kind = ctypes.c_uint8 * len(blob)
         buf = kind.from_buffer(blob) if isinstance(blob, bytearray) else kind.from_buffer_copy(blob)
-        _LOG_TAIL.clear()
+        clear_log()
         n = ll.llama_state_seq_set_data_ext(self.handle, buf, len(blob), seq_id, flags)
         if n == 0:
             raise _engine_error("llama.cpp rejected the sequence state")
