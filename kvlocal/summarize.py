@@ -66,6 +66,7 @@ class SummaryRecord:
     seconds: float
     am_ratio: float  # summary tokens per cell kept
     overall_ratio: float  # document tokens per cell kept (as asked)
+    settings: dict | None = None  # how it was written (SummarySettings as a dict)
 
     @property
     def summary_ratio(self) -> float:
@@ -147,4 +148,4 @@ def summarize(doc: IngestedDocument, ratio: float, st: SummarySettings, *, syste
     except DocumentError:
         summary.close()
         raise
-    return summary, SummaryRecord(text, n_doc, n_sum, seconds, r, ratio)
+    return summary, SummaryRecord(text, n_doc, n_sum, seconds, r, ratio, asdict(st))

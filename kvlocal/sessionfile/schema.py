@@ -189,6 +189,11 @@ def describe(meta: dict, path) -> list[str]:
                      f"{summ['document_tokens']}-token document that was not kept: summary "
                      f"{summ['document_tokens'] / summ['summary_tokens']:.1f}x, then {meta['compaction.method']} "
                      f"{summ['am_ratio']:.1f}x = {summ['overall_ratio']:g}x overall")
+        st = summ.get("settings")
+        if st:
+            how = "greedy" if st["temperature"] == 0 else f"temperature {st['temperature']:g}, seed {st['seed']}"
+            guard = f"no {st['no_repeat_ngram']}-gram twice" if st["no_repeat_ngram"] else "no n-gram guard"
+            lines.append(f"             written {how}, at most {st['max_tokens']} tokens, {guard}")
     online = report.get("online") or []
     lines.append(f"  chat       {len(meta['chat.messages'])} messages"
                  + (f", compacted {len(online)} times while it ran" if online else ""))
@@ -201,7 +206,18 @@ def _valid_summary(x) -> bool:
     return (isinstance(x, dict) and isinstance(x.get("text"), str) and bool(x["text"].strip())
             and all(isinstance(x.get(k), int) and not isinstance(x.get(k), bool) and x[k] >= 1
                     for k in ("document_tokens", "summary_tokens"))
-            and num(x.get("seconds"), 0) and num(x.get("am_ratio"), 1) and num(x.get("overall_ratio"), 1))
+            and num(x.get("seconds"), 0) and num(x.get("am_ratio"), 1) and num(x.get("overall_ratio"), 1)
+            and (x.get("settings") is None or _valid_summary_settings(x["settings"])))
+
+
+def _valid_summary_settings(x) -> bool:
+    """How a summary was written (absent from files of kvlocal before it was recorded)."""
+    def count(v, lo):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    return (isinstance(x, dict) and count(x.get("max_tokens"), 1) and count(x.get("seed"), 0)
+            and isinstance(x.get("temperature"), (int, float)) and not isinstance(x.get("temperature"), bool)
+            and x["temperature"] >= 0 and count(x.get("no_repeat_ngram"), 0) and x["no_repeat_ngram"] != 1
+            and isinstance(x.get("instruction"), str) and bool(x["instruction"].strip()))
 
 
 def check_meta(m: dict, path) -> None:

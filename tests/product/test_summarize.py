@@ -15,7 +15,7 @@ from kvlocal.engine.session import DocumentError
 from kvlocal.errors import KvlocalError
 from kvlocal.sessionfile import read_info
 from kvlocal.sessionfile.schema import _valid_summary
-from kvlocal.summarize import MIN_DOCUMENT, SUMMARY_HEADER, SummarySettings
+from kvlocal.summarize import INSTRUCTION, MIN_DOCUMENT, SUMMARY_HEADER, SummarySettings
 from models import tiny
 
 DOC = TEXT * 2
@@ -42,6 +42,8 @@ def test_summarize_then_compact_round_trips_with_its_record(load_model, tmp_path
     summ = meta["compaction.report"]["summary"]
     assert summ["text"] == rec.text and summ["overall_ratio"] == 40 and summ["document_tokens"] == n_doc
     assert meta["compaction.report"]["timings"]["summary_s"] > 0
+    assert summ["settings"] == {"max_tokens": 64, "temperature": 0.0, "seed": 3, "instruction": INSTRUCTION,
+                                "no_repeat_ngram": 4}
     with CompactedSession(str(path), model) as s:
         assert s.ask("What is the magic number?", max_tokens=4) is not None
 
@@ -94,6 +96,12 @@ def test_summary_records_are_checked():
                  ("overall_ratio", float("nan")), ("seconds", -1), ("document_tokens", True)):
         assert not _valid_summary({**good, k: v}), k
     assert not _valid_summary("text") and not _valid_summary({})
+    st = {"max_tokens": 320, "temperature": 0.0, "seed": 0, "instruction": "Summarize.", "no_repeat_ngram": 4}
+    assert _valid_summary({**good, "settings": st})  # and without it (files written before it was recorded)
+    for k, v in (("max_tokens", 0), ("temperature", -1), ("seed", 1.5), ("no_repeat_ngram", 1), ("instruction", " "),
+                 ("temperature", True)):
+        assert not _valid_summary({**good, "settings": {**st, k: v}}), k
+    assert not _valid_summary({**good, "settings": "greedy"})
     with pytest.raises(KvlocalError):
         SummarySettings(max_tokens=4)
     for n in (1, -2):
@@ -117,6 +125,7 @@ def test_cli_compact_summarize_and_info(tiny_dir, tmp_path, capsys):
     assert cli(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "summary    the model's summary" in info and "was not kept" in info and "= 40x overall" in info
+    assert "written greedy, at most 48 tokens, no 3-gram twice" in info
 
 
 def _looping_logits(vocab: int = 12, period: int = 3):
