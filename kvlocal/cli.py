@@ -222,6 +222,10 @@ def cmd_eval(a) -> int:
         cfg.summary_ratios = tuple(float(x) for x in a.summary_ratios.split(","))
     if a.summary_no_repeat is not None:
         cfg.summary_no_repeat = a.summary_no_repeat
+    if "summary" in parts:
+        from .evaluation.summaries import settings
+
+        settings(cfg)  # bad summary settings: one line before the model loads
     if a.articles:
         cfg.articles = tuple(int(x) for x in a.articles.split(","))
     if a.questions:

@@ -179,6 +179,10 @@ def test_eval_cli_without_data_says_where_to_get_it(load_model, tmp_path, capsys
     assert not (tmp_path / "c").exists()
 
 
+def evaldata_dir(tmp_path) -> str:
+    return str(evaldata.write(tmp_path / "data"))
+
+
 def test_eval_cli_refuses_an_unknown_part_before_any_work(tmp_path, capsys):
     from kvlocal.cli import main
 
@@ -187,6 +191,10 @@ def test_eval_cli_refuses_an_unknown_part_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "unknown summaries" in err and "summary" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "c").exists()
+    rc = main(["eval", "-m", str(tmp_path / "no-model.gguf"), "--smoke", "--parts", "summary", "--summary-no-repeat",
+               "1", "--data", evaldata_dir(tmp_path), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "no_repeat_ngram" in err and len(err.splitlines()) == 1
 
 
 def test_targets_compare_only_baselines_at_their_nominal_memory():
