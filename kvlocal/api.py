@@ -75,17 +75,14 @@ class _Conversation:
 
     def make_room(self, n: int) -> None:
         """Make sure ``n`` more tokens fit, compacting the conversation if it compacts itself
-        (for callers that decode on ``session`` directly)."""
-        self._room(n)
-
-    def _room(self, n: int) -> None:
+        (every decode of the conversation does; callers that decode on ``session`` directly too)."""
         if self.online is not None:
             origin = self.online.ensure(self.session, n, self._conversation_texts, self._origin)
             if origin is not None:
                 self._origin = origin
 
     def _decode(self, tokens) -> np.ndarray:
-        self._room(len(tokens) + len(self._turn_end))
+        self.make_room(len(tokens) + len(self._turn_end))
         return self.session.decode(tokens)
 
     @contextlib.contextmanager

@@ -98,11 +98,11 @@ def write_summary(doc: IngestedDocument, st: SummarySettings, progress: bool = T
     """The model's summary of the document ``doc`` holds (generated after it, then rewound)."""
     s = doc.session
     prompt = summary_prompt(s, st.instruction)
-    room = s.n_ctx - s.n_past - len(prompt)
+    room = s.n_ctx - s.cells[0] - len(prompt)  # cells, not positions (as the query passes count)
     if room < st.max_tokens:  # refused before a token is written, not half way through
         raise DocumentError(f"the context ({s.n_ctx} cells) leaves room for {max(room, 0)} summary tokens after the "
-                            f"{s.n_past}-token document, not {st.max_tokens}: ask for a shorter summary or a larger "
-                            "context (n_ctx / --ctx-size)")
+                            f"document's {s.cells[0]} cells, not {st.max_tokens}: ask for a shorter summary or a "
+                            "larger context (n_ctx / --ctx-size)")
     t0 = time.perf_counter()
     start = s.n_past
     bar = tqdm(total=st.max_tokens, desc="summary", unit="tok", disable=not progress, leave=False)

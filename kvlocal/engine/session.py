@@ -103,8 +103,13 @@ class Session:
         if n_drop:
             self.ctx.seq_rm(0, length, -1)
             self.cells[0] -= n_drop
-            # the history ends at n_past but may start later than position 0 (a reloaded session
-            # knows only what it decoded itself): the dropped positions are its last tokens
+            self._forget_history(n_drop)
+
+    def _forget_history(self, n_drop: int) -> None:
+        """Drop the token history's last ``n_drop`` tokens.  The history ends at n_past but may
+        start later than position 0 (a reloaded session knows only what it decoded itself): the
+        dropped positions are its last tokens."""
+        if n_drop > 0:
             del self.tokens[max(0, len(self.tokens) - n_drop):]
 
     @property
@@ -297,8 +302,7 @@ class Session:
                 self.ctx.bias_set(il, bias)
         self.compacted = True
         self.cells = [cache.n_cells, 0]
-        # history beyond T is gone with the old cells: its last tokens (see rewind)
-        del self.tokens[max(0, len(self.tokens) - max(0, n_before - cache.logical_length)):]
+        self._forget_history(n_before - cache.logical_length)  # history beyond T is gone with the old cells
         if self.n_past != cache.logical_length:
             raise KvlocalError(f"after injecting, decoding would continue at {self.n_past}, not "
                                f"{cache.logical_length}")

@@ -200,24 +200,26 @@ def describe(meta: dict, path) -> list[str]:
     return lines
 
 
+def _count(v, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _number(v, lo: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo and v == v
+
+
 def _valid_summary(x) -> bool:
-    def num(v, lo):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo and v == v
     return (isinstance(x, dict) and isinstance(x.get("text"), str) and bool(x["text"].strip())
-            and all(isinstance(x.get(k), int) and not isinstance(x.get(k), bool) and x[k] >= 1
-                    for k in ("document_tokens", "summary_tokens"))
-            and num(x.get("seconds"), 0) and num(x.get("am_ratio"), 1) and num(x.get("overall_ratio"), 1)
+            and _count(x.get("document_tokens"), 1) and _count(x.get("summary_tokens"), 1)
+            and _number(x.get("seconds"), 0) and _number(x.get("am_ratio"), 1) and _number(x.get("overall_ratio"), 1)
             and (x.get("settings") is None or _valid_summary_settings(x["settings"])))
 
 
 def _valid_summary_settings(x) -> bool:
     """How a summary was written (absent from files of kvlocal before it was recorded)."""
-    def count(v, lo):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-    return (isinstance(x, dict) and count(x.get("max_tokens"), 1) and count(x.get("seed"), 0)
-            and isinstance(x.get("temperature"), (int, float)) and not isinstance(x.get("temperature"), bool)
-            and x["temperature"] >= 0 and count(x.get("no_repeat_ngram"), 0) and x["no_repeat_ngram"] != 1
-            and isinstance(x.get("instruction"), str) and bool(x["instruction"].strip()))
+    return (isinstance(x, dict) and _count(x.get("max_tokens"), 1) and _count(x.get("seed"), 0)
+            and _number(x.get("temperature"), 0) and _count(x.get("no_repeat_ngram"), 0)
+            and x["no_repeat_ngram"] != 1 and isinstance(x.get("instruction"), str) and bool(x["instruction"].strip()))
 
 
 def check_meta(m: dict, path) -> None:
