@@ -149,16 +149,21 @@ class Evaluator:
         mc = [tasks.multiple_choice(s, q) for q in qs]
         return {"nll": nll, "mc": [bool(x) for x in mc]}
 
+    def document_keys(self) -> tuple[list[str], list[str]]:
+        """The cache keys of the grid's documents: (QuALITY articles, needle haystacks)."""
+        cfg = self.cfg
+        return ([f"quality{a}" for a in cfg.articles],
+                [f"niah{s}-{n}" for s in cfg.haystack_stories for n in cfg.haystack_tokens])
+
     def articles(self):
         """(cache key, article) of every QuALITY article of the grid, cut as the grid cuts it."""
         articles = quality_articles(self.cfg.data)
-        for ai in self.cfg.articles:
+        for ai, key in zip(self.cfg.articles, self.document_keys()[0], strict=True):
             art = articles[ai]
             if self.cfg.article_words:
                 art = Article(art.index, " ".join(art.text.split()[: self.cfg.article_words]), art.questions)
             text, was_cut = cut_to_tokens(art.text, self.max_doc_tokens(),
                                           lambda t: len(self.model.tokenize(t, add_special=False)))
-            key = f"quality{ai}"
             if self.cache.get(key, "doc") is None:
                 self.cache.put({"doc_tokens": len(self.model.tokenize(text, add_special=False)), "cut": was_cut},
                                key, "doc")
@@ -210,12 +215,12 @@ class Evaluator:
     def haystacks(self):
         """(cache key, haystack, continuation tokens) of every needle document of the grid."""
         stories = squality_stories(self.cfg.data)
-        for si in self.cfg.haystack_stories:
-            for n_tok in self.cfg.haystack_tokens:
-                hay = make_haystack(stories[si], n_tok, lambda t: len(self.model.tokenize(t, add_special=False)),
-                                    k=self.cfg.needles, seed=self.cfg.seed * 1000 + si)
-                cont = self.model.tokenize(" " + hay.continuation, add_special=False)[: self.cfg.continuation_tokens]
-                yield f"niah{si}-{n_tok}", hay, cont
+        docs = [(si, n_tok) for si in self.cfg.haystack_stories for n_tok in self.cfg.haystack_tokens]
+        for (si, n_tok), key in zip(docs, self.document_keys()[1], strict=True):
+            hay = make_haystack(stories[si], n_tok, lambda t: len(self.model.tokenize(t, add_special=False)),
+                                k=self.cfg.needles, seed=self.cfg.seed * 1000 + si)
+            cont = self.model.tokenize(" " + hay.continuation, add_special=False)[: self.cfg.continuation_tokens]
+            yield key, hay, cont
 
     def niah(self, bar=None) -> None:
         for key, hay, cont in self.haystacks():

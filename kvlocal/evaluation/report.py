@@ -28,8 +28,7 @@ def _mean(xs):
 def collect(ev: Evaluator) -> dict:
     """Pooled metrics per (method label, ratio) and for the references."""
     cfg, c = ev.cfg, ev.cache
-    q_keys = [f"quality{a}" for a in cfg.articles]
-    n_keys = [f"niah{s}-{n}" for s in cfg.haystack_stories for n in cfg.haystack_tokens]
+    q_keys, n_keys = ev.document_keys()
 
     def pooled(keys, cell, field):
         out = []
@@ -193,8 +192,7 @@ def _time_table(rows, labels, ratio) -> list[str]:
 def _layer_table(ev: Evaluator, ratio) -> list[str]:
     """Held-out attention output error and mass error per layer, pooled over the documents."""
     cfg, c = ev.cfg, ev.cache
-    keys = [f"quality{a}" for a in cfg.articles] + [f"niah{s}-{n}" for s in cfg.haystack_stories
-                                                    for n in cfg.haystack_tokens]
+    keys = [k for part in ev.document_keys() for k in part]
     cols = {}
     for method, queries in cfg.methods:
         per = {}

@@ -26,9 +26,19 @@ from . import tasks
 PART = "summarize"
 
 
+def summarized(ratios) -> list[str]:
+    """The cells made from the summary: alone, and compacted to each overall ratio."""
+    return ["summary"] + [f"summary+am@{r:g}" for r in ratios]
+
+
+def alone(ratios) -> list[str]:
+    """The cells of the default method alone on the document."""
+    return [f"am@{r:g}" for r in ratios]
+
+
 def variants(ratios) -> list[str]:
     """The cell names of the part, in report order."""
-    return ["summary"] + [f"summary+am@{r:g}" for r in ratios] + [f"am@{r:g}" for r in ratios]
+    return summarized(ratios) + alone(ratios)
 
 
 def folder(cfg) -> str:
@@ -78,9 +88,8 @@ class SummaryPart:
             summ = ingest_summary(doc.session.model, text, system=tasks.SYSTEM, threads=self.ev.threads,
                                   progress=False)
         except DocumentError as e:  # the model wrote (next to) nothing
-            for v in variants(cfg.summary_ratios):
-                if not v.startswith("am@"):
-                    put({**base, "refused": str(e)}, v)
+            for v in summarized(cfg.summary_ratios):
+                put({**base, "refused": str(e)}, v)
             return
         try:
             n_sum = summ.layout.n_doc
@@ -104,7 +113,7 @@ class SummaryPart:
         cfg, put = self.cfg, lambda v, name: self.cache.put(v, key, folder(self.cfg), name)
         n_doc = doc.layout.n_doc
         base = {"doc_tokens": n_doc, "doc_ingest_s": doc.ingest_s, "settings": asdict(self.settings)}
-        if any(self._get(key, v) is None for v in variants(cfg.summary_ratios) if not v.startswith("am@")):
+        if any(self._get(key, v) is None for v in summarized(cfg.summary_ratios)):
             self._summarized(doc, put, score, base)
         for r in cfg.summary_ratios:
             if self._get(key, f"am@{r:g}") is None:
@@ -150,15 +159,10 @@ def label(variant: str) -> str:
 
 def collect(ev, retention) -> dict[str, dict]:
     """Pooled metrics per variant (``retention`` maps a mean NLL to R)."""
-    import numpy as np
+    from .report import _mean as mean
 
     cfg = ev.cfg
-    q_keys = [f"quality{a}" for a in cfg.articles]
-    n_keys = [f"niah{s}-{n}" for s in cfg.haystack_stories for n in cfg.haystack_tokens]
-
-    def mean(xs):
-        return float(np.mean(xs)) if xs else float("nan")
-
+    q_keys, n_keys = ev.document_keys()
     rows = {}
     for v in variants(cfg.summary_ratios):
         got = {k: cached(ev.cache, cfg, k, v) for k in q_keys + n_keys}
