@@ -64,9 +64,7 @@ def needles_by_third(text: str, needles) -> list[int]:
 
 def score(s, hay, cont_tokens, ref_lp, tasks) -> dict:
     hits = [tasks.needle_found(s, key, num) for key, num in hay.needles]
-    # how likely the model finds the right number, found or not: NLL per token of the number as the answer
-    nll = [tasks.answer_nll(s, tasks.needle_prompt(s, key), [int(t) for t in s.tokenize(num, special=False)])
-           for key, num in hay.needles]
+    nll = [tasks.needle_nll(s, key, num) for key, num in hay.needles]
     lp = tasks.continuation_logprobs(s, cont_tokens)
     out = {"hits": [bool(h) for h in hits], "nll": nll}
     if ref_lp is not None:
@@ -175,8 +173,7 @@ def chat_part(args, model, threads: int) -> dict:
             hits, nll = [], []
             for key, num in needles:  # asked in the room the scoring span left
                 hits.append(bool(tasks.needle_found(s, key, num)))
-                nll.append(tasks.answer_nll(s, tasks.needle_prompt(s, key), [int(t) for t in
-                                                                              s.tokenize(num, special=False)]))
+                nll.append(tasks.needle_nll(s, key, num))
             return lp, {"n_past": n_past, "cells": cells, "compactions": len(kv.online_records), "hits": hits,
                         "nll": nll, "records": [r.as_dict() for r in kv.online_records]}
 

@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "streamed":
                     chunk = int(np.ceil(kv.layout.n_doc / kv.report.streamed_chunks))
                 s = kv.session
-                nll = [tasks.answer_nll(s, tasks.needle_prompt(s, k), [int(t) for t in s.tokenize(n, special=False)])
-                       for k, n in hay.needles]
+                nll = [tasks.needle_nll(s, k, n) for k, n in hay.needles]
                 chunks = kv.report.chunks
         by = [np.mean([x for x, t in zip(nll, thirds, strict=True) if t == k]) for k in range(3)]
         rows.append((name, chunks, by, time.perf_counter() - t0))

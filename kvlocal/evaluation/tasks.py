@@ -86,6 +86,12 @@ def needle_found(s: Session, key: str, number: str, max_tokens: int = 16) -> boo
     return number in s.model.detokenize(greedy(s, prompt, max_tokens))
 
 
+def needle_nll(s: Session, key: str, number: str) -> float:
+    """How likely the right number is as the answer to its question, found or not: mean NLL per
+    token of ``number`` teacher-forced after the needle prompt."""
+    return answer_nll(s, needle_prompt(s, key), [int(t) for t in s.tokenize(number, special=False)])
+
+
 def continuation_logprobs(s: Session, tokens: np.ndarray) -> np.ndarray:
     """log p of every next token along ``tokens`` teacher-forced after the context: [len, n_vocab]."""
     with rewound(s):

@@ -264,3 +264,17 @@ def test_summary_part_scores_every_variant_side_by_side(load_model, tmp_path, ge
     assert all(cached(other.cache, other.cfg, k, "summary") is None for k in keys)
     with pytest.raises(KvlocalError, match="unknown evaluation part"):
         ev.run(("quality", "sumary"))
+
+
+def test_needle_nll_is_the_numbers_nll_after_its_question(load_model):
+    from kvlocal.engine.session import Session
+    from kvlocal.evaluation import tasks
+
+    with Session(load_model("llama-gqa"), n_ctx=512) as s:
+        s.ingest_document("The special magic number for the lighthouse is 4213987. The sea was calm.")
+        n = s.n_past
+        got = tasks.needle_nll(s, "the lighthouse", "4213987")
+        assert s.n_past == n  # the session is left as it was
+        want = tasks.answer_nll(s, tasks.needle_prompt(s, "the lighthouse"),
+                                [int(t) for t in s.tokenize("4213987", special=False)])
+        assert got == want and got != tasks.needle_nll(s, "the lighthouse", "9999999")
