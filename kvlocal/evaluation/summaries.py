@@ -138,10 +138,12 @@ class SummaryPart:
             if not self._done(key):
                 doc = ev._open(hay.text)
                 try:
+                    ref_lp = None
                     if self.cache.get(key, "full") is None:
-                        full, _ = ev._score_niah(doc.session, hay, cont, None)
+                        full, ref_lp = ev._score_niah(doc.session, hay, cont, None)
                         self.cache.put({**full, "tokens": doc.layout.length}, key, "full")
-                    ref_lp = tasks.continuation_logprobs(doc.session, cont)
+                    if ref_lp is None:
+                        ref_lp = tasks.continuation_logprobs(doc.session, cont)
                     self._document(key, doc, lambda s: ev._score_niah(s, hay, cont, ref_lp)[0])
                 finally:
                     doc.close()
