@@ -5,7 +5,8 @@ Per document, in one run so that the times compare: the model's summary alone (t
 the default method to each overall ratio of ``EvalConfig.summary_ratios``, and the default method
 alone on the document at those ratios.  Cells live under ``<document>/summarize/`` in the cache
 (``summarize-ngram<N>/`` for summaries written with another n-gram guard) and carry the summary
-settings they were made with; cells made with other settings are computed again.
+settings and the method they were made with; cells made with other settings, or (but for the
+summary alone) with another method than today's default, are computed again.
 
 Every variant is scored like the grid: QuALITY articles by reference-answer NLL (R) and multiple
 choice, needle haystacks by needles found and next-token agreement with the full cache.  A variant
@@ -51,9 +52,14 @@ def settings(cfg) -> SummarySettings:
 
 
 def cached(cache, cfg, key: str, variant: str) -> dict | None:
-    """A cell of the part, None when missing or made with other summary settings."""
+    """A cell of the part, None when missing or made with other summary settings or (a compacted
+    variant) with another method than the default."""
     got = cache.get(key, folder(cfg), variant)
-    if got is not None and not variant.startswith("am@") and got.get("settings") != asdict(settings(cfg)):
+    if got is None:
+        return None
+    if not variant.startswith("am@") and got.get("settings") != asdict(settings(cfg)):
+        return None
+    if variant != "summary" and got.get("method") != DEFAULT_METHOD:
         return None
     return got
 
@@ -112,7 +118,8 @@ class SummaryPart:
     def _document(self, key: str, doc: IngestedDocument, score) -> None:
         cfg, put = self.cfg, lambda v, name: self.cache.put(v, key, folder(self.cfg), name)
         n_doc = doc.layout.n_doc
-        base = {"doc_tokens": n_doc, "doc_ingest_s": doc.ingest_s, "settings": asdict(self.settings)}
+        base = {"doc_tokens": n_doc, "doc_ingest_s": doc.ingest_s, "settings": asdict(self.settings),
+                "method": DEFAULT_METHOD}
         if any(self._get(key, v) is None for v in summarized(cfg.summary_ratios)):
             self._summarized(doc, put, score, base)
         for r in cfg.summary_ratios:

@@ -11,6 +11,7 @@ import re
 import pytest
 
 import evaldata
+from kvlocal.am import DEFAULT_METHOD
 from kvlocal.errors import KvlocalError
 from kvlocal.evaluation.data import (
     DEFAULT_DATA, cut_to_tokens, data_dir, make_haystack, quality_articles, squality_stories,
@@ -255,13 +256,19 @@ def test_summary_part_scores_every_variant_side_by_side(load_model, tmp_path, ge
     assert rows["summary+am@16"]["done"] == 2 and rows["summary+am@2"]["refused"]
     assert res["refs"]["summary"]["R"] == rows["summary"]["R"]  # the reference line is the same summary
     report = write(ev, tmp_path / "out").read_text()
-    assert "Summarize, then compact" in report and "summary + am-facts-omp to 16x" in report
-    assert "am-facts-omp alone at 2x" in report and "refused, summary + am-facts-omp to 2x" in report
+    assert "Summarize, then compact" in report and f"summary + {DEFAULT_METHOD} to 16x" in report
+    assert f"{DEFAULT_METHOD} alone at 2x" in report and f"refused, summary + {DEFAULT_METHOD} to 2x" in report
     assert (tmp_path / "out" / "eval-tiny-llama-gqa-s0-pareto.png").is_file()
     # summaries written another way are not mistaken for these: the n-gram guard has its own cells
     other = Evaluator(model, EvalConfig.smoke(**{**cfg.__dict__, "summary_no_repeat": 0}), tmp_path / "cache",
                       progress=False)
     assert all(cached(other.cache, other.cfg, k, "summary") is None for k in keys)
+    # a compacted cell made with another method (an earlier default) is not this default's
+    for v in ("summary+am@16", "am@16"):
+        stale = ev.cache.get("quality8", "summarize", v)
+        ev.cache.put({**stale, "method": "am-highest"}, "quality8", "summarize", v)
+        assert cached(ev.cache, cfg, "quality8", v) is None
+    assert cached(ev.cache, cfg, "quality8", "summary") is not None  # the summary itself does not depend on it
     with pytest.raises(KvlocalError, match="unknown evaluation part"):
         ev.run(("quality", "sumary"))
 
