@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     def prepared(s, text):
         layout = s.ingest_document(text, system=tasks.SYSTEM, capture_queries=True)
         qs = collect_queries(s, layout, list(method.queries))
-        facts = method.fact_mask(s.token_texts(layout.length))
+        facts = method.fact_ranks(s.token_texts(layout.length))
         return layout, qs, facts, s.snapshot(), s.state()
 
     # 1. influence curves: [docs, layers, grid] rise of the continuation's NLL (nats per token)

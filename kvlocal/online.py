@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .am import DEFAULT_METHOD, Compactor, get_method
+from .am.facts import as_fact_ranks
 from .engine.capture import QueryCapture
 from .engine.session import Session
 from .errors import ContextFullError, KvlocalError
@@ -133,7 +134,7 @@ class ChatCompactor:
         held = extend_origin(origin, snap.positions)
         facts = None
         if method.uses_facts:
-            facts = cell_facts(method.fact_mask(token_texts(lo)), lo, snap.positions, held, session.n_past)
+            facts = cell_facts(method.fact_ranks(token_texts(lo)), lo, snap.positions, held, session.n_past)
         cache, report = st.compactor().compact(snap, lo, hi, queries, bias=bias, facts=facts)
         cache.origin = trace_origin(cache.origin, snap.positions, held)
         session.inject(cache, snap)
@@ -146,16 +147,18 @@ class ChatCompactor:
 
 
 def cell_facts(mask: np.ndarray, lo: int, positions: np.ndarray, held: list[np.ndarray], n_past: int) -> np.ndarray:
-    """Per position (as the compactor reads it: by each cell's position), whether the cell holds
-    a fact.  ``mask``: the fact tokens of the conversation from position ``lo`` on.  A whole cell
-    holds its own token; a cell of an earlier compaction holds a fact only if it was kept verbatim
-    as one - the same original key in every layer and head (a fitted cell mixes heads) - and that
-    key is a fact token; its position, spread over the compacted range, says nothing."""
-    facts = np.zeros(n_past, bool)
+    """Per position (as the compactor reads it: by each cell's position), the fact rank of the
+    cell (0: no fact).  ``mask``: the fact ranks (or a bool mask) of the conversation's tokens from
+    position ``lo`` on.  A whole cell holds its own token; a cell of an earlier compaction holds a
+    fact only if it was kept verbatim as one - the same original key in every layer and head (a
+    fitted cell mixes heads) - and that key is a fact token; its position, spread over the
+    compacted range, says nothing."""
+    ranks = as_fact_ranks(mask)
+    facts = np.zeros(n_past, np.uint8)
     o = np.stack(held)  # [layers, cells, heads]
     src = o[0, :, 0]
     same = (o == src[None, :, None]).all(axis=(0, 2)) & (src >= lo) & (src < lo + len(mask))
-    facts[positions[same]] = np.asarray(mask, bool)[src[same] - lo]
+    facts[positions[same]] = ranks[src[same] - lo]
     return facts
 
 

@@ -215,7 +215,7 @@ class IngestedDocument:
         qs = self.queries(sources or ("context-prefill",))
         query_s = sum(self.query_s[QUERY_SOURCES.get(src).name] for src in sources)
         s = self.session
-        facts = method.fact_mask(s.token_texts(self.layout.length)) if method.uses_facts else None
+        facts = method.fact_ranks(s.token_texts(self.layout.length)) if method.uses_facts else None
         if method.stages > 1 and sources:  # on-policy: the sources run again through each compacted stage
             cache, report, more_s = compact_on_policy(s, self.layout, self.snapshot, compactor, sources,
                                                       method.stages, first=qs, facts=facts)

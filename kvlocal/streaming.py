@@ -217,7 +217,7 @@ class StreamedDocument:
     ingest_s: float = 0.0
     per_cell_bytes: int = 0
     reports: list = field(default_factory=list)
-    _facts: np.ndarray | None = field(default=None, repr=False)
+    _facts: dict = field(default_factory=dict, repr=False)  # a method's selector (repr) -> its fact ranks
 
     @classmethod
     def open(cls, model: binding.Model, text: str, *, system: str | None = None, n_ctx: int | None = None,
@@ -250,17 +250,18 @@ class StreamedDocument:
         method = get_method(settings.method)
         facts = None
         if method.uses_facts:
-            mask = self.fact_mask(method)[len(prefix):len(prefix) + len(doc)]
+            mask = self.fact_ranks(method)[len(prefix):len(prefix) + len(doc)] > 0
             facts = DocumentFacts(np.concatenate([[0], np.cumsum(mask)]), method.fact_budget_share)
         return plan_chunks(len(prefix), len(doc), len(suffix), self.session.n_ctx, settings.ratio,
                            settings.fit_sources, settings.recent_window, facts)
 
-    def fact_mask(self, method) -> np.ndarray:
-        """The method's fact tokens over every position (prefix, document, suffix), computed once."""
-        if self._facts is None:
+    def fact_ranks(self, method) -> np.ndarray:
+        """The method's fact ranks over every position (prefix, document, suffix), computed once."""
+        key = repr(method.selector)
+        if key not in self._facts:
             pieces = [self.session.model.detokenize([int(t)]) for t in np.concatenate(self.tokens)]
-            self._facts = method.fact_mask(pieces)
-        return self._facts
+            self._facts[key] = method.fact_ranks(pieces)
+        return self._facts[key]
 
     @property
     def full_kv_bytes(self) -> int:
@@ -285,7 +286,7 @@ class StreamedDocument:
         method = get_method(st.method)
         sources = st.fit_sources
         prefix, doc, suffix = self.tokens
-        facts = self.fact_mask(method) if method.uses_facts else None
+        facts = self.fact_ranks(method) if method.uses_facts else None
         queries_s = fit_s = 0.0
         notes: Counter = Counter()
         cache = previous = None

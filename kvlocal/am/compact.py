@@ -25,6 +25,7 @@ from ..errors import KvlocalError
 from ..kv.cache import CompactedCache, HeadBlock, KVSnapshot, Segment, assemble, per_head_segment, shared_segment
 from ..kv.queryset import QuerySet
 from .budgets import BUDGETS, BudgetPolicy, allocate
+from .facts import as_fact_ranks
 from .methods import Method, get_method
 from .metrics import head_errors
 from .problem import HeadProblem, HeadResult
@@ -134,7 +135,8 @@ class Compactor:
         """Compact the cells of ``snap`` whose positions lie in [doc_start, doc_end) (minus the
         recent window).  ``queries``: reference queries of every base layer; ``bias``: the bias the
         cells already carry (re-compaction), per layer ``[N, H_kv]``; ``progress(done, total)``;
-        ``facts``: bool per position (``kvlocal.am.facts.fact_mask``), for selectors that keep facts.
+        ``facts``: per position, a bool (``kvlocal.am.facts.fact_mask``) or a fact rank (``Method.fact_ranks``:
+        0 no fact, higher kept first), for selectors that keep facts.
 
         On-policy stages (``kvlocal.pipeline``): the layers (indices into ``snap.keys``) in
         ``whole_layers`` keep every document key, so the cache mixes compacted and original
@@ -155,9 +157,13 @@ class Compactor:
             raise KvlocalError(f"the queries do not cover layers {missing}")
         train, test = self._split(queries, n_head_kv)
         if facts is not None:
-            facts = np.asarray(facts, bool)
+            try:
+                facts = as_fact_ranks(facts)
+            except ValueError as e:
+                raise KvlocalError(str(e)) from None
             if facts.ndim != 1 or len(facts) < int(pos.max()) + 1:
-                raise KvlocalError(f"facts must be one bool per position (>= {int(pos.max()) + 1}), got {facts.shape}")
+                raise KvlocalError(f"facts must be one bool or fact rank per position (>= {int(pos.max()) + 1}), "
+                                   f"got {facts.shape}")
         chunks = [region] if self.chunk_size is None else \
             [region[i:i + self.chunk_size] for i in range(0, len(region), self.chunk_size)]
         if len(chunks) > 1 and len(chunks[-1]) < 2:  # a 1-token tail joins the previous chunk
@@ -217,7 +223,7 @@ class Compactor:
                 kept_cells = cells[res.indices]
                 # verbatim facts first, in position order: a fact every head keeps takes the same
                 # slot in every head (and layer), so a later re-compaction can still tell it is one
-                order = _facts_first(facts[pos[kept_cells]]) if facts is not None and method.verbatim_facts \
+                order = _facts_first(facts[pos[kept_cells]] > 0) if facts is not None and method.verbatim_facts \
                     else slice(None)
                 kept_cells = kept_cells[order]
                 blocks[li][h] = HeadBlock(snap.keys[li][kept_cells, h], res.values[order], res.beta[order],

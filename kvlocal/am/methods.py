@@ -10,9 +10,12 @@
                       HighestAttnKeys (rms), beta and values fitted around the facts (box NNLS, least squares
                       anchored to V[S])
     am-facts-kvzip    am-facts with KVzip's scores (chunked repeats) ranking the facts and each head's other keys
-    am-facts-omp      THE DEFAULT: am-facts with each head's other keys chosen by OMP (4 keys per step) on the
-                      mass the facts leave; beta and values fitted around the facts as in am-facts; designed for
-                      repeat + self-study queries
+    am-facts-omp-near THE DEFAULT: am-facts-omp keeping facts that do not all fit numbers first, then their
+                      sentences outward from them, token by token (fact ranks, kvlocal.am.facts.fact_ranks)
+                      instead of by attention, which does not find them
+    am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the
+                      facts leave; beta and values fitted around the facts as in am-facts; designed for
+                      repeat + self-study queries (the default before am-facts-omp-near)
     am-facts-onpolicy, am-highest-onpolicy, am-facts-omp-onpolicy
                       on-policy queries in 3 stages of layers: each stage is fitted on queries taken with the
                       stages below it compacted (kvlocal.pipeline)
@@ -53,7 +56,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
-DEFAULT_METHOD = "am-facts-omp"  # what `kvlocal compact` and Compaction.compact use without --method
+DEFAULT_METHOD = "am-facts-omp-near"  # what `kvlocal compact` and Compaction.compact use without --method
 
 
 @dataclass
@@ -72,10 +75,16 @@ class Method:
         """The selector when it decides for a group of heads at once (the compactor asks it first)."""
         return self.selector if isinstance(self.selector, GroupSelector) else None
 
+    def fact_ranks(self, pieces) -> np.ndarray | None:
+        """Per token of the document (its text pieces): the fact rank the selector gives it (0 no
+        fact, higher kept first; what ``Compactor.compact`` takes as ``facts``), or None when the
+        method keeps no facts (the caller then need not detokenize anything)."""
+        return self.group_selector.fact_ranks(pieces) if self.group_selector is not None else None
+
     def fact_mask(self, pieces) -> np.ndarray | None:
-        """Per token of the document (its text pieces): the fact tokens the selector keeps, or None
-        when the method keeps no facts (the caller then need not detokenize anything)."""
-        return self.group_selector.fact_mask(pieces) if self.group_selector is not None else None
+        """Per token of the document: is it a fact token this method keeps (None: it keeps none)?"""
+        ranks = self.fact_ranks(pieces)
+        return None if ranks is None else ranks > 0
 
     @property
     def uses_facts(self) -> bool:
@@ -137,12 +146,14 @@ def _recall(own: float = 0.5) -> SharedSpans:
 
 
 def _facts(share: float = 1.0, window: int | None = None, until: float | None = None,
-           score: str = "attention", omp: OMP | None = None) -> SharedSpans:
+           score: str = "attention", omp: OMP | None = None, order: str = "attention") -> SharedSpans:
     """Every sentence with a number (or, with ``window``, the ``window`` positions around each
-    number token) kept in every head, up to ``share`` of the budget (ranked by rms attention if
-    they do not fit); the rest of each head's budget: its own HighestAttnKeys choice."""
+    number token) kept in every head, up to ``share`` of the budget (if they do not fit: ranked by
+    rms attention, or with ``order`` "nearest" the numbers first and then their sentences outward
+    from them); the rest of each head's budget: its own HighestAttnKeys (or ``omp``) choice."""
     if window is None:
-        return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, score=score, own_omp=omp)
+        return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, score=score, own_omp=omp,
+                           fact_order=order)
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 
@@ -162,6 +173,8 @@ _FACTORIES = {
     "am-facts": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
     "am-facts-kvzip": lambda: Method(_facts(until=5.0, score="kvzip"), BoxNNLS(), AnchoredValues(), ("kvzip",),
                                      verbatim_facts=True),
+    "am-facts-omp-near": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2), order="nearest"),
+                                        BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
     "am-facts-omp": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),
                                    AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
     "am-facts-omp-onpolicy": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels
+from .facts import as_fact_ranks
 
 BACKENDS = ("numba", "numpy")
 
@@ -39,11 +40,14 @@ class HeadProblem:
     t: int  # keys to keep
     bias: np.ndarray | None = None  # [T] logit bias the keys already carry (re-compaction)
     positions: np.ndarray | None = None  # [T] original positions (recency baselines)
-    facts: np.ndarray | None = None  # [T] bool: the key is a fact token (numbers, names; kvlocal.am.facts)
+    # [T] bool: the key is a fact token (numbers, names; kvlocal.am.facts), or uint8 fact ranks
+    # (kvlocal.am.facts.fact_ranks: 0 no fact, higher kept first); ``facts`` is then ranks > 0
+    facts: np.ndarray | None = None
     key_scores: np.ndarray | None = None  # [T] importance measured by the engine (KVzip), if any
     backend: str = "numba"
     block: int = 2048
     seed: int = 0
+    fact_ranks: np.ndarray | None = field(default=None, init=False, repr=False)  # set from ``facts``
     _stats: BlockStats | None = field(default=None, repr=False)
     _qs: np.ndarray | None = field(default=None, repr=False)
 
@@ -68,9 +72,10 @@ class HeadProblem:
         if self.positions is None:
             self.positions = np.arange(T)
         if self.facts is not None:
-            self.facts = np.asarray(self.facts, bool)
-            if self.facts.shape != (T,):
-                raise ValueError(f"facts must be [T] booleans, got shape {self.facts.shape}")
+            self.fact_ranks = as_fact_ranks(self.facts)
+            if self.fact_ranks.shape != (T,):
+                raise ValueError(f"facts must be [T] booleans or fact ranks, got shape {self.fact_ranks.shape}")
+            self.facts = self.fact_ranks > 0
         if self.key_scores is not None:
             self.key_scores = np.asarray(self.key_scores, np.float32)
             if self.key_scores.shape != (T,) or not np.isfinite(self.key_scores).all():

@@ -32,8 +32,9 @@ class GroupSelector(KeySelector):
 
     scope: str = "layer"  # "layer": the KV heads of one layer; "model": every head of every layer
 
-    def fact_mask(self, pieces) -> np.ndarray | None:
-        """Fact tokens of a document from its token texts, if this selector keeps facts."""
+    def fact_ranks(self, pieces) -> np.ndarray | None:
+        """Fact ranks of a document's tokens from their texts (kvlocal.am.facts.fact_ranks: 0 no
+        fact, higher kept first), if this selector keeps facts."""
         return None
 
     def score_queries(self, queries: QuerySet | None) -> QuerySet | None:
@@ -67,9 +68,12 @@ class SharedSpans(GroupSelector):
     over ``span`` positions; every head keeps its top keys from that ranking.
 
     Each head's budget is filled in order: up to ``fact_share`` of it with fact tokens (and the
-    ``fact_span`` positions around each, see kvlocal.am.facts) by the shared ranking; then ``own`` of
-    what is left by the head's own rms ranking over all its queries; the rest by the shared ranking.
-    Without facts (no ``facts`` on the problems) the first step keeps nothing."""
+    ``fact_span`` positions around each, see kvlocal.am.facts), by their fact rank and, within a
+    rank, by the shared ranking; then ``own`` of what is left by the head's own rms ranking over
+    all its queries; the rest by the shared ranking.  ``fact_order`` "attention" gives every fact
+    one rank (the shared ranking alone orders them); "nearest" ranks the numbers first, then
+    each sentence's tokens by their distance to its nearest number.  Without facts (no ``facts``
+    on the problems) the first step keeps nothing."""
 
     agg: str = "rms"
     span: int = 5
@@ -81,6 +85,7 @@ class SharedSpans(GroupSelector):
     fact_span: int = 1
     fact_names: bool = False  # proper names count as facts too (numbers always do)
     fact_sentences: bool = True  # a number keeps its whole sentence
+    fact_order: str = "attention"  # "nearest": numbers first, then their sentences outward from them
     score: str = "attention"  # "attention": agg over the queries; "kvzip": the engine-measured key scores
     own_omp: object | None = None  # an OMP: the head's own keys chosen by OMP around the facts instead
 
@@ -90,13 +95,15 @@ class SharedSpans(GroupSelector):
             raise ValueError(f"score must be 'attention' or 'kvzip', not {self.score!r}")
         if self.span < 1 or self.fact_span < 1 or not 0 <= self.own <= 1 or not 0 <= self.fact_share <= 1 \
                 or (self.fact_until is not None and not self.fact_until > 0) \
-                or self.scope not in ("layer", "model") or self.queries not in ("all", "recall"):
+                or self.scope not in ("layer", "model") or self.queries not in ("all", "recall") \
+                or self.fact_order not in ("attention", "nearest"):
             raise ValueError(f"invalid shared-spans settings {self}")
 
-    def fact_mask(self, pieces) -> np.ndarray | None:
+    def fact_ranks(self, pieces) -> np.ndarray | None:
         if not self.fact_share:
             return None
-        return facts.fact_mask(pieces, names=self.fact_names, sentences=self.fact_sentences)
+        ranks = facts.fact_ranks(pieces, names=self.fact_names, sentences=self.fact_sentences)
+        return ranks if self.fact_order == "nearest" else facts.as_fact_ranks(ranks > 0)
 
     def score_queries(self, queries):
         if self.queries == "recall" and queries is not None:
@@ -116,11 +123,14 @@ class SharedSpans(GroupSelector):
         shared = np.max(np.stack(scores), axis=0).astype(np.float64)
         if self.span > 1:
             shared = maximum_filter1d(shared, self.span, mode="nearest")
-        marked = problems[0].facts
-        fact_keys = None
-        if self.fact_share > 0 and marked is not None and marked.any():
-            fact_keys = maximum_filter1d(marked.astype(np.uint8), self.fact_span, mode="constant") > 0
-        return shared, fact_keys
+        ranks = problems[0].fact_ranks
+        fact_order = None  # per key: its fact rank, ties broken by the shared ranking; -inf: no fact
+        if self.fact_share > 0 and ranks is not None and ranks.any():
+            ranks = maximum_filter1d(ranks, self.fact_span, mode="constant")  # a fact's neighbours share its rank
+            place = np.empty(T)
+            place[np.argsort(-shared, kind="stable")] = np.arange(T) / T  # 0 for the best, in [0, 1)
+            fact_order = np.where(ranks > 0, ranks - place, -np.inf)
+        return shared, fact_order
 
     def share_of_facts(self, n_keys: int, t: int) -> float:
         """The share of a head's budget facts may take: ``fact_share``, scaled down by
@@ -132,7 +142,7 @@ class SharedSpans(GroupSelector):
         return self.fact_share * min(1.0, self.fact_until * t / n_keys)
 
     def fill(self, p: HeadProblem, shared) -> Selection:
-        shared, fact_keys = shared  # rank_group's (ranking, fact keys or None)
+        shared, fact_order = shared  # rank_group's (ranking, order of the fact keys or None)
         taken = np.zeros(p.T, bool)
         t = min(p.t, p.T)
 
@@ -143,8 +153,8 @@ class SharedSpans(GroupSelector):
             idx = top_t(s, k)
             taken[idx[np.isfinite(s[idx])]] = True
 
-        if fact_keys is not None:
-            take(np.where(fact_keys, shared, -np.inf), int(round(self.share_of_facts(p.T, t) * t)))
+        if fact_order is not None:
+            take(fact_order, int(round(self.share_of_facts(p.T, t) * t)))
         n_own = int(round(self.own * (t - taken.sum())))
         if n_own and self.own_omp is not None:  # OMP explains the mass the facts leave
             taken[self.own_omp.select_around(p, np.flatnonzero(taken), n_own).indices] = True

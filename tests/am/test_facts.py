@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvlocal.am import BoxNNLS, Compactor, HeadProblem, HighestAttnKeys, SharedSpans
-from kvlocal.am.facts import fact_mask, fact_spans
+from kvlocal.am.facts import TOP_RANK, as_fact_ranks, fact_mask, fact_ranks, fact_spans
 
 TEXT = ("It was late. The special magic number for cathedral is 6088743. Margaret met the crew of NASA in "
         "Paris at 12:30 on 2026-11-24, and she left. She slept.")
@@ -49,6 +49,33 @@ def test_fact_mask_sentences_keep_what_the_number_is_of():
     assert "It was late" not in s and "She slept" not in s
 
 
+def test_fact_ranks_put_numbers_first_then_their_sentence_outward():
+    words = ["It", " was", " late", ".", " The", " code", " for", " cathedral", " is", " ", "6", "0", "8", ".",
+             " Then", " they", " left", " at", " 9", " sharp", ".", " She", " slept", "."]
+    ranks = fact_ranks(words, names=False, sentences=True)
+    assert np.array_equal(ranks > 0, fact_mask(words, names=False, sentences=True))
+    got = dict(zip(range(len(words)), ranks.tolist(), strict=True))
+    assert [got[i] for i in (10, 11, 12, 18)] == [TOP_RANK] * 4  # the numbers' own tokens
+    assert [got[i] for i in (9, 8, 7, 6, 5, 4)] == [TOP_RANK - k for k in range(1, 7)]  # outward, token by token
+    assert got[13] == TOP_RANK - 1  # the full stop after the number
+    # the next sentence is ranked from its own number, not from the one just before it
+    assert [got[i] for i in (14, 15, 16, 17, 19, 20)] == [TOP_RANK - k for k in (4, 3, 2, 1, 1, 2)]
+    assert not ranks[:4].any() and not ranks[21:].any()
+    assert np.array_equal(fact_ranks(words, names=False) > 0, ranks == TOP_RANK)  # no sentences: the numbers
+    assert fact_ranks(["x"] * 600 + [" 7", "."], names=False, sentences=True)[0] == 1  # far away: rank 1, still a fact
+    assert fact_ranks([]).shape == (0,)
+
+
+def test_fact_ranks_accept_masks_and_reject_what_is_no_rank():
+    assert np.array_equal(as_fact_ranks(np.array([True, False])), [TOP_RANK, 0])
+    assert as_fact_ranks(np.array([3, 0], np.int64)).dtype == np.uint8
+    for bad in (np.array([0.5, 1.0]), np.array([-1, 2]), np.array([256, 0])):
+        with pytest.raises(ValueError, match="fact ranks"):
+            as_fact_ranks(bad)
+    p = HeadProblem(np.zeros((3, 2)), np.zeros((3, 2)), np.ones((1, 2)), 2, facts=np.array([0, 7, 255]))
+    assert np.array_equal(p.facts, [False, True, True]) and np.array_equal(p.fact_ranks, [0, 7, 255])
+
+
 def group(T=60, d=8, n=50, t=12, facts=None, seed=0):
     rng = np.random.default_rng(seed)
     return [HeadProblem(rng.normal(size=(T, d)), rng.normal(size=(T, d)), rng.normal(size=(n, d)), t, facts=facts)
@@ -75,8 +102,50 @@ def test_shared_spans_keep_facts_first_within_their_share():
         HeadProblem(np.zeros((4, 2)), np.zeros((4, 2)), np.zeros((1, 2)), 2, facts=np.zeros(3, bool))
 
 
+def test_nearest_order_keeps_the_numbers_and_their_neighbours_when_facts_do_not_fit():
+    """Attention does not find the digits of a number (bench/results/facts_diagnosis.md): with a
+    fact budget smaller than the facts, fact ranks (fact_order "nearest") keep the numbers and the
+    tokens next to them in every head, where a bool mask (fact_order "attention") keeps whatever of
+    the sentences the heads attend to."""
+    T, d = 80, 8
+    ranks = np.zeros(T, np.uint8)
+    for number in (20, 50):  # two 15-token sentences, a 3-token number in the middle of each
+        at = np.arange(number - 6, number + 9)
+        ranks[at] = TOP_RANK - np.abs(at - np.clip(at, number, number + 2))
+    ends = [14, 15, 16, 26, 27, 28, 44, 45, 46, 56, 57, 58]  # the far ends of the two sentences
+
+    def heads(facts):
+        rng = np.random.default_rng(3)
+        u = np.eye(d)[0]
+        out = []
+        for _ in range(2):  # the heads attend to the sentences' far ends, never to the numbers
+            k = rng.normal(size=(T, d)) * 0.3
+            k[ends] += 4 * u
+            k[[20, 21, 22, 50, 51, 52]] -= 4 * u
+            q = 2 * u + rng.normal(size=(40, d)) * 0.1
+            out.append(HeadProblem(k, rng.normal(size=(T, d)), q, 16, facts=facts))
+        return out
+
+    sel = SharedSpans(own=1.0, fact_share=0.75)  # 12 fact keys of 16
+    want = {19, 20, 21, 22, 23, 49, 50, 51, 52, 53}  # the numbers +-1
+    ranked = heads(ranks)
+    for c in sel.select_group(ranked, [sel.head_scores(p) for p in ranked]):
+        assert want <= set(c.indices.tolist()) and len(c.indices) == 16
+    masked = heads(ranks > 0)  # a bool mask: every fact alike, the attention order alone
+    for c in sel.select_group(masked, [sel.head_scores(p) for p in masked]):
+        assert not set(c.indices.tolist()) & {20, 21, 22, 50, 51, 52}
+    # which of the two the selector asks for from a document's text
+    words = ["A", " b", " c", " d", " 7", "."]
+    near = SharedSpans(fact_share=1.0, fact_order="nearest").fact_ranks(words)
+    assert near.tolist() == [251, 252, 253, 254, 255, 254]
+    assert SharedSpans(fact_share=1.0).fact_ranks(words).tolist() == [TOP_RANK] * 6
+    assert SharedSpans().fact_ranks(words) is None  # keeps no facts
+    with pytest.raises(ValueError):
+        SharedSpans(fact_order="alphabetical")
+
+
 def test_compactor_keeps_the_fact_sentences_in_every_head(tiny_doc_facts):
-    snap, layout, queries, info, facts = tiny_doc_facts
+    snap, layout, queries, info, facts, _ = tiny_doc_facts
     cache, _ = Compactor("am-facts", ratio=3, seed=0).compact(snap, layout.doc_start, layout.doc_end, queries,
                                                               facts=facts)
     want = set(np.flatnonzero(facts).tolist())
@@ -88,7 +157,7 @@ def test_compactor_keeps_the_fact_sentences_in_every_head(tiny_doc_facts):
     plain, _ = Compactor("am-highest", ratio=3, seed=0).compact(snap, layout.doc_start, layout.doc_end, queries)
     assert any(not want <= set(plain.origin[li][:, h].tolist()) for li in range(len(snap.keys))
                for h in range(info.n_head_kv))
-    with pytest.raises(Exception, match="one bool per position"):
+    with pytest.raises(Exception, match="one bool or fact rank per position"):
         Compactor("am-facts", ratio=3).compact(snap, layout.doc_start, layout.doc_end, queries, facts=facts[:5])
 
 
@@ -103,7 +172,30 @@ def tiny_doc_facts(load_model):
         layout = s.ingest_document(DOC, capture_queries=True)
         facts = get_method("am-facts").fact_mask(s.token_texts(layout.length))
         facts[: layout.doc_start] = False
-        return s.snapshot(), layout, s.context_queries, s.info, facts
+        return s.snapshot(), layout, s.context_queries, s.info, facts, s.token_texts(layout.length)
+
+
+def test_the_default_keeps_the_number_first_when_its_sentence_does_not_fit(tiny_doc_facts):
+    """At 10x the default's fact keys (half of each head's budget) are fewer than the number
+    sentence's tokens: every head keeps the number's own tokens first, verbatim."""
+    from kvlocal.am import DEFAULT_METHOD, get_method
+
+    snap, layout, queries, info, _, pieces = tiny_doc_facts
+    method = get_method(DEFAULT_METHOD)
+    ranks = method.fact_ranks(pieces)
+    ranks[: layout.doc_start] = 0
+    number = set(np.flatnonzero(ranks == TOP_RANK).tolist())
+    n_doc, ratio = layout.doc_end - layout.doc_start, 10
+    cache, report = Compactor(DEFAULT_METHOD, ratio=ratio, seed=0).compact(snap, layout.doc_start, layout.doc_end,
+                                                                         queries, facts=ranks)
+    for (_, li, h), res in report.results.items():
+        k = int(round(method.fact_budget_share(n_doc, res.t) * res.t))
+        assert 0 < k < (ranks > 0).sum()  # the sentence does not fit
+        kept = set((layout.doc_start + res.indices).tolist())
+        assert len(number & kept) >= min(k, len(number)), (li, h)
+        verbatim = np.isin(layout.doc_start + res.indices, sorted(number))
+        assert np.all(res.beta[verbatim] == 0)
+        assert np.array_equal(res.values[verbatim], snap.values[li][layout.doc_start + res.indices[verbatim], h])
 
 
 def test_recall_probes_tag_their_rows(load_model):

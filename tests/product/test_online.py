@@ -182,6 +182,10 @@ def test_facts_of_a_recompaction_follow_origin_not_cell_positions():
     assert not cell_facts(mask, lo, positions, [layer, other], 40)[11]
     mask[20] = True  # position 30 is a fact token and cell 30 holds itself
     assert cell_facts(mask, lo, positions, [layer, other], 40)[30]
+    ranks = mask.astype(np.uint8) * 200
+    ranks[5] = 255  # fact ranks come through as they are
+    got = cell_facts(ranks, lo, positions, [layer, layer], 40)
+    assert got.dtype == np.uint8 and got[11] == 255 and got[30] == 200 and not got[[2, 13, 15, 31, 32]].any()
 
 
 def test_a_fact_stays_verbatim_through_repeated_online_compactions(load_model, saved):

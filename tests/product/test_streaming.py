@@ -308,7 +308,7 @@ def test_facts_clustered_in_one_chunk_are_all_kept_in_every_head(load_model):
         settings = CompactionSettings(ratio=8.0, method="am-facts", queries=("repeat",))
         plan = kv.doc.plan(settings)
         assert plan.n_chunks >= 3 and plan.fact_shares is not None
-        mask = kv.doc.fact_mask(get_method("am-facts"))
+        mask = kv.doc.fact_ranks(get_method("am-facts")) > 0
         d0 = kv.layout.doc_start
         lo, hi = plan.bounds[0]
         first = np.flatnonzero(mask[d0 + lo:d0 + hi]) + d0 + lo
