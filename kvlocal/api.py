@@ -440,15 +440,13 @@ class CompactedSession(_Conversation):
         # position-indexed tokens: the template around the document is known, the document's own are not kept
         known = list(m["doc.prefix_tokens"]) + [0] * (layout.doc_end - layout.doc_start) + list(m["doc.suffix_tokens"])
         report = dict(m["compaction.report"])
-        if self.online_records:
+        if self.online_records:  # the conversation's cells are saved as compacted cells, not as chat
             cache, snap = current_cache(self.session, self._origin)
-            base = self.session.n_past
+            base, chat = self.session.n_past, []
             report["online"] = list(report.get("online", [])) + [r.as_dict() for r in self.online_records]
         else:
-            (cache, snap), base = self._loaded, self.base
-        n_conv = self.session.n_past - base
-        tokens = known + [0] * (base - len(known)) + (self.session.tokens[len(self.session.tokens) - n_conv:]
-                                                      if n_conv else [])
+            (cache, snap), base, chat = self._loaded, self.base, self.conversation_tokens
+        tokens = known + [0] * (base - len(known)) + chat
         return save_session(path, self.model, snap, cache, layout, tokens, base, self.messages, report)
 
     def close(self) -> None:
