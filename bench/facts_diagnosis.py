@@ -84,8 +84,8 @@ def main() -> int:
         doc = ev._open(hay.text)
         s = doc.session
         sent_pos, num_pos = _needle_positions(model, s.tokens, hay.needles)
-        rep, rec = doc.get_queries(("repeat",)), doc.get_queries(("recall",))
-        snap, lo, hi = doc.snap, doc.layout.doc_start, doc.layout.doc_end
+        rep, rec = doc.queries(("repeat",)), doc.queries(("recall",))
+        snap, lo, hi = doc.snapshot, doc.layout.doc_start, doc.layout.doc_end
         cells = np.flatnonzero((snap.positions >= lo) & (snap.positions < hi))
         pos = snap.positions[cells]
         digits, in_sentence = np.isin(pos, np.concatenate(num_pos)), np.isin(pos, sent_pos)

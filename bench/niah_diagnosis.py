@@ -69,7 +69,7 @@ def main() -> int:
         doc = ev._open(hay.text)
         s = doc.session
         sentence_pos, number_pos = _needle_positions(model, s.tokens, hay.needles)
-        queries = doc.get_queries(("repeat",))
+        queries = doc.queries(("repeat",))
         s.restore(doc.blob)
         full_hits += sum(tasks.needle_found(s, k, n) for k, n in hay.needles)
         n_needles += len(hay.needles)
@@ -84,8 +84,8 @@ def main() -> int:
             for name, method in variants.items():
                 s.restore(doc.blob)
                 cache, _ = Compactor(method, ratio=r, max_queries_per_head=None, holdout=0.0, seed=cfg.seed).compact(
-                    doc.snap, doc.layout.doc_start, doc.layout.doc_end, queries)
-                s.inject(cache, doc.snap)
+                    doc.snapshot, doc.layout.doc_start, doc.layout.doc_end, queries)
+                s.inject(cache, doc.snapshot)
                 hits[(name, r)] = hits.get((name, r), 0) + sum(tasks.needle_found(s, k, n) for k, n in hay.needles)
                 if name == "am-highest":
                     kept = [np.mean([np.isin(ps, org[:, h]).mean() for org in cache.origin
