@@ -82,6 +82,7 @@ def main() -> int:
     args = ap.parse_args()
     stories, ratios = [int(x) for x in args.stories.split(",")], [int(x) for x in args.ratios.split(",")]
 
+    from facts_diagnosis import _attention
     from niah_diagnosis import _needle_positions
 
     from kvlocal.am import Compactor
@@ -120,8 +121,7 @@ def main() -> int:
                 share = 1.0
             else:
                 share = self.share_of_facts(p.T, min(p.t, p.T)) if self.others else 0.0
-            plain = SharedSpans(**{f.name: getattr(self, f.name) for f in fields(SharedSpans)})
-            return replace(plain, fact_share=share, fact_until=None).fill(p, shared)
+            return SharedSpans.fill(replace(self, fact_share=share, fact_until=None), p, shared)
 
     base = get_method(DEFAULT_METHOD)
     variants = {DEFAULT_METHOD: {}, "copy heads only": {"others": False}, "copy heads all facts": {},
@@ -159,9 +159,7 @@ def main() -> int:
                 copy[li, h] = copy_score(problem(li, h, 1, rep), rep_anchors, n_rep)
                 mass = []
                 for q, at in answers:
-                    E = problem(li, h, 1, q).logits().astype(np.float64)
-                    E = np.exp(E - E.max(axis=1, keepdims=True))
-                    A = (E[:, at].sum(axis=1) / E.sum(axis=1)).reshape(n_rep, -1)
+                    A = _attention(problem(li, h, 1, q))[0][:, at].sum(axis=1).reshape(n_rep, -1)
                     mass.append(A.mean(axis=1).max())
                 read[li, h] = np.mean(mass)
         copy_tab.append(copy)
@@ -172,7 +170,7 @@ def main() -> int:
             qs, n_head_kv)
         facts = base.fact_ranks(s.token_texts(doc.layout.length))
         for name, kw in variants.items():
-            sel = base.selector if not kw and name == DEFAULT_METHOD else ByCopyHead(
+            sel = base.selector if name == DEFAULT_METHOD else ByCopyHead(
                 **{f.name: getattr(base.selector, f.name) for f in fields(SharedSpans)},
                 anchors=np.tile(train.anchors, n_rep), n_rep=n_rep, **kw)
             method = replace(base, selector=sel, name=name)
