@@ -97,17 +97,38 @@ NEEDLE_KEYS = ("lighthouse", "orchard", "violin", "glacier", "lantern", "harbor"
                "quarry", "teapot", "satellite", "cathedral", "marble", "bicycle", "volcano")
 
 
+_FIRST_NAMES = ("Margaret", "Thomas", "Eleanor", "Henry", "Clara", "Walter", "Alice", "Arthur", "Helen", "Oliver",
+                "Ruth", "Samuel", "Edith", "George", "Iris", "Felix")
+_LAST_NAMES = ("Holloway", "Pemberton", "Ashford", "Whitlock", "Carrow", "Fenwick", "Lindqvist", "Marlowe",
+               "Thornbury", "Okafor", "Castellano", "Brandt", "Ivers", "Kowalski", "Draycott", "Sutcliffe")
+
+
+def _names(rng: random.Random, k: int) -> list[str]:
+    """``k`` people, a first and a last name drawn at random, no name used twice: a needle the model
+    must read (nothing in the question tells it)."""
+    return [f"{a} {b}" for a, b in zip(rng.sample(_FIRST_NAMES, k), rng.sample(_LAST_NAMES, k), strict=True)]
+
+
+NEEDLE_KINDS = {  # kind: (needle sentence, the answers' generator: (rng, k) -> k answers)
+    "number": ("The special magic number for {key} is {answer}.",
+               lambda rng, k: [str(rng.randrange(1_000_000, 10_000_000)) for _ in range(k)]),
+    "name": ("The keeper of the {key} is {answer}.", _names),
+}
+
+
 @dataclass(frozen=True)
 class Haystack:
     text: str
-    needles: tuple[tuple[str, str], ...]  # (key, seven-digit number)
+    needles: tuple[tuple[str, str], ...]  # (key, answer: a seven-digit number or a made-up name)
     continuation: str  # the story's text right after the cut, for next-token agreement
 
 
 def make_haystack(story: str, n_tokens: int, count_tokens, k: int = 8, seed: int = 0,
-                  continuation_words: int = 120) -> Haystack:
-    """Cut ``story`` to about ``n_tokens`` tokens and insert ``k`` needles
-    ("The special magic number for X is NNNNNNN.") at seeded depths between sentences."""
+                  continuation_words: int = 120, kind: str = "number") -> Haystack:
+    """Cut ``story`` to about ``n_tokens`` tokens and insert ``k`` needles at seeded depths between
+    sentences: "The special magic number for X is NNNNNNN." or (``kind`` "name") "The keeper of the X
+    is Firstname Lastname." with a made-up name."""
+    template, answer = NEEDLE_KINDS[kind]
     rng = random.Random(seed)
     words = story.split()
     lo, hi = 1, len(words)
@@ -120,8 +141,8 @@ def make_haystack(story: str, n_tokens: int, count_tokens, k: int = 8, seed: int
     body, rest = " ".join(words[:lo]), " ".join(words[lo:lo + continuation_words])
     sentences = re.split(r"(?<=[.!?])\s+", body)
     keys = rng.sample(NEEDLE_KEYS, k)
-    needles = tuple((key, str(rng.randrange(1_000_000, 10_000_000))) for key in keys)
+    needles = tuple(zip(keys, answer(rng, k), strict=True))
     slots = sorted(rng.sample(range(1, len(sentences)), min(k, len(sentences) - 1)))
     for (key, number), slot in sorted(zip(needles, slots, strict=False), key=lambda x: -x[1]):
-        sentences.insert(slot, f"The special magic number for {key} is {number}.")
+        sentences.insert(slot, template.format(key=key, answer=number))
     return Haystack(" ".join(sentences), needles, rest)

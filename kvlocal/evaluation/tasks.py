@@ -71,9 +71,13 @@ def multiple_choice(s: Session, q: Question) -> bool:
     return int(np.argmax(logits[letters])) == q.answer
 
 
-def needle_prompt(s: Session, key: str) -> np.ndarray:
+def needle_prompt(s: Session, key: str, kind: str = "number") -> np.ndarray:
     """The needle question: a chat turn, or for a model without a chat template (a base model)
     a completion that the answer continues."""
+    if kind == "name":
+        if completion_style(s):
+            return s.tokenize(f"\n\nQuestion: Who is the keeper of the {key}?\nAnswer: The keeper of the {key} is")
+        return s.chat_tokens([{"role": "user", "content": f"Who is the keeper of the {key}? Answer with the name only."}])
     if completion_style(s):
         return s.tokenize(f"\n\nQuestion: What is the special magic number for {key}?\n"
                           f"Answer: The special magic number for {key} is")
@@ -81,15 +85,22 @@ def needle_prompt(s: Session, key: str) -> np.ndarray:
                            f"What is the special magic number for {key}? Answer with the number only."}])
 
 
-def needle_found(s: Session, key: str, number: str, max_tokens: int = 16) -> bool:
-    prompt = needle_prompt(s, key)
-    return number in s.model.detokenize(greedy(s, prompt, max_tokens))
+def needle_found(s: Session, key: str, answer: str, max_tokens: int = 16, kind: str = "number") -> bool:
+    """Does the greedy answer to the needle's question hold ``answer`` (the number, or the whole name)?"""
+    prompt = needle_prompt(s, key, kind)
+    return answer in s.model.detokenize(greedy(s, prompt, max_tokens))
 
 
-def needle_nll(s: Session, key: str, number: str) -> float:
-    """How likely the right number is as the answer to its question, found or not: mean NLL per
-    token of ``number`` teacher-forced after the needle prompt."""
-    return answer_nll(s, needle_prompt(s, key), [int(t) for t in s.tokenize(number, special=False)])
+def needle_nll(s: Session, key: str, answer: str, kind: str = "number") -> float:
+    """How likely the right answer is to its question, found or not: mean NLL per token of
+    ``answer`` (the number, or the name) teacher-forced after the needle prompt (for a name asked in
+    a chat, after the words the model answers with: "The keeper of the X is")."""
+    prompt = needle_prompt(s, key, kind)
+    if kind == "name":
+        if not completion_style(s):
+            prompt = np.concatenate([prompt, s.tokenize(f"The keeper of the {key} is", special=False)])
+        answer = " " + answer
+    return answer_nll(s, prompt, [int(t) for t in s.tokenize(answer, special=False)])
 
 
 def continuation_logprobs(s: Session, tokens: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 import evaldata
@@ -78,6 +79,21 @@ def test_haystack_holds_every_needle_within_budget(gen_data):
     for key, number in hay.needles:
         assert f"The special magic number for {key} is {number}." in hay.text and re.fullmatch(r"\d{7}", number)
     assert make_haystack(story, 800, count, k=5, seed=3) == hay
+
+
+def test_name_haystack_holds_distinct_names_at_the_number_needles_depths(gen_data):
+    story = squality_stories(gen_data)[0]
+
+    def count(text):
+        return len(text.split()) * 4 // 3
+
+    numbers, names = (make_haystack(story, 800, count, k=5, seed=3, kind=kind) for kind in ("number", "name"))
+    assert [k for k, _ in names.needles] == [k for k, _ in numbers.needles]  # the same keys
+    people = [n for _, n in names.needles]
+    assert len(set(people)) == 5 and len({p.split()[0] for p in people}) == 5 == len({p.split()[1] for p in people})
+    for key, person in names.needles:
+        assert f"The keeper of the {key} is {person}." in names.text and re.fullmatch(r"[A-Z][a-z]+ [A-Z][a-z]+", person)
+    assert count(names.text) <= 800 and make_haystack(story, 800, count, k=5, seed=3, kind="name") == names
 
 
 def test_smoke_grid_runs_resumes_and_reports(load_model, tmp_path, gen_data):
@@ -285,3 +301,17 @@ def test_needle_nll_is_the_numbers_nll_after_its_question(load_model):
         want = tasks.answer_nll(s, tasks.needle_prompt(s, "the lighthouse"),
                                 [int(t) for t in s.tokenize("4213987", special=False)])
         assert got == want and got != tasks.needle_nll(s, "the lighthouse", "9999999")
+
+
+def test_needle_nll_of_a_name_is_taken_after_the_answers_own_words(load_model):
+    from kvlocal.engine.session import Session
+    from kvlocal.evaluation import tasks
+
+    with Session(load_model("llama-gqa"), n_ctx=512) as s:
+        s.ingest_document("The keeper of the lantern is Clara Marlowe. The sea was calm.")
+        got = tasks.needle_nll(s, "lantern", "Clara Marlowe", kind="name")
+        prompt = np.concatenate([tasks.needle_prompt(s, "lantern", "name"),
+                                 s.tokenize("The keeper of the lantern is", special=False)])
+        assert "Who is the keeper of the lantern?" in s.model.detokenize(prompt)
+        want = tasks.answer_nll(s, prompt, [int(t) for t in s.tokenize(" Clara Marlowe", special=False)])
+        assert got == want and got != tasks.needle_nll(s, "lantern", "Edith Varro", kind="name")
