@@ -7,10 +7,12 @@ attention times value displacement, recall-probe attention — and of the model'
 A seven-digit number is as "important" as any other token until somebody asks about it, so a
 generic score keeps it whole in almost no layer.  Numbers are what users ask about, so
 ``SharedSpans`` (``fact_share``) keeps the sentences holding them in every head, and am-facts keeps
-those keys verbatim and fits everything else around them; proper names are found too
-(``names=True``) but are too many in a story to keep whole.  When the facts do not all fit,
-``fact_ranks`` says which go first: the numbers, then their sentences outward from them
-(am-facts-omp-near, the default), since attention cannot tell.
+those keys verbatim and fits everything else around them.  Proper names are found too
+(``names=True``), but a story names its people on every page; the ones at risk are those it
+names once or twice (``rare``), and the default (am-facts-omp-names) keeps those after the
+numbers, while room is left.  When the facts do not all fit, ``fact_ranks`` says which go first:
+the numbers, then their sentences outward from them (am-facts-omp-near and the default), since
+attention cannot tell.
 
 A token is a fact token when it overlaps
   * a number: a digit run, with inner separators (3.5, 1,200, 12:30, 2026-11-24);
@@ -22,6 +24,7 @@ A token is a fact token when it overlaps
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,20 +34,30 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 _SENTENCE_START = re.compile(r"(?:^|[.!?]['\")\]]*\s+|\n\s*|[\"'(\[]\s*)$")
 
 
-def fact_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans of the numbers and proper names of ``text``."""
-    spans = [m.span() for m in _NUMBER.finditer(text)]
+def name_spans(text: str, rare: int | None = None) -> list[tuple[int, int]]:
+    """Character spans of the proper names of ``text``; with ``rare``, only of the names mentioned at
+    most ``rare`` times (a name the document repeats is held by its other mentions too), and only of
+    words that are names wherever they occur (never in lower case: "Deck" in a heading is no name
+    when the story says "deck")."""
     words = list(_WORD.finditer(text))
     mid_caps = set()
     for m in words:
         w = m.group()
         if w[0].isupper() and not _SENTENCE_START.search(text[max(0, m.start() - 4):m.start()]):
             mid_caps.add(w)
-    for m in words:
-        w = m.group()
-        if w in mid_caps or (len(w) >= 2 and w.isupper()):
-            spans.append(m.span())
-    return sorted(spans)
+    found = [m for m in words if m.group() in mid_caps or (len(m.group()) >= 2 and m.group().isupper())]
+    if rare is not None:  # and only names: no single letters, no "I'll", no word also written in lower case
+        lower = {m.group() for m in words if m.group()[0].islower()}
+        found = [m for m in found if len(m.group()) >= 2 and not m.group().startswith("I'")
+                 and m.group().lower() not in lower]
+        mentions = Counter(m.group() for m in words)
+        found = [m for m in found if mentions[m.group()] <= rare]
+    return [m.span() for m in found]
+
+
+def fact_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the numbers and proper names of ``text``."""
+    return sorted([m.span() for m in _NUMBER.finditer(text)] + name_spans(text))
 
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)|\n")
@@ -72,29 +85,52 @@ def as_fact_ranks(facts) -> np.ndarray:
     return a.astype(np.uint8)
 
 
-def fact_ranks(pieces: Sequence[str], names: bool = True, sentences: bool = False) -> np.ndarray:
+def fact_ranks(pieces: Sequence[str], names: bool = True, sentences: bool = False,
+               rare: int | None = None, names_below: bool = False) -> np.ndarray:
     """uint8 per token: 0 for a token that is no fact (``fact_mask`` is False), else its rank,
     highest first: ``TOP_RANK`` for a token overlapping a number (or name), one less per token of
     distance from the nearest one in its sentence (at least 1).  A selector that cannot keep
-    every fact keeps the numbers and what is next to them before the far end of their sentences."""
+    every fact keeps the numbers and what is next to them before the far end of their sentences.
+    ``rare``: only names mentioned at most ``rare`` times count (see ``name_spans``).
+    ``names_below``: the names and their sentences rank below every number and its sentence
+    (numbers from ``TOP_RANK`` down to ``NAME_RANK + 1``, names from ``NAME_RANK`` down to 1)."""
     lengths = np.array([len(p) for p in pieces], np.int64)
     ends = np.cumsum(lengths)
     starts = ends - lengths
     text = "".join(pieces)
+    numbers = [m.span() for m in _NUMBER.finditer(text)]
+    found = name_spans(text, rare) if names else []
+    if not (names and names_below):
+        return _outward(text, starts, ends, _overlaps(text, starts, ends, numbers + found), sentences)
+    ranks = _outward(text, starts, ends, _overlaps(text, starts, ends, numbers), sentences, NAME_RANK + 1)
+    below = _outward(text, starts, ends, _overlaps(text, starts, ends, found), sentences, 1, NAME_RANK)
+    return np.maximum(ranks, below)
+
+
+NAME_RANK = 127  # with ``names_below``: the rank of a name token itself
+
+
+def _overlaps(text: str, starts: np.ndarray, ends: np.ndarray, spans) -> np.ndarray:
+    """bool per token (its characters starts..ends of ``text``): does it overlap one of ``spans``?"""
     depth = np.zeros(len(text) + 1, np.int64)
-    spans = fact_spans(text) if names else [m.span() for m in _NUMBER.finditer(text)]
     for a, b in spans:
         depth[a] += 1
         depth[b] -= 1
     in_span = np.cumsum(depth)[: len(text)] > 0  # character c lies in some span
     csum = np.concatenate([[0], np.cumsum(in_span)])
-    anchor = (csum[ends] - csum[starts]) > 0
-    ranks = np.where(anchor, TOP_RANK, 0).astype(np.uint8)
+    return (csum[ends] - csum[starts]) > 0
+
+
+def _outward(text: str, starts: np.ndarray, ends: np.ndarray, anchor: np.ndarray, sentences: bool,
+             bottom: int = 1, top: int = TOP_RANK) -> np.ndarray:
+    """``top`` for an anchor token, with ``sentences`` one less per token of distance from the
+    nearest anchor of its sentence (at least ``bottom``); 0 elsewhere."""
+    ranks = np.where(anchor, top, 0).astype(np.uint8)
     if not sentences or not anchor.any():
         return ranks
     bounds = np.array([m.end() for m in _SENTENCE_END.finditer(text)], np.int64)
     sentence = np.searchsorted(bounds, np.maximum(ends - 1, 0), side="right")
-    n = len(pieces)
+    n = len(anchor)
     i = np.arange(n)
     before = np.maximum.accumulate(np.where(anchor, i, -1))  # the nearest anchor at or before i
     after = np.minimum.accumulate(np.where(anchor, i, n)[::-1])[::-1]  # ... at or after i
@@ -102,4 +138,4 @@ def fact_ranks(pieces: Sequence[str], names: bool = True, sentences: bool = Fals
     d_before = np.where((before >= 0) & (sentence[np.maximum(before, 0)] == sentence), i - before, far)
     d_after = np.where((after < n) & (sentence[np.minimum(after, n - 1)] == sentence), after - i, far)
     dist = np.minimum(d_before, d_after)
-    return np.where(dist < far, TOP_RANK - np.minimum(dist, TOP_RANK - 1), 0).astype(np.uint8)
+    return np.where(dist < far, top - np.minimum(dist, top - bottom), 0).astype(np.uint8)

@@ -10,9 +10,14 @@
                       HighestAttnKeys (rms), beta and values fitted around the facts (box NNLS, least squares
                       anchored to V[S])
     am-facts-kvzip    am-facts with KVzip's scores (chunked repeats) ranking the facts and each head's other keys
-    am-facts-omp-near THE DEFAULT: am-facts-omp keeping facts that do not all fit numbers first, then their
+    am-facts-omp-near am-facts-omp keeping facts that do not all fit numbers first, then their
                       sentences outward from them, token by token (fact ranks, kvlocal.am.facts.fact_ranks)
-                      instead of by attention, which does not find them
+                      instead of by attention, which does not find them (the default before am-facts-omp-names)
+    am-facts-omp-names
+                      THE DEFAULT: am-facts-omp-near with names as facts too: a name mentioned at most twice (and never
+                      written in lower case) is kept with its sentence, outward from it, after every
+                      number and its sentence, and only while the facts hold less than half of a head's
+                      budget (the numbers keep their whole share; the rest stays fitted)
     am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the
                       facts leave; beta and values fitted around the facts as in am-facts; designed for
                       repeat + self-study queries (the default before am-facts-omp-near)
@@ -56,7 +61,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
-DEFAULT_METHOD = "am-facts-omp-near"  # what `kvlocal compact` and Compaction.compact use without --method
+DEFAULT_METHOD = "am-facts-omp-names"  # what `kvlocal compact` and Compaction.compact use without --method
 
 
 @dataclass
@@ -146,14 +151,18 @@ def _recall(own: float = 0.5) -> SharedSpans:
 
 
 def _facts(share: float = 1.0, window: int | None = None, until: float | None = None,
-           score: str = "attention", omp: OMP | None = None, order: str = "attention") -> SharedSpans:
+           score: str = "attention", omp: OMP | None = None, order: str = "attention",
+           rare_names: int | None = None) -> SharedSpans:
     """Every sentence with a number (or, with ``window``, the ``window`` positions around each
     number token) kept in every head, up to ``share`` of the budget (if they do not fit: ranked by
     rms attention, or with ``order`` "nearest" the numbers first and then their sentences outward
-    from them); the rest of each head's budget: its own HighestAttnKeys (or ``omp``) choice."""
+    from them); the rest of each head's budget: its own HighestAttnKeys (or ``omp``) choice.  With
+    ``rare_names``, the names mentioned at most that often count as facts too, after the numbers and
+    only while the facts hold less than half of a head's budget."""
     if window is None:
         return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, score=score, own_omp=omp,
-                           fact_order=order)
+                           fact_order=order, fact_names=rare_names is not None, fact_rare=rare_names,
+                           fact_names_below=rare_names is not None, fact_names_upto=0.5 if rare_names else 1.0)
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 
@@ -175,6 +184,9 @@ _FACTORIES = {
                                      verbatim_facts=True),
     "am-facts-omp-near": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2), order="nearest"),
                                         BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
+    "am-facts-omp-names": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2),
+                                                order="nearest", rare_names=2),
+                                         BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
     "am-facts-omp": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),
                                    AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
     "am-facts-omp-onpolicy": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),

@@ -84,6 +84,10 @@ class SharedSpans(GroupSelector):
     fact_until: float | None = None  # facts' share falls as fact_until / ratio beyond this ratio
     fact_span: int = 1
     fact_names: bool = False  # proper names count as facts too (numbers always do)
+    fact_rare: int | None = None  # with fact_names: only names mentioned at most this many times
+    fact_names_below: bool = False  # with fact_names: names and their sentences rank below every number's
+    fact_names_upto: float = 1.0  # with fact_names_below: names join only while the facts hold less than
+    #                               this share of a head's budget (numbers keep their whole share)
     fact_sentences: bool = True  # a number keeps its whole sentence
     fact_order: str = "attention"  # "nearest": numbers first, then their sentences outward from them
     score: str = "attention"  # "attention": agg over the queries; "kvzip": the engine-measured key scores
@@ -96,13 +100,15 @@ class SharedSpans(GroupSelector):
         if self.span < 1 or self.fact_span < 1 or not 0 <= self.own <= 1 or not 0 <= self.fact_share <= 1 \
                 or (self.fact_until is not None and not self.fact_until > 0) \
                 or self.scope not in ("layer", "model") or self.queries not in ("all", "recall") \
-                or self.fact_order not in ("attention", "nearest"):
+                or self.fact_order not in ("attention", "nearest") \
+                or (self.fact_rare is not None and self.fact_rare < 1) or not 0 <= self.fact_names_upto <= 1:
             raise ValueError(f"invalid shared-spans settings {self}")
 
     def fact_ranks(self, pieces) -> np.ndarray | None:
         if not self.fact_share:
             return None
-        ranks = facts.fact_ranks(pieces, names=self.fact_names, sentences=self.fact_sentences)
+        ranks = facts.fact_ranks(pieces, names=self.fact_names, sentences=self.fact_sentences, rare=self.fact_rare,
+                                 names_below=self.fact_names_below)
         return ranks if self.fact_order == "nearest" else facts.as_fact_ranks(ranks > 0)
 
     def score_queries(self, queries):
@@ -154,7 +160,11 @@ class SharedSpans(GroupSelector):
             taken[idx[np.isfinite(s[idx])]] = True
 
         if fact_order is not None:
-            take(fact_order, int(round(self.share_of_facts(p.T, t) * t)))
+            n_facts = int(round(self.share_of_facts(p.T, t) * t))
+            if self.fact_names and self.fact_names_below and self.fact_names_upto < 1:
+                take(np.where(fact_order > facts.NAME_RANK, fact_order, -np.inf), n_facts)  # the numbers first
+                n_facts = max(int(taken.sum()), min(n_facts, int(round(self.fact_names_upto * t))))
+            take(fact_order, n_facts - int(taken.sum()))
         n_own = int(round(self.own * (t - taken.sum())))
         if n_own and self.own_omp is not None:  # OMP explains the mass the facts leave
             taken[self.own_omp.select_around(p, np.flatnonzero(taken), n_own).indices] = True

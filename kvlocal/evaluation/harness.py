@@ -26,7 +26,8 @@ from .data import (
 )
 
 STANDARD_METHODS = (
-    ("am-facts-omp-near", ("repeat", "self-study")), ("am-facts-omp", ("repeat", "self-study")),
+    ("am-facts-omp-names", ("repeat", "self-study")), ("am-facts-omp-near", ("repeat", "self-study")),
+    ("am-facts-omp", ("repeat", "self-study")),
     ("am-facts", ("repeat",)), ("am-facts", ("repeat", "self-study")),
     ("am-highest", ("repeat",)), ("am-highest", ("context",)), ("am-highest", ("repeat", "self-study")),
     ("am-omp-fast", ("repeat",)), ("am-kvzip", ("kvzip",)),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from kvlocal.am import BoxNNLS, Compactor, HeadProblem, HighestAttnKeys, SharedSpans
-from kvlocal.am.facts import TOP_RANK, as_fact_ranks, fact_mask, fact_ranks, fact_spans
+from kvlocal.am.facts import NAME_RANK, TOP_RANK, as_fact_ranks, fact_mask, fact_ranks, fact_spans, name_spans
 
 TEXT = ("It was late. The special magic number for cathedral is 6088743. Margaret met the crew of NASA in "
         "Paris at 12:30 on 2026-11-24, and she left. She slept.")
@@ -64,6 +66,89 @@ def test_fact_ranks_put_numbers_first_then_their_sentence_outward():
     assert np.array_equal(fact_ranks(words, names=False) > 0, ranks == TOP_RANK)  # no sentences: the numbers
     assert fact_ranks(["x"] * 600 + [" 7", "."], names=False, sentences=True)[0] == 1  # far away: rank 1, still a fact
     assert fact_ranks([]).shape == (0,)
+
+
+def test_rare_names_are_the_names_a_document_mentions_at_most_that_often():
+    text = ("Anna met Bob. Later Anna saw Bob again, and Anna waved. The keeper of the lantern is Clara Marlowe. "
+            "Bob left.")
+    names = [text[a:b] for a, b in name_spans(text)]
+    assert names.count("Anna") == 3 and names.count("Bob") == 3 and "Clara" in names and "Marlowe" in names
+    assert [text[a:b] for a, b in name_spans(text, rare=1)] == ["Clara", "Marlowe"]
+    assert sorted(text[a:b] for a, b in name_spans(text, rare=3)) == sorted(names)  # 3 mentions: rare at 3
+
+
+def test_rare_names_rank_like_numbers_with_their_sentences():
+    words = ["The", " keeper", " is", " Clara", " Mar", "lowe", ".", " It", " cost", " 4", "2", " coins", ".",
+             " Then", " Bob", " ran", ".", " Bob", " hid", "."]
+    ranks = fact_ranks(words, names=True, sentences=True, rare=1)
+    assert [ranks[i] for i in (3, 4, 5, 9, 10)] == [TOP_RANK] * 5
+    assert [ranks[i] for i in (2, 1, 0, 6)] == [TOP_RANK - k for k in (1, 2, 3, 1)]
+    assert not ranks[13:].any()  # "Bob" twice (a name: once in mid-sentence): not rare at 1
+    assert np.array_equal(fact_ranks(words, names=True, sentences=True, rare=2) > 0, np.ones(len(words), bool))
+    assert not fact_ranks(words, names=False, sentences=True)[:7].any()  # numbers only
+    with pytest.raises(ValueError, match="shared-spans"):
+        SharedSpans(fact_share=1.0, fact_names=True, fact_rare=0)
+
+
+def test_names_below_rank_every_name_under_every_number():
+    words = ["The", " keeper", " is", " Clara", " Mar", "lowe", ".", " It", " cost", " 4", "2", " coins", ".",
+             " Then", " Bob", " ran", ".", " Bob", " hid", "."]
+    same = fact_ranks(words, names=True, sentences=True, rare=1)
+    below = fact_ranks(words, names=True, sentences=True, rare=1, names_below=True)
+    assert np.array_equal(below > 0, same > 0)  # the same facts, ranked apart
+    assert [below[i] for i in (9, 10)] == [TOP_RANK] * 2 and below[8] == TOP_RANK - 1
+    assert [below[i] for i in (3, 4, 5)] == [NAME_RANK] * 3
+    assert [below[i] for i in (2, 1, 0)] == [NAME_RANK - k for k in (1, 2, 3)]
+    assert below[7:13].min() > NAME_RANK >= below[:7].max()  # the number's sentence above the name's
+    assert fact_ranks(["x"] * 600 + [" 7", "."], names=True, sentences=True, names_below=True)[0] == NAME_RANK + 1
+    for kw in ({}, {"sentences": True}):  # without names, names_below changes nothing
+        assert np.array_equal(fact_ranks(["x"] * 600 + [" 7", "."], names=False, names_below=True, **kw),
+                              fact_ranks(["x"] * 600 + [" 7", "."], names=False, **kw))
+
+
+def test_names_join_the_facts_only_up_to_their_share_of_the_budget():
+    T, d = 60, 8
+    u = np.eye(d)[0]
+
+    def heads(facts):  # the heads never attend to the name keys 30..49: only the facts step keeps them
+        rng = np.random.default_rng(1)
+        k = rng.normal(size=(T, d))
+        k[30:50] -= 8 * u
+        return [HeadProblem(k, rng.normal(size=(T, d)), 2 * u + rng.normal(size=(50, d)) * 0.3, 12, facts=facts)
+                for _ in range(2)]
+
+    ranks = np.zeros(T, np.uint8)
+    ranks[[10, 11, 12]] = TOP_RANK  # a number: 3 keys
+    ranks[30:50] = NAME_RANK  # names: 20 keys, more than the whole budget
+    sel = SharedSpans(own=1.0, fact_share=1.0, fact_names=True, fact_names_below=True, fact_names_upto=0.5)
+    for c in sel.select_group(heads(ranks), [sel.head_scores(p) for p in heads(ranks)]):
+        kept = set(c.indices.tolist())
+        assert len(c.indices) == 12 and {10, 11, 12} <= kept
+        assert len(kept & set(range(30, 50))) == 3  # facts up to half of 12: the number's 3, then 3 names
+    many = ranks.copy()
+    many[0:9] = TOP_RANK  # numbers alone over half the budget keep their whole share; no name joins
+    for c in sel.select_group(heads(many), [sel.head_scores(p) for p in heads(many)]):
+        assert set(c.indices.tolist()) == set(range(9)) | {10, 11, 12}
+    uncapped = replace(sel, fact_names_upto=1.0)
+    for c in uncapped.select_group(heads(ranks), [uncapped.head_scores(p) for p in heads(ranks)]):
+        assert len(set(c.indices.tolist()) & set(range(30, 50))) == 9  # every key left is a name
+    with pytest.raises(ValueError, match="shared-spans"):
+        SharedSpans(fact_share=1.0, fact_names_upto=1.5)
+
+
+def test_the_default_keeps_rare_names_below_numbers_and_not_the_names_a_story_repeats():
+    from kvlocal.am import DEFAULT_METHOD, get_method
+
+    text = ("Then Anna left. Later Anna slept. The keeper of the lantern is Clara Marlowe. The deck was wet. "
+            "It cost 42 coins. Then Anna came back to the Deck.")
+    pieces = pieces_of(text, 2)
+    ranks = get_method(DEFAULT_METHOD).fact_ranks(pieces)
+    kept = "".join(p if r else "_" * len(p) for p, r in zip(pieces, ranks, strict=True))
+    assert "keeper of the lantern is Clara Marlowe" in kept and "cost 42 coins" in kept
+    assert "Anna" not in kept and "Deck" not in kept  # three mentions; a word also in lower case
+    at = {w: ranks[text.index(w) // 2] for w in ("42", "Clara", "keeper")}
+    assert at["42"] == TOP_RANK and at["42"] > NAME_RANK >= at["Clara"] > at["keeper"] > 0
+    assert get_method("am-facts-omp-near").fact_ranks(pieces)[text.index("Clara") // 2] == 0
 
 
 def test_fact_ranks_accept_masks_and_reject_what_is_no_rank():
