@@ -1,0 +1,157 @@
+"""Names as facts: do names read once survive compaction, and what does keeping them cost?
+
+am-facts-omp-near keeps numbers and their sentences verbatim; a name is kept only if attention
+keeps it.  This bench puts 8 "name needles" ("The keeper of the X is Clara Marlowe.",
+first and last names drawn at random from 16 each, none twice in a haystack) into SQuALITY stories
+and asks "Who is the keeper of the X?"; the same stories with the grid's number needles
+(``--kinds number``) show what the names cost the numbers.  Compared,
+side by side on the same queries (repeat + self-study, the grid's sampling and 10 % hold-out):
+
+  am-facts-omp-near        numbers only (the default before am-facts-omp-names)
+  + rare names             names mentioned at most twice in the document count as facts too, ranked
+                           like numbers (a name the story repeats is held by its other mentions;
+                           a word the document also writes in lower case is no name)
+  am-facts-omp-names       the default: the same names ranked below every number and its sentence,
+                           joining the facts only while they hold less than half of a head's
+                           budget (the numbers keep their whole share, the rest stays fitted)
+  truncate, snapkv         baselines (snapkv on the self-study queries)
+
+Needles: the whole name (or the 7-digit number) in the greedy answer; answer NLL: mean NLL per token
+of the right name (number) teacher-forced after its question, lower is better (a 135M model often
+names the wrong person even with the full cache, so the count alone is coarse).  KL: next-token KL against
+the full cache over the story's next 96 tokens.
+
+    python bench/name_needles.py [--stories 0,1] [--ratios 5,10,20] [--kinds name,number]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+
+from common import machine, write_report
+
+RARE = 2  # a name mentioned at most this many times is a fact
+
+
+def variants():
+    from kvlocal.am.methods import get_method
+
+    base = get_method("am-facts-omp-near")
+    names = replace(base.selector, fact_names=True, fact_rare=RARE)
+    return {
+        "am-facts-omp-near": base,
+        "+ rare names": replace(base, selector=names, name="+ rare names"),
+        "am-facts-omp-names": get_method("am-facts-omp-names"),
+        "truncate": get_method("truncate"),
+        "snapkv": get_method("snapkv"),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stories", default="0,1")
+    ap.add_argument("--ratios", default="5,10,20")
+    ap.add_argument("--kinds", default="name,number")
+    ap.add_argument("--out", default="name_needles")
+    args = ap.parse_args()
+    stories, ratios = [int(x) for x in args.stories.split(",")], [int(x) for x in args.ratios.split(",")]
+    kinds = args.kinds.split(",")
+
+    import numpy as np
+
+    from kvlocal.am import Compactor
+    from kvlocal.evaluation import tasks
+    from kvlocal.evaluation.data import make_haystack, squality_stories
+    from kvlocal.evaluation.harness import EvalConfig, Evaluator
+    from models.smollm2 import ensure as ensure_model
+
+    methods = variants()
+    cfg = EvalConfig()
+    ev = Evaluator(str(ensure_model()), cfg, "/tmp/kvlocal-name-needles", progress=False)
+    model = ev.model
+    t_start = time.perf_counter()
+    results, full, shares = {}, {}, {}
+    for kind in kinds:
+        for si in stories:
+            hay = make_haystack(squality_stories()[si], 3000, lambda t: len(model.tokenize(t, add_special=False)),
+                                k=cfg.needles, seed=cfg.seed * 1000 + si, kind=kind)
+            cont = model.tokenize(" " + hay.continuation, add_special=False)[: cfg.continuation_tokens]
+            doc = ev._open(hay.text)
+            s, snap, lo, hi = doc.session, doc.snapshot, doc.layout.doc_start, doc.layout.doc_end
+            n_head_kv = snap.keys[0].shape[1]
+
+            def score():
+                hits = sum(tasks.needle_found(s, key, ans, kind=kind) for key, ans in hay.needles)
+                nll = [tasks.needle_nll(s, key, ans, kind) for key, ans in hay.needles]
+                return hits, nll, tasks.continuation_logprobs(s, cont)
+
+            hits, nll, ref_lp = score()
+            got = full.setdefault(kind, {"hits": 0, "nll": []})
+            got["hits"] += hits
+            got["nll"] += nll
+            pieces = s.token_texts(doc.layout.length)
+            for name, method in methods.items():
+                qs = doc.queries(method.queries) if method.needs_queries else None
+                train = None if qs is None else Compactor(method, max_queries_per_head=cfg.max_queries, holdout=0.1,
+                                                          seed=cfg.seed)._split(qs, n_head_kv)[0]
+                ranks = method.fact_ranks(pieces)
+                if ranks is not None:
+                    shares[(kind, si, name)] = float((ranks[lo:hi] > 0).mean())
+                for r in ratios:
+                    doc.restore()
+                    cache, _ = Compactor(method, ratio=r, seed=cfg.seed).compact(snap, lo, hi, train, facts=ranks)
+                    s.inject(cache, snap)
+                    hits, nll, lp = score()
+                    kl = tasks.agreement(ref_lp, lp)["kl"]
+                    got = results.setdefault((kind, name, r), {"hits": 0, "kl": [], "nll": []})
+                    got["hits"] += hits
+                    got["kl"].append(kl)
+                    got["nll"] += nll
+                    print(f"{kind} story {si} {r}x {name}: {hits} needles, answer NLL {np.mean(nll):.3f}, "
+                          f"KL {kl:.3f}", flush=True)
+            doc.close()
+
+    n = cfg.needles * len(stories)
+    lines = [
+        "# Names as facts: names read once, in the haystack",
+        "",
+        f"Written {time.strftime('%Y-%m-%d')} by `bench/name_needles.py` on {machine(os.cpu_count() or 2)}; "
+        f"{time.perf_counter() - t_start:.0f} s.",
+        "",
+        f"SmolLM2-135M-Instruct Q4_1; SQuALITY dev stories {stories} cut to 3,000 tokens, {cfg.needles} needles "
+        "each at seeded depths (seed 1000 x the grid's seed + story): name needles (\"The keeper of the X is "
+        "Clara Marlowe.\", first and last names drawn from 16 each, none twice in a haystack; asked \"Who is "
+        "the keeper of the X?\"; found when the whole name is in the greedy answer) or the grid's number "
+        "needles (7 digits, exact match). Answer NLL: mean NLL per token of the right name (number) "
+        "teacher-forced after its question, lower is better. AM rows fitted on repeat + self-study queries, "
+        f"at most {cfg.max_queries} per KV head (the grid's sampling and 10 % hold-out); snapkv on the "
+        "self-study queries. KL: next-token KL against the full cache over the story's next "
+        f"{cfg.continuation_tokens} tokens. A name is a fact when mentioned at most {RARE} times in the "
+        "document and never written in lower case. Fact tokens: the share of the document's tokens the "
+        "method counts as facts, per story.",
+        "",
+    ]
+    for kind in kinds:
+        lines += [f"## {kind.capitalize()} needles (full cache: {full[kind]['hits']} of {n}, answer NLL "
+                  f"{np.mean(full[kind]['nll']):.3f})", "",
+                  "| method | " + " | ".join(f"{r}x needles" for r in ratios) + " | "
+                  + " | ".join(f"{r}x answer NLL" for r in ratios) + " | "
+                  + " | ".join(f"{r}x KL" for r in ratios) + " | fact tokens |",
+                  "|---|" + "---|" * (3 * len(ratios) + 1)]
+        for name in methods:
+            cells = [results[(kind, name, r)] for r in ratios]
+            share = [shares[(kind, si, name)] for si in stories if (kind, si, name) in shares]
+            lines.append(f"| {name} | " + " | ".join(f"{c['hits']} of {n}" for c in cells) + " | "
+                         + " | ".join(f"{np.mean(c['nll']):.2f}" for c in cells) + " | "
+                         + " | ".join(f"{np.mean(c['kl']):.3f}" for c in cells) + " | "
+                         + (" / ".join(f"{x:.1%}" for x in share) if share else "-") + " |")
+        lines.append("")
+    write_report(args.out, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
