@@ -51,6 +51,8 @@ bench: setup
 	$(VPY) bench/niah_diagnosis.py
 	$(VPY) bench/facts_diagnosis.py
 	$(VPY) bench/facts_heldout.py
+	$(VPY) bench/name_needles.py --kinds name
+	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --out name_needles_heldout
 	$(VPY) bench/fact_share.py
 	$(VPY) bench/influence_budgets.py
 	$(VPY) bench/long_document.py
