@@ -14,10 +14,10 @@
                       sentences outward from them, token by token (fact ranks, kvlocal.am.facts.fact_ranks)
                       instead of by attention, which does not find them (the default before am-facts-omp-names)
     am-facts-omp-names
-                      THE DEFAULT: am-facts-omp-near with names as facts too: a name mentioned at most twice (and never
-                      written in lower case) is kept with its sentence, outward from it, after every
-                      number and its sentence, and only while the facts hold less than half of a head's
-                      budget (the numbers keep their whole share; the rest stays fitted)
+                      THE DEFAULT: am-facts-omp-near with names as facts too: a name mentioned at most
+                      twice (and never written in lower case) is kept with its sentence, outward from it,
+                      after every number and its sentence, and only while the facts hold less than half
+                      of a head's budget (the numbers keep their whole share; the rest stays fitted)
     am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the
                       facts leave; beta and values fitted around the facts as in am-facts; designed for
                       repeat + self-study queries (the default before am-facts-omp-near)

@@ -119,7 +119,7 @@ NEEDLE_KINDS = {  # kind: (needle sentence, the answers' generator: (rng, k) -> 
 @dataclass(frozen=True)
 class Haystack:
     text: str
-    needles: tuple[tuple[str, str], ...]  # (key, answer: a seven-digit number or a made-up name)
+    needles: tuple[tuple[str, str], ...]  # (key, answer: a seven-digit number or a first and last name)
     continuation: str  # the story's text right after the cut, for next-token agreement
 
 
@@ -127,7 +127,9 @@ def make_haystack(story: str, n_tokens: int, count_tokens, k: int = 8, seed: int
                   continuation_words: int = 120, kind: str = "number") -> Haystack:
     """Cut ``story`` to about ``n_tokens`` tokens and insert ``k`` needles at seeded depths between
     sentences: "The special magic number for X is NNNNNNN." or (``kind`` "name") "The keeper of the X
-    is Firstname Lastname." with a made-up name."""
+    is Firstname Lastname." with a name drawn at random."""
+    if kind not in NEEDLE_KINDS:
+        raise ValueError(f"unknown needle kind {kind!r}: choose from {', '.join(NEEDLE_KINDS)}")
     template, answer = NEEDLE_KINDS[kind]
     rng = random.Random(seed)
     words = story.split()
@@ -143,6 +145,6 @@ def make_haystack(story: str, n_tokens: int, count_tokens, k: int = 8, seed: int
     keys = rng.sample(NEEDLE_KEYS, k)
     needles = tuple(zip(keys, answer(rng, k), strict=True))
     slots = sorted(rng.sample(range(1, len(sentences)), min(k, len(sentences) - 1)))
-    for (key, number), slot in sorted(zip(needles, slots, strict=False), key=lambda x: -x[1]):
-        sentences.insert(slot, template.format(key=key, answer=number))
+    for (key, value), slot in sorted(zip(needles, slots, strict=False), key=lambda x: -x[1]):
+        sentences.insert(slot, template.format(key=key, answer=value))
     return Haystack(" ".join(sentences), needles, rest)

@@ -94,6 +94,8 @@ def test_name_haystack_holds_distinct_names_at_the_number_needles_depths(gen_dat
     for key, person in names.needles:
         assert f"The keeper of the {key} is {person}." in names.text and re.fullmatch(r"[A-Z][a-z]+ [A-Z][a-z]+", person)
     assert count(names.text) <= 800 and make_haystack(story, 800, count, k=5, seed=3, kind="name") == names
+    with pytest.raises(ValueError, match="needle kind"):
+        make_haystack(story, 800, count, k=5, seed=3, kind="date")
 
 
 def test_smoke_grid_runs_resumes_and_reports(load_model, tmp_path, gen_data):
@@ -135,6 +137,8 @@ def test_a_base_model_is_asked_in_completion_style(load_model, tmp_path, gen_dat
         assert tasks.completion_style(s)
         text = s.model.detokenize(tasks.needle_prompt(s, "the lighthouse"))
         assert text.endswith("Answer: The special magic number for the lighthouse is") and "assistant" not in text
+        name = s.model.detokenize(tasks.needle_prompt(s, "lantern", "name"))
+        assert name.endswith("Question: Who is the keeper of the lantern?\nAnswer: The keeper of the lantern is")
     cfg = EvalConfig.smoke(data=gen_data, ratios=(4,), methods=(("truncate", ()),))
     ev = Evaluator(model, cfg, tmp_path / "cache", progress=False)
     ev.run(("quality", "niah"))
