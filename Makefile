@@ -38,7 +38,7 @@ test: setup
 	exit $$rc
 
 # the second evaluation model (optional, never needed by `make test`): gemma3-270m, a base model
-GEMMA3_METHODS := am-facts-omp:repeat+self-study,am-facts:repeat,am-highest:repeat,am-highest:repeat+self-study,am-omp-fast:repeat,truncate,streaming-llm,h2o:context,snapkv:self-study,kvzip:kvzip,kvzip-uniform:kvzip
+GEMMA3_METHODS := am-facts-omp-names:repeat+self-study,am-facts-omp:repeat+self-study,am-facts:repeat,am-highest:repeat,am-highest:repeat+self-study,am-omp-fast:repeat,truncate,streaming-llm,h2o:context,snapkv:self-study,kvzip:kvzip,kvzip-uniform:kvzip
 
 bench: setup
 	$(PIP) install -q -e '.[bench]'
