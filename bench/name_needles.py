@@ -33,18 +33,15 @@ from dataclasses import replace
 
 from common import machine, write_report
 
-RARE = 2  # a name mentioned at most this many times is a fact
-
-
 def variants():
     from kvlocal.am.methods import get_method
 
-    base = get_method("am-facts-omp-near")
-    names = replace(base.selector, fact_names=True, fact_rare=RARE)
+    base, names = get_method("am-facts-omp-near"), get_method("am-facts-omp-names")
+    like_numbers = replace(names.selector, fact_names_below=False, fact_names_upto=1.0)
     return {
         "am-facts-omp-near": base,
-        "+ rare names": replace(base, selector=names, name="+ rare names"),
-        "am-facts-omp-names": get_method("am-facts-omp-names"),
+        "+ rare names": replace(names, selector=like_numbers, name="+ rare names"),
+        "am-facts-omp-names": names,
         "truncate": get_method("truncate"),
         "snapkv": get_method("snapkv"),
     }
@@ -129,7 +126,8 @@ def main() -> int:
         "teacher-forced after its question, lower is better. AM rows fitted on repeat + self-study queries, "
         f"at most {cfg.max_queries} per KV head (the grid's sampling and 10 % hold-out); snapkv on the "
         "self-study queries. KL: next-token KL against the full cache over the story's next "
-        f"{cfg.continuation_tokens} tokens. A name is a fact when mentioned at most {RARE} times in the "
+        f"{cfg.continuation_tokens} tokens. A name is a fact when mentioned at most "
+        f"{methods['am-facts-omp-names'].selector.fact_rare} times in the "
         "document and never written in lower case. Fact tokens: the share of the document's tokens the "
         "method counts as facts, per story.",
         "",

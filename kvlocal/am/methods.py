@@ -160,9 +160,10 @@ def _facts(share: float = 1.0, window: int | None = None, until: float | None = 
     ``rare_names``, the names mentioned at most that often count as facts too, after the numbers and
     only while the facts hold less than half of a head's budget."""
     if window is None:
+        names = rare_names is not None
         return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, score=score, own_omp=omp,
-                           fact_order=order, fact_names=rare_names is not None, fact_rare=rare_names,
-                           fact_names_below=rare_names is not None, fact_names_upto=0.5 if rare_names else 1.0)
+                           fact_order=order, fact_names=names, fact_rare=rare_names, fact_names_below=names,
+                           fact_names_upto=0.5 if names else 1.0)
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 

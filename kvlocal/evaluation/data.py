@@ -109,10 +109,23 @@ def _names(rng: random.Random, k: int) -> list[str]:
     return [f"{a} {b}" for a, b in zip(rng.sample(_FIRST_NAMES, k), rng.sample(_LAST_NAMES, k), strict=True)]
 
 
-NEEDLE_KINDS = {  # kind: (needle sentence, the answers' generator: (rng, k) -> k answers)
-    "number": ("The special magic number for {key} is {answer}.",
-               lambda rng, k: [str(rng.randrange(1_000_000, 10_000_000)) for _ in range(k)]),
-    "name": ("The keeper of the {key} is {answer}.", _names),
+@dataclass(frozen=True)
+class NeedleKind:
+    sentence: str  # the needle, with {key} and {answer}
+    question: str  # asking for it, with {key}
+    noun: str  # what the answer is ("Answer with the number only.")
+    draw: object  # (rng, k) -> k answers
+
+    def lead(self, key: str) -> str:
+        """The needle's words before its answer ("The keeper of the lantern is")."""
+        return self.sentence.split("{answer}")[0].format(key=key).rstrip()
+
+
+NEEDLE_KINDS = {
+    "number": NeedleKind("The special magic number for {key} is {answer}.",
+                         "What is the special magic number for {key}?", "number",
+                         lambda rng, k: [str(rng.randrange(1_000_000, 10_000_000)) for _ in range(k)]),
+    "name": NeedleKind("The keeper of the {key} is {answer}.", "Who is the keeper of the {key}?", "name", _names),
 }
 
 
@@ -130,7 +143,7 @@ def make_haystack(story: str, n_tokens: int, count_tokens, k: int = 8, seed: int
     is Firstname Lastname." with a name drawn at random."""
     if kind not in NEEDLE_KINDS:
         raise ValueError(f"unknown needle kind {kind!r}: choose from {', '.join(NEEDLE_KINDS)}")
-    template, answer = NEEDLE_KINDS[kind]
+    needle = NEEDLE_KINDS[kind]
     rng = random.Random(seed)
     words = story.split()
     lo, hi = 1, len(words)
@@ -143,8 +156,8 @@ def make_haystack(story: str, n_tokens: int, count_tokens, k: int = 8, seed: int
     body, rest = " ".join(words[:lo]), " ".join(words[lo:lo + continuation_words])
     sentences = re.split(r"(?<=[.!?])\s+", body)
     keys = rng.sample(NEEDLE_KEYS, k)
-    needles = tuple(zip(keys, answer(rng, k), strict=True))
+    needles = tuple(zip(keys, needle.draw(rng, k), strict=True))
     slots = sorted(rng.sample(range(1, len(sentences)), min(k, len(sentences) - 1)))
     for (key, value), slot in sorted(zip(needles, slots, strict=False), key=lambda x: -x[1]):
-        sentences.insert(slot, template.format(key=key, answer=value))
+        sentences.insert(slot, needle.sentence.format(key=key, answer=value))
     return Haystack(" ".join(sentences), needles, rest)

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.special import log_softmax
 
 from ..engine.session import Session
-from .data import LETTERS, Question
+from .data import LETTERS, NEEDLE_KINDS, Question
 
 SYSTEM = "You answer questions about the document the user shares."
 ANSWER_HINT = "\nAnswer with the letter of the correct option, then explain briefly."
@@ -74,15 +74,11 @@ def multiple_choice(s: Session, q: Question) -> bool:
 def needle_prompt(s: Session, key: str, kind: str = "number") -> np.ndarray:
     """The needle question: a chat turn, or for a model without a chat template (a base model)
     a completion that the answer continues."""
-    if kind == "name":
-        if completion_style(s):
-            return s.tokenize(f"\n\nQuestion: Who is the keeper of the {key}?\nAnswer: The keeper of the {key} is")
-        return s.chat_tokens([{"role": "user", "content": f"Who is the keeper of the {key}? Answer with the name only."}])
+    needle = NEEDLE_KINDS[kind]
+    question = needle.question.format(key=key)
     if completion_style(s):
-        return s.tokenize(f"\n\nQuestion: What is the special magic number for {key}?\n"
-                          f"Answer: The special magic number for {key} is")
-    return s.chat_tokens([{"role": "user", "content":
-                           f"What is the special magic number for {key}? Answer with the number only."}])
+        return s.tokenize(f"\n\nQuestion: {question}\nAnswer: {needle.lead(key)}")
+    return s.chat_tokens([{"role": "user", "content": f"{question} Answer with the {needle.noun} only."}])
 
 
 def needle_found(s: Session, key: str, answer: str, max_tokens: int = 16, kind: str = "number") -> bool:
@@ -98,7 +94,7 @@ def needle_nll(s: Session, key: str, answer: str, kind: str = "number") -> float
     prompt = needle_prompt(s, key, kind)
     if kind == "name":
         if not completion_style(s):
-            prompt = np.concatenate([prompt, s.tokenize(f"The keeper of the {key} is", special=False)])
+            prompt = np.concatenate([prompt, s.tokenize(NEEDLE_KINDS[kind].lead(key), special=False)])
         answer = " " + answer
     return answer_nll(s, prompt, [int(t) for t in s.tokenize(answer, special=False)])
 

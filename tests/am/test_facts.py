@@ -77,9 +77,12 @@ def test_rare_names_are_the_names_a_document_mentions_at_most_that_often():
     assert sorted(text[a:b] for a, b in name_spans(text, rare=3)) == sorted(names)  # 3 mentions: rare at 3
 
 
+NAMED = ["The", " keeper", " is", " Clara", " Mar", "lowe", ".", " It", " cost", " 4", "2", " coins", ".",
+         " Then", " Bob", " ran", ".", " Bob", " hid", "."]  # a rare name, a number, a name said twice
+
+
 def test_rare_names_rank_like_numbers_with_their_sentences():
-    words = ["The", " keeper", " is", " Clara", " Mar", "lowe", ".", " It", " cost", " 4", "2", " coins", ".",
-             " Then", " Bob", " ran", ".", " Bob", " hid", "."]
+    words = NAMED
     ranks = fact_ranks(words, names=True, sentences=True, rare=1)
     assert [ranks[i] for i in (3, 4, 5, 9, 10)] == [TOP_RANK] * 5
     assert [ranks[i] for i in (2, 1, 0, 6)] == [TOP_RANK - k for k in (1, 2, 3, 1)]
@@ -91,8 +94,7 @@ def test_rare_names_rank_like_numbers_with_their_sentences():
 
 
 def test_names_below_rank_every_name_under_every_number():
-    words = ["The", " keeper", " is", " Clara", " Mar", "lowe", ".", " It", " cost", " 4", "2", " coins", ".",
-             " Then", " Bob", " ran", ".", " Bob", " hid", "."]
+    words = NAMED
     same = fact_ranks(words, names=True, sentences=True, rare=1)
     below = fact_ranks(words, names=True, sentences=True, rare=1, names_below=True)
     assert np.array_equal(below > 0, same > 0)  # the same facts, ranked apart
