@@ -42,6 +42,13 @@ def variants():
         "am-facts-omp-near": base,
         "+ rare names": replace(names, selector=like_numbers, name="+ rare names"),
         "am-facts-omp-names": names,
+        "+ names beside numbers": replace(names, selector=replace(names.selector, fact_names_with_numbers=True),
+                                          name="+ names beside numbers"),
+        "+ numbers in words": replace(names, selector=replace(names.selector, fact_number_words=True,
+                                                              fact_names_with_numbers=True),
+                                      name="+ numbers in words"),
+        **{f"+ whole numbers ({d})": replace(names, selector=replace(names.selector, fact_whole=d),
+                                             name=f"+ whole numbers ({d})") for d in (2, 3, 4)},
         "truncate": get_method("truncate"),
         "snapkv": get_method("snapkv"),
     }
@@ -52,6 +59,8 @@ def main() -> int:
     ap.add_argument("--stories", default="0,1")
     ap.add_argument("--ratios", default="5,10,20")
     ap.add_argument("--kinds", default="name,number")
+    ap.add_argument("--methods", default="am-facts-omp-near,+ rare names,am-facts-omp-names,truncate,snapkv",
+                    help="comma-separated, from: " + ", ".join(variants()))
     ap.add_argument("--out", default="name_needles")
     args = ap.parse_args()
     stories, ratios = [int(x) for x in args.stories.split(",")], [int(x) for x in args.ratios.split(",")]
@@ -65,7 +74,11 @@ def main() -> int:
     from kvlocal.evaluation.harness import EvalConfig, Evaluator
     from models.smollm2 import ensure as ensure_model
 
-    methods = variants()
+    every = variants()
+    unknown = [m for m in args.methods.split(",") if m not in every]
+    if unknown:
+        ap.error(f"unknown methods {unknown}: choose from {', '.join(every)}")
+    methods = {m: every[m] for m in args.methods.split(",")}
     cfg = EvalConfig()
     ev = Evaluator(str(ensure_model()), cfg, "/tmp/kvlocal-name-needles", progress=False)
     model = ev.model
@@ -113,7 +126,7 @@ def main() -> int:
 
     n = cfg.needles * len(stories)
     lines = [
-        "# Names as facts: names read once, in the haystack",
+        "# Names and numbers in words as facts, in the haystack",
         "",
         f"Written {time.strftime('%Y-%m-%d')} by `bench/name_needles.py` on {machine(os.cpu_count() or 2)}; "
         f"{time.perf_counter() - t_start:.0f} s.",
@@ -122,18 +135,21 @@ def main() -> int:
         "each at seeded depths (seed 1000 x the grid's seed + story): name needles (\"The keeper of the X is "
         "Clara Marlowe.\", first and last names drawn from 16 each, none twice in a haystack; asked \"Who is "
         "the keeper of the X?\"; found when the whole name is in the greedy answer) or the grid's number "
-        "needles (7 digits, exact match). Answer NLL: mean NLL per token of the right name (number) "
-        "teacher-forced after its question, lower is better. AM rows fitted on repeat + self-study queries, "
+        "needles (7 digits, exact match), or number needles in words (\"The special magic number for X is six "
+        "hundred and forty-two.\", 101-999, found in words or in digits). Answer NLL: mean NLL per token of the right name (number) "
+        "teacher-forced after its question (a name or a number in words after the needle's own words, \"The "
+        "keeper of the X is\"), lower is better. AM rows fitted on repeat + self-study queries, "
         f"at most {cfg.max_queries} per KV head (the grid's sampling and 10 % hold-out); snapkv on the "
         "self-study queries. KL: next-token KL against the full cache over the story's next "
         f"{cfg.continuation_tokens} tokens. A name is a fact when mentioned at most "
-        f"{methods['am-facts-omp-names'].selector.fact_rare} times in the "
+        f"{every['am-facts-omp-names'].selector.fact_rare} times in the "
         "document and never written in lower case. Fact tokens: the share of the document's tokens the "
         "method counts as facts, per story.",
         "",
     ]
     for kind in kinds:
-        lines += [f"## {kind.capitalize()} needles (full cache: {full[kind]['hits']} of {n}, answer NLL "
+        title = {"number": "Number needles (digits)", "words": "Number needles in words"}.get(kind, "Name needles")
+        lines += [f"## {title} (full cache: {full[kind]['hits']} of {n}, answer NLL "
                   f"{np.mean(full[kind]['nll']):.3f})", "",
                   "| method | " + " | ".join(f"{r}x needles" for r in ratios) + " | "
                   + " | ".join(f"{r}x answer NLL" for r in ratios) + " | "

@@ -55,6 +55,26 @@ def name_spans(text: str, rare: int | None = None) -> list[tuple[int, int]]:
     return [m.span() for m in found]
 
 
+_NUMBER_WORDS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                 "sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety "
+                 "hundred thousand million billion dozen").split()
+_NUMBER_WORD = re.compile(r"\b(?:" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+_NUMBER_JOIN = re.compile(r"(?:[ -]|\s+and\s+)", re.IGNORECASE)  # "forty-two", "one hundred and twelve"
+
+
+def number_word_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the numbers ``text`` writes in words ("forty silver crowns", "one hundred
+    and twelve steps", "a dozen"), one span per number; "one" alone is left out ("no one", "one
+    of them", "One day")."""
+    runs: list[list[int]] = []
+    for m in _NUMBER_WORD.finditer(text):
+        if runs and _NUMBER_JOIN.fullmatch(text, runs[-1][1], m.start()):
+            runs[-1][1] = m.end()
+        else:
+            runs.append([m.start(), m.end()])
+    return [(a, b) for a, b in runs if text[a:b].lower() != "one"]
+
+
 def fact_spans(text: str) -> list[tuple[int, int]]:
     """Character spans of the numbers and proper names of ``text``."""
     return sorted([m.span() for m in _NUMBER.finditer(text)] + name_spans(text))
@@ -86,28 +106,40 @@ def as_fact_ranks(facts) -> np.ndarray:
 
 
 def fact_ranks(pieces: Sequence[str], names: bool = True, sentences: bool = False,
-               rare: int | None = None, names_below: bool = False) -> np.ndarray:
+               rare: int | None = None, names_below: bool = False, names_with_numbers: bool = False,
+               number_words: bool = False) -> np.ndarray:
     """uint8 per token: 0 for a token that is no fact (``fact_mask`` is False), else its rank,
     highest first: ``TOP_RANK`` for a token overlapping a number (or name), one less per token of
     distance from the nearest one in its sentence (at least 1).  A selector that cannot keep
     every fact keeps the numbers and what is next to them before the far end of their sentences.
     ``rare``: only names mentioned at most ``rare`` times count (see ``name_spans``).
     ``names_below``: the names and their sentences rank below every number and its sentence
-    (numbers from ``TOP_RANK`` down to ``NAME_RANK + 1``, names from ``NAME_RANK`` down to 1)."""
+    (numbers from ``TOP_RANK`` down to ``NAME_RANK + 1``, names from ``NAME_RANK`` down to 1).
+    ``names_with_numbers`` (with ``names_below`` and ``sentences``): a name in the sentence of a
+    number ranks with the number ("finished in 1889 by Tobias Grell": both are what the sentence
+    is about), and that sentence's tokens rank by their distance to the nearer of the two.
+    ``number_words``: numbers written in words (``number_word_spans``) are facts too, in the names'
+    tier when ``names_below`` (a story writes most of its numbers in words, and many of them are
+    incidental: "two men"), else with the numbers."""
     lengths = np.array([len(p) for p in pieces], np.int64)
     ends = np.cumsum(lengths)
     starts = ends - lengths
     text = "".join(pieces)
     numbers = [m.span() for m in _NUMBER.finditer(text)]
-    found = name_spans(text, rare) if names else []
-    if not (names and names_below):
+    found = (name_spans(text, rare) if names else []) + (number_word_spans(text) if number_words else [])
+    if not ((names or number_words) and names_below):
         return _outward(text, starts, ends, _overlaps(text, starts, ends, numbers + found), sentences)
-    ranks = _outward(text, starts, ends, _overlaps(text, starts, ends, numbers), sentences, NAME_RANK + 1)
-    below = _outward(text, starts, ends, _overlaps(text, starts, ends, found), sentences, 1, NAME_RANK)
+    number, name = _overlaps(text, starts, ends, numbers), _overlaps(text, starts, ends, found)
+    anchor = number
+    if names_with_numbers and sentences and number.any():
+        sentence = _sentence_ids(text, ends)
+        anchor = number | (name & np.isin(sentence, sentence[number]))
+    ranks = _outward(text, starts, ends, anchor, sentences, NAME_RANK + 1)
+    below = _outward(text, starts, ends, name, sentences, 1, NAME_RANK)
     return np.maximum(ranks, below)
 
 
-NAME_RANK = 127  # with ``names_below``: the rank of a name token itself
+NAME_RANK = 127  # with ``names_below``: the rank of a name token (or number word) itself
 
 
 def _overlaps(text: str, starts: np.ndarray, ends: np.ndarray, spans) -> np.ndarray:
@@ -121,6 +153,12 @@ def _overlaps(text: str, starts: np.ndarray, ends: np.ndarray, spans) -> np.ndar
     return (csum[ends] - csum[starts]) > 0
 
 
+def _sentence_ids(text: str, ends: np.ndarray) -> np.ndarray:
+    """Per token (ending at character ``ends`` of ``text``): the index of its sentence."""
+    bounds = np.array([m.end() for m in _SENTENCE_END.finditer(text)], np.int64)
+    return np.searchsorted(bounds, np.maximum(ends - 1, 0), side="right")
+
+
 def _outward(text: str, starts: np.ndarray, ends: np.ndarray, anchor: np.ndarray, sentences: bool,
              bottom: int = 1, top: int = TOP_RANK) -> np.ndarray:
     """``top`` for an anchor token, with ``sentences`` one less per token of distance from the
@@ -128,8 +166,7 @@ def _outward(text: str, starts: np.ndarray, ends: np.ndarray, anchor: np.ndarray
     ranks = np.where(anchor, top, 0).astype(np.uint8)
     if not sentences or not anchor.any():
         return ranks
-    bounds = np.array([m.end() for m in _SENTENCE_END.finditer(text)], np.int64)
-    sentence = np.searchsorted(bounds, np.maximum(ends - 1, 0), side="right")
+    sentence = _sentence_ids(text, ends)
     n = len(anchor)
     i = np.arange(n)
     before = np.maximum.accumulate(np.where(anchor, i, -1))  # the nearest anchor at or before i

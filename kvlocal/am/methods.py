@@ -152,18 +152,19 @@ def _recall(own: float = 0.5) -> SharedSpans:
 
 def _facts(share: float = 1.0, window: int | None = None, until: float | None = None,
            score: str = "attention", omp: OMP | None = None, order: str = "attention",
-           rare_names: int | None = None) -> SharedSpans:
+           rare_names: int | None = None, whole: int | None = None) -> SharedSpans:
     """Every sentence with a number (or, with ``window``, the ``window`` positions around each
     number token) kept in every head, up to ``share`` of the budget (if they do not fit: ranked by
     rms attention, or with ``order`` "nearest" the numbers first and then their sentences outward
     from them); the rest of each head's budget: its own HighestAttnKeys (or ``omp``) choice.  With
     ``rare_names``, the names mentioned at most that often count as facts too, after the numbers and
-    only while the facts hold less than half of a head's budget."""
+    only while the facts hold less than half of a head's budget; with ``whole``, numbers that do not
+    all fit with their ``whole`` nearest tokens are kept whole, the most number tokens first."""
     if window is None:
         names = rare_names is not None
         return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, score=score, own_omp=omp,
                            fact_order=order, fact_names=names, fact_rare=rare_names, fact_names_below=names,
-                           fact_names_upto=0.5 if names else 1.0)
+                           fact_names_upto=0.5 if names else 1.0, fact_whole=whole)
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 

@@ -62,6 +62,18 @@ class GroupSelector(KeySelector):
         return self.select_group([p], [self.head_scores(p)])[0]
 
 
+def whole_units(ranks: np.ndarray, depth: int) -> list[np.ndarray]:
+    """The numbers of a document with their ``depth`` nearest tokens (fact ranks of the numbers' tier:
+    ``TOP_RANK`` down to ``TOP_RANK - depth``), one unit per run of such tokens, in the order a budget
+    too small for all of them keeps them: the most number tokens first (a seven-digit number before a
+    year, a year before "2"; a number kept in part says nothing), then the shorter, then the earlier."""
+    core = np.concatenate([[False], ranks.astype(np.int64) >= facts.TOP_RANK - depth, [False]])
+    edges = np.flatnonzero(core[1:] != core[:-1])
+    spans = list(zip(edges[::2], edges[1::2], strict=True))
+    key = [(-int((ranks[a:b] == facts.TOP_RANK).sum()), b - a, a) for a, b in spans]
+    return [np.arange(a, b) for (_, _, a), (a, b) in sorted(zip(key, spans, strict=True))]
+
+
 @dataclass
 class SharedSpans(GroupSelector):
     """Keys ranked by the largest ``agg`` attention any head of the scope pays them, max-pooled
@@ -86,8 +98,12 @@ class SharedSpans(GroupSelector):
     fact_names: bool = False  # proper names count as facts too (numbers always do)
     fact_rare: int | None = None  # with fact_names: only names mentioned at most this many times
     fact_names_below: bool = False  # with fact_names: names and their sentences rank below every number's
+    fact_number_words: bool = False  # numbers written in words are facts too (in the names' tier if below)
+    fact_names_with_numbers: bool = False  # with fact_names_below: a name in a number's sentence ranks with it
     fact_names_upto: float = 1.0  # with fact_names_below: names join only while the facts hold less than
     #                               this share of a head's budget (numbers keep their whole share)
+    fact_whole: int | None = None  # numbers that do not all fit with their fact_whole nearest tokens: whole
+    #                                ones first (see ``whole_units``), none in part
     fact_sentences: bool = True  # a number keeps its whole sentence
     fact_order: str = "attention"  # "nearest": numbers first, then their sentences outward from them
     score: str = "attention"  # "attention": agg over the queries; "kvzip": the engine-measured key scores
@@ -101,14 +117,17 @@ class SharedSpans(GroupSelector):
                 or (self.fact_until is not None and not self.fact_until > 0) \
                 or self.scope not in ("layer", "model") or self.queries not in ("all", "recall") \
                 or self.fact_order not in ("attention", "nearest") \
-                or (self.fact_rare is not None and self.fact_rare < 1) or not 0 <= self.fact_names_upto <= 1:
+                or (self.fact_rare is not None and self.fact_rare < 1) or not 0 <= self.fact_names_upto <= 1 \
+                or (self.fact_whole is not None and (self.fact_whole < 0 or self.fact_order != "nearest")):
             raise ValueError(f"invalid shared-spans settings {self}")
 
     def fact_ranks(self, pieces) -> np.ndarray | None:
         if not self.fact_share:
             return None
         ranks = facts.fact_ranks(pieces, names=self.fact_names, sentences=self.fact_sentences, rare=self.fact_rare,
-                                 names_below=self.fact_names_below)
+                                 names_below=self.fact_names_below,
+                                 names_with_numbers=self.fact_names_with_numbers,
+                                 number_words=self.fact_number_words)
         return ranks if self.fact_order == "nearest" else facts.as_fact_ranks(ranks > 0)
 
     def score_queries(self, queries):
@@ -131,12 +150,15 @@ class SharedSpans(GroupSelector):
             shared = maximum_filter1d(shared, self.span, mode="nearest")
         ranks = problems[0].fact_ranks
         fact_order = None  # per key: its fact rank, ties broken by the shared ranking; -inf: no fact
+        units = []
         if self.fact_share > 0 and ranks is not None and ranks.any():
             ranks = maximum_filter1d(ranks, self.fact_span, mode="constant")  # a fact's neighbours share its rank
             place = np.empty(T)
             place[np.argsort(-shared, kind="stable")] = np.arange(T) / T  # 0 for the best, in [0, 1)
             fact_order = np.where(ranks > 0, ranks - place, -np.inf)
-        return shared, fact_order
+            if self.fact_whole is not None:
+                units = whole_units(ranks, self.fact_whole)
+        return shared, fact_order, units
 
     def share_of_facts(self, n_keys: int, t: int) -> float:
         """The share of a head's budget facts may take: ``fact_share``, scaled down by
@@ -148,7 +170,7 @@ class SharedSpans(GroupSelector):
         return self.fact_share * min(1.0, self.fact_until * t / n_keys)
 
     def fill(self, p: HeadProblem, shared) -> Selection:
-        shared, fact_order = shared  # rank_group's (ranking, order of the fact keys or None)
+        shared, fact_order, units = shared  # rank_group's (ranking, order of the fact keys or None, whole units)
         taken = np.zeros(p.T, bool)
         t = min(p.t, p.T)
 
@@ -161,8 +183,16 @@ class SharedSpans(GroupSelector):
 
         if fact_order is not None:
             n_facts = int(round(self.share_of_facts(p.T, t) * t))
-            if self.fact_names and self.fact_names_below and self.fact_names_upto < 1:
-                take(np.where(fact_order > facts.NAME_RANK, fact_order, -np.inf), n_facts)  # the numbers first
+            numbers = fact_order > facts.NAME_RANK if self.fact_names_below else np.isfinite(fact_order)
+            capped = (self.fact_names or self.fact_number_words) and self.fact_names_below and self.fact_names_upto < 1
+            if sum(len(u) for u in units) > n_facts:  # not every number fits with its nearest tokens: whole ones
+                for u in units:
+                    if int(taken.sum()) + len(u) <= n_facts:
+                        taken[u] = True
+                fact_order = np.where(numbers, -np.inf, fact_order)  # no number in part; names may follow
+            elif capped:
+                take(np.where(numbers, fact_order, -np.inf), n_facts)  # the numbers first
+            if capped:
                 n_facts = max(int(taken.sum()), min(n_facts, int(round(self.fact_names_upto * t))))
             take(fact_order, n_facts - int(taken.sum()))
         n_own = int(round(self.own * (t - taken.sum())))

@@ -109,30 +109,72 @@ def _names(rng: random.Random, k: int) -> list[str]:
     return [f"{a} {b}" for a, b in zip(rng.sample(_FIRST_NAMES, k), rng.sample(_LAST_NAMES, k), strict=True)]
 
 
+_ONES = ("", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def in_words(n: int) -> str:
+    """1 <= n <= 999 as a story writes it: "six hundred and forty-two"."""
+    if not 1 <= n <= 999:
+        raise ValueError(f"in_words takes 1..999, not {n}")
+    hundreds, rest = divmod(n, 100)
+    tens, ones = divmod(rest, 10)
+    below = _ONES[rest] if rest < 20 else _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+    if not hundreds:
+        return below
+    return f"{_ONES[hundreds]} hundred" + (f" and {below}" if rest else "")
+
+
+def _words(rng: random.Random, k: int) -> list[str]:
+    """``k`` different numbers from 101 to 999 that are not whole hundreds, in words."""
+    return [in_words(n) for n in rng.sample([n for n in range(101, 1000) if n % 100], k)]
+
+
+def _plain(text: str) -> str:
+    return " ".join(text.lower().replace("-", " ").split())
+
+
 @dataclass(frozen=True)
 class NeedleKind:
     sentence: str  # the needle, with {key} and {answer}
     question: str  # asking for it, with {key}
     noun: str  # what the answer is ("Answer with the number only.")
     draw: object  # (rng, k) -> k answers
+    lead_nll: bool = False  # the answer's NLL is taken after the needle's own lead, as the model answers
+    answer_tokens: int = 16  # how long a greedy answer may run
 
     def lead(self, key: str) -> str:
         """The needle's words before its answer ("The keeper of the lantern is")."""
         return self.sentence.split("{answer}")[0].format(key=key).rstrip()
+
+    def found(self, answer: str, text: str) -> bool:
+        """Does ``text`` (a greedy answer) give ``answer``?  A number in words counts in digits too,
+        and in any case, with or without hyphens."""
+        if answer in text:
+            return True
+        if self.draw is not _words:
+            return False
+        number = next(n for n in range(1, 1000) if in_words(n) == answer)
+        return _plain(answer) in _plain(text) or re.search(rf"(?<![\d,.]){number}(?![\d,])", text) is not None
 
 
 NEEDLE_KINDS = {
     "number": NeedleKind("The special magic number for {key} is {answer}.",
                          "What is the special magic number for {key}?", "number",
                          lambda rng, k: [str(rng.randrange(1_000_000, 10_000_000)) for _ in range(k)]),
-    "name": NeedleKind("The keeper of the {key} is {answer}.", "Who is the keeper of the {key}?", "name", _names),
+    "name": NeedleKind("The keeper of the {key} is {answer}.", "Who is the keeper of the {key}?", "name", _names,
+                       lead_nll=True),
+    "words": NeedleKind("The special magic number for {key} is {answer}.",
+                        "What is the special magic number for {key}?", "number", _words, lead_nll=True,
+                        answer_tokens=24),
 }
 
 
 @dataclass(frozen=True)
 class Haystack:
     text: str
-    needles: tuple[tuple[str, str], ...]  # (key, answer: a seven-digit number or a first and last name)
+    needles: tuple[tuple[str, str], ...]  # (key, answer: seven digits, a first and last name, or words)
     continuation: str  # the story's text right after the cut, for next-token agreement
 
 
@@ -140,7 +182,8 @@ def make_haystack(story: str, n_tokens: int, count_tokens, k: int = 8, seed: int
                   continuation_words: int = 120, kind: str = "number") -> Haystack:
     """Cut ``story`` to about ``n_tokens`` tokens and insert ``k`` needles at seeded depths between
     sentences: "The special magic number for X is NNNNNNN." or (``kind`` "name") "The keeper of the X
-    is Firstname Lastname." with a name drawn at random."""
+    is Firstname Lastname." with a name drawn at random, or (``kind`` "words") "The special magic
+    number for X is six hundred and forty-two." (a number from 101 to 999 in words)."""
     if kind not in NEEDLE_KINDS:
         raise ValueError(f"unknown needle kind {kind!r}: choose from {', '.join(NEEDLE_KINDS)}")
     needle = NEEDLE_KINDS[kind]

@@ -81,18 +81,21 @@ def needle_prompt(s: Session, key: str, kind: str = "number") -> np.ndarray:
     return s.chat_tokens([{"role": "user", "content": f"{question} Answer with the {needle.noun} only."}])
 
 
-def needle_found(s: Session, key: str, answer: str, max_tokens: int = 16, kind: str = "number") -> bool:
-    """Does the greedy answer to the needle's question hold ``answer`` (the number, or the whole name)?"""
+def needle_found(s: Session, key: str, answer: str, max_tokens: int | None = None, kind: str = "number") -> bool:
+    """Does the greedy answer to the needle's question hold ``answer`` (the number, the whole name, or
+    a number in words, written either way)?"""
+    needle = NEEDLE_KINDS[kind]
     prompt = needle_prompt(s, key, kind)
-    return answer in s.model.detokenize(greedy(s, prompt, max_tokens))
+    return needle.found(answer, s.model.detokenize(greedy(s, prompt, max_tokens or needle.answer_tokens)))
 
 
 def needle_nll(s: Session, key: str, answer: str, kind: str = "number") -> float:
     """How likely the right answer is to its question, found or not: mean NLL per token of
-    ``answer`` (the number, or the name) teacher-forced after the needle prompt (for a name asked in
-    a chat, after the words the model answers with: "The keeper of the X is")."""
+    ``answer`` (the number, or the name) teacher-forced after the needle prompt (for a name or a
+    number in words asked in a chat, after the words the model answers with: "The keeper of the X
+    is")."""
     prompt = needle_prompt(s, key, kind)
-    if kind == "name":
+    if NEEDLE_KINDS[kind].lead_nll:
         if not completion_style(s):
             prompt = np.concatenate([prompt, s.tokenize(NEEDLE_KINDS[kind].lead(key), special=False)])
         answer = " " + answer

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kvlocal.am import BoxNNLS, Compactor, HeadProblem, HighestAttnKeys, SharedSpans
-from kvlocal.am.facts import NAME_RANK, TOP_RANK, as_fact_ranks, fact_mask, fact_ranks, fact_spans, name_spans
+from kvlocal.am.facts import (NAME_RANK, TOP_RANK, as_fact_ranks, fact_mask, fact_ranks, fact_spans, name_spans,
+                              number_word_spans)
 
 TEXT = ("It was late. The special magic number for cathedral is 6088743. Margaret met the crew of NASA in "
         "Paris at 12:30 on 2026-11-24, and she left. She slept.")
@@ -153,6 +154,49 @@ def test_the_default_keeps_rare_names_below_numbers_and_not_the_names_a_story_re
     assert get_method("am-facts-omp-near").fact_ranks(pieces)[text.index("Clara") // 2] == 0
 
 
+def test_numbers_in_words_are_found_as_one_span_each_and_one_alone_is_not():
+    text = ("No one came. One day one hundred and twelve men, Forty-two women and a dozen boys often camped in a "
+            "tent; twenty minutes past four, one of them left.")
+    assert [text[a:b] for a, b in number_word_spans(text)] == [
+        "one hundred and twelve", "Forty-two", "dozen", "twenty", "four"]
+    assert number_word_spans("Someone bought tenets and seventeens; nothing else.") == []
+
+
+WORDED = ["The", " keeper", " is", " Clara", " Mar", "lowe", ".", " It", " cost", " 4", "2", " coins", ".",
+          " Then", " forty", " men", " ran", ".", " At", " 9", " Iris", " Vane", " sang", "."]
+
+
+def test_numbers_in_words_join_the_names_tier_and_names_with_a_number_rank_with_it():
+    base = fact_ranks(WORDED, names=True, sentences=True, rare=1, names_below=True)
+    words = fact_ranks(WORDED, names=True, sentences=True, rare=1, names_below=True, number_words=True)
+    assert not base[13:18].any()  # "forty men ran": no fact without number words
+    assert words[14] == NAME_RANK and words[13:18].max() == NAME_RANK  # in the names' tier, under every number
+    assert np.array_equal(words[:13], base[:13]) and np.array_equal(words[18:], base[18:])
+    # a rare name in a number's sentence: below the number by its distance ...
+    assert base[19] == TOP_RANK and base[20] == TOP_RANK - 1 and base[21] == TOP_RANK - 2
+    both = fact_ranks(WORDED, names=True, sentences=True, rare=1, names_below=True, names_with_numbers=True)
+    assert both[20] == both[21] == both[19] == TOP_RANK  # ... or, with names_with_numbers, beside it
+    assert both[22] == TOP_RANK - 1 and both[18] == TOP_RANK - 1  # and the sentence outward from either
+    assert np.array_equal(both[:19], base[:19])  # a name without a number in its sentence stays below
+    alone = fact_ranks(WORDED, names=False, sentences=True, number_words=True)  # no names tier: with the numbers
+    assert alone[14] == TOP_RANK and not alone[:7].any()
+
+
+def test_shared_spans_pass_numbers_in_words_and_names_beside_numbers_to_the_ranks():
+    from kvlocal.am import get_method
+
+    text = ("Then Anna left. The tower was finished in 1889 by a mason named Tobias Grell, who was kind and "
+            "quiet and old and very slow. It has one hundred and twelve steps. Anna came back, then Anna slept.")
+    pieces = pieces_of(text, 2)
+    names = get_method("am-facts-omp-names").selector
+    words = replace(names, fact_number_words=True, fact_names_with_numbers=True).fact_ranks(pieces)
+    names = names.fact_ranks(pieces)
+    at = {w: text.index(w) // 2 for w in ("1889", "Tobias", "hundred", "steps", "Anna")}
+    assert words[at["Tobias"]] == words[at["1889"]] == TOP_RANK > names[at["Tobias"]]
+    assert NAME_RANK >= words[at["hundred"]] > words[at["steps"]] > 0 == names[at["hundred"]]
+    assert words[at["Anna"]] == 0
+
+
 def test_fact_ranks_accept_masks_and_reject_what_is_no_rank():
     assert np.array_equal(as_fact_ranks(np.array([True, False])), [TOP_RANK, 0])
     assert as_fact_ranks(np.array([3, 0], np.int64)).dtype == np.uint8
@@ -187,6 +231,52 @@ def test_shared_spans_keep_facts_first_within_their_share():
     assert all(np.array_equal(c.indices, HighestAttnKeys().select(p).indices) for c, p in zip(got, plain, strict=True))
     with pytest.raises(ValueError, match="facts must be"):
         HeadProblem(np.zeros((4, 2)), np.zeros((4, 2)), np.zeros((1, 2)), 2, facts=np.zeros(3, bool))
+
+
+def test_whole_units_are_numbers_with_their_nearest_tokens_the_most_number_tokens_first():
+    from kvlocal.am.spans import whole_units
+
+    ranks = np.zeros(40, np.uint8)
+    ranks[2:6] = [TOP_RANK - 1, TOP_RANK, TOP_RANK, TOP_RANK - 1]  # a short number and its neighbours
+    ranks[10:19] = [TOP_RANK - 2, TOP_RANK - 1] + [TOP_RANK] * 6 + [TOP_RANK - 1]  # a long one
+    ranks[25:29] = [TOP_RANK - 1, TOP_RANK, TOP_RANK, TOP_RANK - 1]  # as short, later
+    ranks[30:33] = [NAME_RANK, NAME_RANK, 1]  # a name: no unit
+    units = whole_units(ranks, 1)
+    assert [u.tolist() for u in units] == [list(range(11, 19)), [2, 3, 4, 5], [25, 26, 27, 28]]
+    assert [len(u) for u in whole_units(ranks, 2)] == [9, 4, 4]
+    assert [len(u) for u in whole_units(ranks, 0)] == [6, 2, 2]
+    assert whole_units(np.zeros(5, np.uint8), 3) == []
+
+
+def test_numbers_that_do_not_all_fit_are_kept_whole_and_none_in_part():
+    ranks = np.zeros(60, np.uint8)
+    ranks[10:19] = [TOP_RANK - 2, TOP_RANK - 1] + [TOP_RANK] * 6 + [TOP_RANK - 1]  # 8 keys at depth 1
+    ranks[30:34] = [TOP_RANK - 1, TOP_RANK, TOP_RANK, TOP_RANK - 1]  # 4 keys
+    ranks[45:49] = [TOP_RANK - 1, TOP_RANK, TOP_RANK, TOP_RANK - 1]  # 4 keys
+    ranks[50:53] = NAME_RANK
+    rng, u = np.random.default_rng(3), np.eye(8)[0]
+    k = rng.normal(size=(60, 8))
+    k[ranks > 0] -= 8 * u  # the heads never attend to a fact key: only the facts step keeps one
+    heads = [HeadProblem(k, rng.normal(size=(60, 8)), 2 * u + rng.normal(size=(50, 8)) * 0.3, 20, facts=ranks)
+             for _ in range(2)]
+    base = SharedSpans(own=1.0, fact_share=0.5, fact_order="nearest", fact_names=True, fact_names_below=True,
+                       fact_names_upto=0.5)  # 10 fact keys of 20: the 16 at depth 1 do not fit
+    whole = replace(base, fact_whole=1)
+    for c in whole.select_group(heads, [whole.head_scores(p) for p in heads]):
+        kept = set(c.indices.tolist())
+        assert set(range(11, 19)) <= kept  # the long number whole ...
+        assert len(kept & set(range(30, 34))) == 0 and len(kept & set(range(45, 49))) == 0  # ... no other in part
+        assert len(kept & set(range(50, 53))) == 2  # what is left of the share: names
+    for c in base.select_group(heads, [base.head_scores(p) for p in heads]):  # by rank: every number in part
+        kept = set(c.indices.tolist())
+        assert {13, 31, 46} <= kept and not set(range(11, 19)) <= kept
+    roomy = [replace(p, t=40) for p in heads]  # everything fits: the same choice as without whole units
+    for a, b in zip(whole.select_group(roomy, [whole.head_scores(p) for p in roomy]),
+                    base.select_group(roomy, [base.head_scores(p) for p in roomy]), strict=True):
+        assert np.array_equal(a.indices, b.indices)
+    for bad in ({"fact_whole": -1}, {"fact_whole": 2, "fact_order": "attention"}):
+        with pytest.raises(ValueError, match="shared-spans"):
+            SharedSpans(fact_share=1.0, **{"fact_order": "nearest", **bad})
 
 
 def test_nearest_order_keeps_the_numbers_and_their_neighbours_when_facts_do_not_fit():

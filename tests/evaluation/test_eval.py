@@ -98,6 +98,32 @@ def test_name_haystack_holds_distinct_names_at_the_number_needles_depths(gen_dat
         make_haystack(story, 800, count, k=5, seed=3, kind="date")
 
 
+def test_numbers_in_words_are_written_as_a_story_writes_them_and_found_either_way(gen_data):
+    from kvlocal.evaluation.data import NEEDLE_KINDS, in_words
+
+    assert [in_words(n) for n in (7, 13, 40, 42, 100, 101, 642, 990)] == [
+        "seven", "thirteen", "forty", "forty-two", "one hundred", "one hundred and one",
+        "six hundred and forty-two", "nine hundred and ninety"]
+    assert len({in_words(n) for n in range(1, 1000)}) == 999
+    for bad in (0, 1000):
+        with pytest.raises(ValueError, match="1..999"):
+            in_words(bad)
+    words = NEEDLE_KINDS["words"]
+    for answer in ("Six hundred and forty-two.", "six hundred and forty two", "It is 642.", "642"):
+        assert words.found("six hundred and forty-two", answer)
+    for answer in ("six hundred and forty", "6420", "1,642", "six hundred and forty-three"):
+        assert not words.found("six hundred and forty-two", answer)
+    assert not NEEDLE_KINDS["number"].found("4213987", "four million")  # digits stay exact
+
+    story = squality_stories(gen_data)[0]
+    hay = make_haystack(story, 800, lambda t: len(t.split()) * 4 // 3, k=5, seed=3, kind="words")
+    numbers = [n for _, n in hay.needles]
+    assert len(set(numbers)) == 5
+    for key, number in hay.needles:
+        assert f"The special magic number for {key} is {number}." in hay.text
+        assert re.fullmatch(r"[a-z]+ hundred and [a-z-]+", number)
+
+
 def test_smoke_grid_runs_resumes_and_reports(load_model, tmp_path, gen_data):
     model = load_model("llama-gqa")
     cfg = EvalConfig.smoke(data=gen_data)
@@ -319,3 +345,8 @@ def test_needle_nll_of_a_name_is_taken_after_the_answers_own_words(load_model):
         assert "Who is the keeper of the lantern?" in s.model.detokenize(prompt)
         want = tasks.answer_nll(s, prompt, [int(t) for t in s.tokenize(" Clara Marlowe", special=False)])
         assert got == want and got != tasks.needle_nll(s, "lantern", "Edith Varro", kind="name")
+        spelled = tasks.needle_nll(s, "lantern", "six hundred and forty-two", kind="words")  # after its lead too
+        prompt = np.concatenate([tasks.needle_prompt(s, "lantern", "words"),
+                                 s.tokenize("The special magic number for lantern is", special=False)])
+        assert spelled == tasks.answer_nll(s, prompt, [int(t) for t in s.tokenize(" six hundred and forty-two",
+                                                                                   special=False)])
