@@ -17,7 +17,8 @@ import time
 
 from common import machine, write_report
 
-METHODS = (("am-facts-omp-near", ("repeat", "self-study")), ("am-facts-omp-names", ("repeat", "self-study")),
+METHODS = (("am-facts-omp-whole", ("repeat", "self-study")),
+           ("am-facts-omp-near", ("repeat", "self-study")), ("am-facts-omp-names", ("repeat", "self-study")),
            ("am-facts-omp", ("repeat", "self-study")),
            ("am-facts", ("repeat",)), ("am-highest", ("repeat",)),
            ("truncate", ()), ("snapkv", ("self-study",)))

@@ -1,27 +1,35 @@
-"""Names as facts: do names read once survive compaction, and what does keeping them cost?
+"""Facts beyond numbers in digits: names read once, numbers written in words, and whole numbers.
 
 am-facts-omp-near keeps numbers and their sentences verbatim; a name is kept only if attention
-keeps it.  This bench puts 8 "name needles" ("The keeper of the X is Clara Marlowe.",
-first and last names drawn at random from 16 each, none twice in a haystack) into SQuALITY stories
-and asks "Who is the keeper of the X?"; the same stories with the grid's number needles
-(``--kinds number``) show what the names cost the numbers.  Compared,
-side by side on the same queries (repeat + self-study, the grid's sampling and 10 % hold-out):
+keeps it.  This bench puts 8 needles into SQuALITY stories: "name needles" ("The keeper of the X
+is Clara Marlowe.", first and last names drawn at random from 16 each, none twice in a haystack;
+asked "Who is the keeper of the X?"), the grid's number needles (``number``: seven digits) or
+numbers in words (``words``: "The special magic number for X is six hundred and forty-two.").
+Compared, side by side on the same queries (repeat + self-study, the grid's sampling and 10 %
+hold-out):
 
   am-facts-omp-near        numbers only (the default before am-facts-omp-names)
   + rare names             names mentioned at most twice in the document count as facts too, ranked
                            like numbers (a name the story repeats is held by its other mentions;
                            a word the document also writes in lower case is no name)
-  am-facts-omp-names       the default: the same names ranked below every number and its sentence,
-                           joining the facts only while they hold less than half of a head's
-                           budget (the numbers keep their whole share, the rest stays fitted)
+  am-facts-omp-names       the same names ranked below every number and its sentence, joining the
+                           facts only while they hold less than half of a head's budget (the numbers
+                           keep their whole share, the rest stays fitted)
+  + names beside numbers   am-facts-omp-names with a rare name in a number's sentence ranked with
+                           the number ("finished in 1889 by Tobias Grell")
+  + numbers in words       and numbers written in words as facts in the names' tier
+  + whole numbers (d)      am-facts-omp-names keeping, when the numbers do not all fit with their d
+                           nearest tokens, whole numbers with those tokens (the most number tokens
+                           first) and none in part; d = 3 is am-facts-omp-whole
+  am-facts-omp-whole       the default
   truncate, snapkv         baselines (snapkv on the self-study queries)
 
-Needles: the whole name (or the 7-digit number) in the greedy answer; answer NLL: mean NLL per token
-of the right name (number) teacher-forced after its question, lower is better (a 135M model often
-names the wrong person even with the full cache, so the count alone is coarse).  KL: next-token KL against
-the full cache over the story's next 96 tokens.
+Needles: the whole name (the 7-digit number; a number in words, in words or digits) in the greedy
+answer; answer NLL: mean NLL per token of the right answer teacher-forced after its question, lower
+is better (a 135M model often names the wrong person even with the full cache, so the count alone
+is coarse).  KL: next-token KL against the full cache over the story's next 96 tokens.
 
-    python bench/name_needles.py [--stories 0,1] [--ratios 5,10,20] [--kinds name,number]
+    python bench/name_needles.py [--stories 0,1] [--ratios 5,10,20] [--kinds name,number] [--methods ...]
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from dataclasses import replace
 
 from common import machine, write_report
 
+
 def variants():
     from kvlocal.am.methods import get_method
 
@@ -42,13 +51,14 @@ def variants():
         "am-facts-omp-near": base,
         "+ rare names": replace(names, selector=like_numbers, name="+ rare names"),
         "am-facts-omp-names": names,
+        "am-facts-omp-whole": get_method("am-facts-omp-whole"),
         "+ names beside numbers": replace(names, selector=replace(names.selector, fact_names_with_numbers=True),
                                           name="+ names beside numbers"),
         "+ numbers in words": replace(names, selector=replace(names.selector, fact_number_words=True,
                                                               fact_names_with_numbers=True),
                                       name="+ numbers in words"),
         **{f"+ whole numbers ({d})": replace(names, selector=replace(names.selector, fact_whole=d),
-                                             name=f"+ whole numbers ({d})") for d in (2, 3, 4)},
+                                             name=f"+ whole numbers ({d})") for d in (2, 4)},
         "truncate": get_method("truncate"),
         "snapkv": get_method("snapkv"),
     }
@@ -126,7 +136,7 @@ def main() -> int:
 
     n = cfg.needles * len(stories)
     lines = [
-        "# Names and numbers in words as facts, in the haystack",
+        "# Facts in the haystack: names, numbers in words, whole numbers",
         "",
         f"Written {time.strftime('%Y-%m-%d')} by `bench/name_needles.py` on {machine(os.cpu_count() or 2)}; "
         f"{time.perf_counter() - t_start:.0f} s.",

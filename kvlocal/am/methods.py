@@ -14,10 +14,15 @@
                       sentences outward from them, token by token (fact ranks, kvlocal.am.facts.fact_ranks)
                       instead of by attention, which does not find them (the default before am-facts-omp-names)
     am-facts-omp-names
-                      THE DEFAULT: am-facts-omp-near with names as facts too: a name mentioned at most
-                      twice (and never written in lower case) is kept with its sentence, outward from it,
-                      after every number and its sentence, and only while the facts hold less than half
-                      of a head's budget (the numbers keep their whole share; the rest stays fitted)
+                      am-facts-omp-near with names as facts too: a name mentioned at most twice (and never
+                      written in lower case) is kept with its sentence, outward from it, after every number
+                      and its sentence, and only while the facts hold less than half of a head's budget (the
+                      numbers keep their whole share; the rest stays fitted) (the default before
+                      am-facts-omp-whole)
+    am-facts-omp-whole
+                      THE DEFAULT: am-facts-omp-names keeping whole numbers when the numbers do not all fit with their 3
+                      nearest tokens: each number with those tokens, the most number tokens first, and none
+                      in part (kvlocal.am.spans.whole_units)
     am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the
                       facts leave; beta and values fitted around the facts as in am-facts; designed for
                       repeat + self-study queries (the default before am-facts-omp-near)
@@ -61,7 +66,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
-DEFAULT_METHOD = "am-facts-omp-names"  # what `kvlocal compact` and Compaction.compact use without --method
+DEFAULT_METHOD = "am-facts-omp-whole"  # what `kvlocal compact` and Compaction.compact use without --method
 
 
 @dataclass
@@ -188,6 +193,9 @@ _FACTORIES = {
                                         BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
     "am-facts-omp-names": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2),
                                                 order="nearest", rare_names=2),
+                                         BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
+    "am-facts-omp-whole": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2),
+                                                order="nearest", rare_names=2, whole=3),
                                          BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
     "am-facts-omp": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),
                                    AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),

@@ -84,8 +84,10 @@ class SharedSpans(GroupSelector):
     rank, by the shared ranking; then ``own`` of what is left by the head's own rms ranking over
     all its queries; the rest by the shared ranking.  ``fact_order`` "attention" gives every fact
     one rank (the shared ranking alone orders them); "nearest" ranks the numbers first, then
-    each sentence's tokens by their distance to its nearest number.  Without facts (no ``facts``
-    on the problems) the first step keeps nothing."""
+    each sentence's tokens by their distance to its nearest number.  With ``fact_whole``, numbers
+    that do not all fit with their ``fact_whole`` nearest tokens are kept as whole units
+    (``whole_units``) and none in part.  Without facts (no ``facts`` on the problems) the first
+    step keeps nothing."""
 
     agg: str = "rms"
     span: int = 5

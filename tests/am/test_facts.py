@@ -352,19 +352,19 @@ def tiny_doc_facts(load_model):
         return s.snapshot(), layout, s.context_queries, s.info, facts, s.token_texts(layout.length)
 
 
-def test_the_default_keeps_the_number_first_when_its_sentence_does_not_fit(tiny_doc_facts):
-    """At 10x the default's fact keys (half of each head's budget) are fewer than the number
+def test_the_nearest_order_keeps_the_number_first_when_its_sentence_does_not_fit(tiny_doc_facts):
+    """At 10x am-facts-omp-names's fact keys (half of each head's budget) are fewer than the number
     sentence's tokens: every head keeps the number's own tokens first, verbatim."""
-    from kvlocal.am import DEFAULT_METHOD, get_method
+    from kvlocal.am import get_method
 
     snap, layout, queries, info, _, pieces = tiny_doc_facts
-    method = get_method(DEFAULT_METHOD)
+    method = get_method("am-facts-omp-names")
     ranks = method.fact_ranks(pieces)
     ranks[: layout.doc_start] = 0
     number = set(np.flatnonzero(ranks == TOP_RANK).tolist())
     n_doc, ratio = layout.doc_end - layout.doc_start, 10
-    cache, report = Compactor(DEFAULT_METHOD, ratio=ratio, seed=0).compact(snap, layout.doc_start, layout.doc_end,
-                                                                         queries, facts=ranks)
+    cache, report = Compactor(method, ratio=ratio, seed=0).compact(snap, layout.doc_start, layout.doc_end,
+                                                                 queries, facts=ranks)
     for (_, li, h), res in report.results.items():
         k = int(round(method.fact_budget_share(n_doc, res.t) * res.t))
         assert 0 < k < (ranks > 0).sum()  # the sentence does not fit
@@ -373,6 +373,49 @@ def test_the_default_keeps_the_number_first_when_its_sentence_does_not_fit(tiny_
         verbatim = np.isin(layout.doc_start + res.indices, sorted(number))
         assert np.all(res.beta[verbatim] == 0)
         assert np.array_equal(res.values[verbatim], snap.values[li][layout.doc_start + res.indices[verbatim], h])
+
+
+TWO_NUMBERS = ("The special magic number for the lighthouse is 4817263. Margaret kept the lamp burning every "
+               "night of the long winter, and the ships saw it. The tower was built in 1889 by a mason, who was "
+               "glad of the work, and the town paid him well for it over many years of his long life.")
+
+
+def test_the_whole_method_keeps_the_longer_number_whole_when_both_do_not_fit(load_model):
+    """Two numbers with their nearest tokens do not fit the facts' share: through the Compactor, every
+    head keeps the seven-digit number whole with its 3 nearest tokens on either side, verbatim (which
+    keys the selection takes, and that it takes no number in part, is pinned above on planted heads:
+    here the fitted keys may add any token)."""
+    from conftest import session_kwargs
+    from kvlocal.am import get_method
+    from kvlocal.am.spans import whole_units
+    from kvlocal.engine.session import Session
+
+    with Session(load_model("llama-gqa"), n_ctx=1024, capture=True, **session_kwargs("llama-gqa")) as s:
+        layout = s.ingest_document(TWO_NUMBERS, capture_queries=True)
+        snap, queries, pieces = s.snapshot(), s.context_queries, s.token_texts(layout.length)
+    method = get_method("am-facts-omp-whole")
+    ranks = method.fact_ranks(pieces)
+    ranks[: layout.doc_start] = 0
+    units = whole_units(ranks, method.selector.fact_whole)
+    assert len(units) == 2 and (ranks[units[0]] == TOP_RANK).sum() > (ranks[units[1]] == TOP_RANK).sum()
+    n_doc = layout.doc_end - layout.doc_start
+    ratio = next(r for r in np.arange(2.0, 12.0, 0.25)  # the share holds the long number, not both
+                 if len(units[0]) <= round(method.fact_budget_share(n_doc, int(n_doc / r)) * int(n_doc / r))
+                 < len(units[0]) + len(units[1]))
+    cache, report = Compactor(method, ratio=ratio, seed=0).compact(snap, layout.doc_start, layout.doc_end, queries,
+                                                                  facts=ranks)
+    checked = 0
+    for (_, li, h), res in report.results.items():
+        k = int(round(method.fact_budget_share(n_doc, res.t) * res.t))
+        if not len(units[0]) <= k < len(units[0]) + len(units[1]):
+            continue
+        checked += 1
+        at = layout.doc_start + res.indices
+        assert set(units[0].tolist()) <= set(at.tolist()), (li, h)
+        whole = np.isin(at, units[0])
+        assert np.all(res.beta[whole] == 0)
+        assert np.array_equal(res.values[whole], snap.values[li][at[whole], h])
+    assert checked == len(report.results)
 
 
 def test_recall_probes_tag_their_rows(load_model):
