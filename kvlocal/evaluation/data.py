@@ -131,6 +131,9 @@ def _words(rng: random.Random, k: int) -> list[str]:
     return [in_words(n) for n in rng.sample([n for n in range(101, 1000) if n % 100], k)]
 
 
+_SPELLED = {in_words(n): n for n in range(1, 1000)}
+
+
 def _plain(text: str) -> str:
     return " ".join(text.lower().replace("-", " ").split())
 
@@ -143,6 +146,7 @@ class NeedleKind:
     draw: object  # (rng, k) -> k answers
     lead_nll: bool = False  # the answer's NLL is taken after the needle's own lead, as the model answers
     answer_tokens: int = 16  # how long a greedy answer may run
+    spelled: bool = False  # the answers are numbers in words: found in words or in digits
 
     def lead(self, key: str) -> str:
         """The needle's words before its answer ("The keeper of the lantern is")."""
@@ -153,10 +157,10 @@ class NeedleKind:
         and in any case, with or without hyphens."""
         if answer in text:
             return True
-        if self.draw is not _words:
+        if not self.spelled or answer not in _SPELLED:
             return False
-        number = next(n for n in range(1, 1000) if in_words(n) == answer)
-        return _plain(answer) in _plain(text) or re.search(rf"(?<![\d,.]){number}(?![\d,])", text) is not None
+        digits = rf"(?<![\d,.]){_SPELLED[answer]}(?![\d,])"
+        return _plain(answer) in _plain(text) or re.search(digits, text) is not None
 
 
 NEEDLE_KINDS = {
@@ -167,7 +171,7 @@ NEEDLE_KINDS = {
                        lead_nll=True),
     "words": NeedleKind("The special magic number for {key} is {answer}.",
                         "What is the special magic number for {key}?", "number", _words, lead_nll=True,
-                        answer_tokens=24),
+                        answer_tokens=24, spelled=True),
 }
 
 
