@@ -79,6 +79,8 @@ bench: setup
 		--out bench/results/onpolicy
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.gemma3)" --parts quality,niah \
 		--methods $(GEMMA3_METHODS) --out bench/results/gemma3 --notes bench/notes/eval-gemma-3-270m-q4_k_m.md
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.gemma3)" --parts niah --methods $(GEMMA3_METHODS) \
+		--out bench/results/gemma3-niah
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality,niah --ratios 100,200 \
 		--methods am-facts-omp-whole:repeat+self-study,am-facts-omp-names:repeat+self-study,am-facts-omp:repeat+self-study,truncate,streaming-llm,h2o:context,snapkv:self-study \
 		--out bench/results/extreme
