@@ -80,7 +80,7 @@ def main() -> int:
 
     from kvlocal.am import Compactor
     from kvlocal.evaluation import tasks
-    from kvlocal.evaluation.data import make_haystack, squality_stories
+    from kvlocal.evaluation.data import squality_stories
     from kvlocal.evaluation.harness import EvalConfig, Evaluator
     from models.smollm2 import ensure as ensure_model
 
@@ -91,24 +91,21 @@ def main() -> int:
     methods = {m: every[m] for m in args.methods.split(",")}
     cfg = EvalConfig()
     ev = Evaluator(str(ensure_model()), cfg, "/tmp/kvlocal-name-needles", progress=False)
-    model = ev.model
     t_start = time.perf_counter()
     results, full, shares = {}, {}, {}
+    texts = squality_stories()
     for kind in kinds:
         for si in stories:
-            hay = make_haystack(squality_stories()[si], 3000, lambda t: len(model.tokenize(t, add_special=False)),
-                                k=cfg.needles, seed=cfg.seed * 1000 + si, kind=kind)
-            cont = model.tokenize(" " + hay.continuation, add_special=False)[: cfg.continuation_tokens]
+            hay, cont = ev.haystack(texts[si], si, 3000, kind)
             doc = ev._open(hay.text)
             s, snap, lo, hi = doc.session, doc.snapshot, doc.layout.doc_start, doc.layout.doc_end
             n_head_kv = snap.keys[0].shape[1]
 
-            def score():
-                hits = sum(tasks.needle_found(s, key, ans, kind=kind) for key, ans in hay.needles)
-                nll = [tasks.needle_nll(s, key, ans, kind) for key, ans in hay.needles]
-                return hits, nll, tasks.continuation_logprobs(s, cont)
+            def score(ref_lp):  # needles found, answer NLL per needle, the harness's scores and log-probs
+                out, lp = ev._score_niah(s, hay, cont, ref_lp, kind)
+                return sum(out["hits"]), [tasks.needle_nll(s, key, ans, kind) for key, ans in hay.needles], out, lp
 
-            hits, nll, ref_lp = score()
+            hits, nll, _, ref_lp = score(None)
             got = full.setdefault(kind, {"hits": 0, "nll": []})
             got["hits"] += hits
             got["nll"] += nll
@@ -124,8 +121,8 @@ def main() -> int:
                     doc.restore()
                     cache, _ = Compactor(method, ratio=r, seed=cfg.seed).compact(snap, lo, hi, train, facts=ranks)
                     s.inject(cache, snap)
-                    hits, nll, lp = score()
-                    kl = tasks.agreement(ref_lp, lp)["kl"]
+                    hits, nll, out, _ = score(ref_lp)
+                    kl = out["kl"]
                     got = results.setdefault((kind, name, r), {"hits": 0, "kl": [], "nll": []})
                     got["hits"] += hits
                     got["kl"].append(kl)

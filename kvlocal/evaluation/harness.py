@@ -207,23 +207,28 @@ class Evaluator:
             doc.close()
 
     # needles and next-token agreement -------------------------------------------------------
-    def _score_niah(self, s: Session, hay, cont: np.ndarray, ref_lp: np.ndarray | None) -> tuple[dict, np.ndarray]:
-        hits = [tasks.needle_found(s, k, n) for k, n in hay.needles]
+    def _score_niah(self, s: Session, hay, cont: np.ndarray, ref_lp: np.ndarray | None,
+                    kind: str = "number") -> tuple[dict, np.ndarray]:
+        hits = [tasks.needle_found(s, k, n, kind=kind) for k, n in hay.needles]
         out = {"hits": [bool(h) for h in hits]}
         lp = tasks.continuation_logprobs(s, cont)
         if ref_lp is not None:
             out.update(tasks.agreement(ref_lp, lp))
         return out, lp
 
+    def haystack(self, story: str, si: int, n_tok: int, kind: str = "number"):
+        """(haystack, continuation tokens) of SQuALITY story ``si`` (its text ``story``) cut to
+        ``n_tok`` tokens, with the grid's needles of ``kind`` at the grid's seeded depths."""
+        hay = make_haystack(story, n_tok, lambda t: len(self.model.tokenize(t, add_special=False)),
+                            k=self.cfg.needles, seed=self.cfg.seed * 1000 + si, kind=kind)
+        return hay, self.model.tokenize(" " + hay.continuation, add_special=False)[: self.cfg.continuation_tokens]
+
     def haystacks(self):
         """(cache key, haystack, continuation tokens) of every needle document of the grid."""
         stories = squality_stories(self.cfg.data)
         docs = [(si, n_tok) for si in self.cfg.haystack_stories for n_tok in self.cfg.haystack_tokens]
         for (si, n_tok), key in zip(docs, self.document_keys()[1], strict=True):
-            hay = make_haystack(stories[si], n_tok, lambda t: len(self.model.tokenize(t, add_special=False)),
-                                k=self.cfg.needles, seed=self.cfg.seed * 1000 + si)
-            cont = self.model.tokenize(" " + hay.continuation, add_special=False)[: self.cfg.continuation_tokens]
-            yield key, hay, cont
+            yield key, *self.haystack(stories[si], si, n_tok)
 
     def niah(self, bar=None) -> None:
         for key, hay, cont in self.haystacks():

@@ -109,16 +109,20 @@ def test_names_below_rank_every_name_under_every_number():
                               fact_ranks(["x"] * 600 + [" 7", "."], names=False, **kw))
 
 
-def test_names_join_the_facts_only_up_to_their_share_of_the_budget():
-    T, d = 60, 8
-    u = np.eye(d)[0]
+def blind_heads(facts, t, blind, seed, d=8):
+    """Two heads that never attend to the keys ``blind``: only the facts step can keep them."""
+    rng, u = np.random.default_rng(seed), np.eye(d)[0]
+    k = rng.normal(size=(len(facts), d))
+    k[blind] -= 8 * u
+    return [HeadProblem(k, rng.normal(size=(len(facts), d)), 2 * u + rng.normal(size=(50, d)) * 0.3, t, facts=facts)
+            for _ in range(2)]
 
-    def heads(facts):  # the heads never attend to the name keys 30..49: only the facts step keeps them
-        rng = np.random.default_rng(1)
-        k = rng.normal(size=(T, d))
-        k[30:50] -= 8 * u
-        return [HeadProblem(k, rng.normal(size=(T, d)), 2 * u + rng.normal(size=(50, d)) * 0.3, 12, facts=facts)
-                for _ in range(2)]
+
+def test_names_join_the_facts_only_up_to_their_share_of_the_budget():
+    T = 60
+
+    def heads(facts):  # the heads never attend to the name keys 30..49
+        return blind_heads(facts, 12, slice(30, 50), seed=1)
 
     ranks = np.zeros(T, np.uint8)
     ranks[[10, 11, 12]] = TOP_RANK  # a number: 3 keys
@@ -254,11 +258,7 @@ def test_numbers_that_do_not_all_fit_are_kept_whole_and_none_in_part():
     ranks[30:34] = [TOP_RANK - 1, TOP_RANK, TOP_RANK, TOP_RANK - 1]  # 4 keys
     ranks[45:49] = [TOP_RANK - 1, TOP_RANK, TOP_RANK, TOP_RANK - 1]  # 4 keys
     ranks[50:53] = NAME_RANK
-    rng, u = np.random.default_rng(3), np.eye(8)[0]
-    k = rng.normal(size=(60, 8))
-    k[ranks > 0] -= 8 * u  # the heads never attend to a fact key: only the facts step keeps one
-    heads = [HeadProblem(k, rng.normal(size=(60, 8)), 2 * u + rng.normal(size=(50, 8)) * 0.3, 20, facts=ranks)
-             for _ in range(2)]
+    heads = blind_heads(ranks, 20, ranks > 0, seed=3)  # the heads never attend to a fact key
     base = SharedSpans(own=1.0, fact_share=0.5, fact_order="nearest", fact_names=True, fact_names_below=True,
                        fact_names_upto=0.5)  # 10 fact keys of 20: the 16 at depth 1 do not fit
     whole = replace(base, fact_whole=1)
