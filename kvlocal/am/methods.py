@@ -66,7 +66,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
-DEFAULT_METHOD = "am-facts-omp-whole"  # what `kvlocal compact` and Compaction.compact use without --method
+DEFAULT_METHOD = "am-facts-omp-half"  # what `kvlocal compact` and Compaction.compact use without --method
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _recall(own: float = 0.5) -> SharedSpans:
     return SharedSpans(agg="max", span=5, own=own, queries="recall")
 
 
-def _facts(share: float = 1.0, window: int | None = None, until: float | None = None,
+def _facts(share: float = 1.0, window: int | None = None, until: float | None = None, falloff: float = 1.0,
            score: str = "attention", omp: OMP | None = None, order: str = "attention",
            rare_names: int | None = None, whole: int | None = None) -> SharedSpans:
     """Every sentence with a number (or, with ``window``, the ``window`` positions around each
@@ -167,9 +167,9 @@ def _facts(share: float = 1.0, window: int | None = None, until: float | None = 
     all fit with their ``whole`` nearest tokens are kept whole, the most number tokens first."""
     if window is None:
         names = rare_names is not None
-        return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, score=score, own_omp=omp,
-                           fact_order=order, fact_names=names, fact_rare=rare_names, fact_names_below=names,
-                           fact_names_upto=0.5 if names else 1.0, fact_whole=whole)
+        return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_falloff=falloff, score=score,
+                           own_omp=omp, fact_order=order, fact_names=names, fact_rare=rare_names,
+                           fact_names_below=names, fact_names_upto=0.5 if names else 1.0, fact_whole=whole)
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 
@@ -197,6 +197,9 @@ _FACTORIES = {
     "am-facts-omp-whole": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2),
                                                 order="nearest", rare_names=2, whole=3),
                                          BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
+    "am-facts-omp-half": lambda: Method(_facts(0.5, until=10.0, falloff=0.5, omp=OMP(k_choice=4, refit_interval=2),
+                                               order="nearest", rare_names=2, whole=3),
+                                        BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
     "am-facts-omp": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),
                                    AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
     "am-facts-omp-onpolicy": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),

@@ -86,7 +86,8 @@ class SharedSpans(GroupSelector):
     one rank (the shared ranking alone orders them); "nearest" ranks the numbers first, then
     each sentence's tokens by their distance to its nearest number.  With ``fact_whole``, numbers
     that do not all fit with their ``fact_whole`` nearest tokens are kept as whole units
-    (``whole_units``) and none in part.  Without facts (no ``facts`` on the problems) the first
+    (``whole_units``) and none in part; with ``fact_one_whole`` the share grows to hold the first
+    unit in that order when it is smaller (and that unit is at most half of the budget).  Without facts (no ``facts`` on the problems) the first
     step keeps nothing."""
 
     agg: str = "rms"
@@ -95,7 +96,10 @@ class SharedSpans(GroupSelector):
     scope: str = "layer"
     queries: str = "all"  # "recall": rank by the recall-probe rows only (all rows if there are none)
     fact_share: float = 0.0
-    fact_until: float | None = None  # facts' share falls as fact_until / ratio beyond this ratio
+    fact_until: float | None = None  # facts' share falls as (fact_until / ratio) ** fact_falloff beyond this ratio
+    fact_falloff: float = 1.0
+    fact_one_whole: bool = False  # with fact_whole: the share holds at least the first whole unit, while that is
+    #                               at most half of the head's budget
     fact_span: int = 1
     fact_names: bool = False  # proper names count as facts too (numbers always do)
     fact_rare: int | None = None  # with fact_names: only names mentioned at most this many times
@@ -115,12 +119,13 @@ class SharedSpans(GroupSelector):
         HighestAttnKeys(self.agg)  # validates agg
         if self.score not in ("attention", "kvzip"):
             raise ValueError(f"score must be 'attention' or 'kvzip', not {self.score!r}")
-        if self.span < 1 or self.fact_span < 1 or not 0 <= self.own <= 1 or not 0 <= self.fact_share <= 1 \
+        if self.span < 1 or self.fact_span < 1 or not self.fact_falloff > 0 or not 0 <= self.own <= 1 or not 0 <= self.fact_share <= 1 \
                 or (self.fact_until is not None and not self.fact_until > 0) \
                 or self.scope not in ("layer", "model") or self.queries not in ("all", "recall") \
                 or self.fact_order not in ("attention", "nearest") \
                 or (self.fact_rare is not None and self.fact_rare < 1) or not 0 <= self.fact_names_upto <= 1 \
-                or (self.fact_whole is not None and (self.fact_whole < 0 or self.fact_order != "nearest")):
+                or (self.fact_whole is not None and (self.fact_whole < 0 or self.fact_order != "nearest")) \
+                or (self.fact_one_whole and self.fact_whole is None):
             raise ValueError(f"invalid shared-spans settings {self}")
 
     def fact_ranks(self, pieces) -> np.ndarray | None:
@@ -169,7 +174,7 @@ class SharedSpans(GroupSelector):
         bench/results/facts-quality/)."""
         if self.fact_until is None or t <= 0:
             return self.fact_share
-        return self.fact_share * min(1.0, self.fact_until * t / n_keys)
+        return self.fact_share * min(1.0, self.fact_until * t / n_keys) ** self.fact_falloff
 
     def fill(self, p: HeadProblem, shared) -> Selection:
         shared, fact_order, units = shared  # rank_group's (ranking, order of the fact keys or None, whole units)
@@ -185,6 +190,8 @@ class SharedSpans(GroupSelector):
 
         if fact_order is not None:
             n_facts = int(round(self.share_of_facts(p.T, t) * t))
+            if self.fact_one_whole and units and n_facts < len(units[0]) <= t // 2:
+                n_facts = len(units[0])  # the number kept first, whole, rather than only lesser ones or none
             numbers = fact_order > facts.NAME_RANK if self.fact_names_below else np.isfinite(fact_order)
             capped = (self.fact_names or self.fact_number_words) and self.fact_names_below and self.fact_names_upto < 1
             if sum(len(u) for u in units) > n_facts:  # not every number fits with its nearest tokens: whole ones

@@ -279,6 +279,30 @@ def test_numbers_that_do_not_all_fit_are_kept_whole_and_none_in_part():
             SharedSpans(fact_share=1.0, **{"fact_order": "nearest", **bad})
 
 
+def test_a_share_too_small_for_the_first_whole_number_grows_to_it():
+    """Two numbers as above with a share of 5 keys: the long one (8 keys with its neighbours, first in
+    the keep order) does not fit and whole units keep the short one (4); with fact_one_whole the share
+    grows to the long one, kept whole, and the short one no longer fits; a unit over half of the
+    budget is not forced in."""
+    ranks = np.zeros(60, np.uint8)
+    ranks[10:19] = [TOP_RANK - 2, TOP_RANK - 1] + [TOP_RANK] * 6 + [TOP_RANK - 1]
+    ranks[30:34] = [TOP_RANK - 1, TOP_RANK, TOP_RANK, TOP_RANK - 1]
+    heads = blind_heads(ranks, 20, ranks > 0, seed=3)
+    small = SharedSpans(own=1.0, fact_share=0.25, fact_order="nearest", fact_whole=1)  # 5 fact keys of 20
+    one = replace(small, fact_one_whole=True)
+    for c in small.select_group(heads, [small.head_scores(p) for p in heads]):
+        kept = set(c.indices.tolist())
+        assert not kept & set(range(10, 19)) and set(range(30, 34)) <= kept
+    for c in one.select_group(heads, [one.head_scores(p) for p in heads]):
+        kept = set(c.indices.tolist())
+        assert set(range(11, 19)) <= kept and not kept & set(range(30, 34)) and len(c.indices) == 20
+    tight = [replace(p, t=14) for p in heads]  # the 8-key unit is over half of 14 keys: not forced in
+    for c in one.select_group(tight, [one.head_scores(p) for p in tight]):
+        assert not set(c.indices.tolist()) & set(range(11, 19))
+    with pytest.raises(ValueError, match="shared-spans"):
+        SharedSpans(fact_share=0.5, fact_one_whole=True)  # needs whole units
+
+
 def test_nearest_order_keeps_the_numbers_and_their_neighbours_when_facts_do_not_fit():
     """Attention does not find the digits of a number (bench/results/facts_diagnosis.md): with a
     fact budget smaller than the facts, fact ranks (fact_order "nearest") keep the numbers and the
@@ -386,22 +410,25 @@ def test_the_whole_method_keeps_the_longer_number_whole_when_both_do_not_fit(loa
     keys the selection takes, and that it takes no number in part, is pinned above on planted heads:
     here the fitted keys may add any token)."""
     from conftest import session_kwargs
-    from kvlocal.am import get_method
+    from kvlocal.am import DEFAULT_METHOD, get_method
     from kvlocal.am.spans import whole_units
     from kvlocal.engine.session import Session
 
     with Session(load_model("llama-gqa"), n_ctx=1024, capture=True, **session_kwargs("llama-gqa")) as s:
         layout = s.ingest_document(TWO_NUMBERS, capture_queries=True)
         snap, queries, pieces = s.snapshot(), s.context_queries, s.token_texts(layout.length)
-    method = get_method("am-facts-omp-whole")
+    method = get_method(DEFAULT_METHOD)
     ranks = method.fact_ranks(pieces)
     ranks[: layout.doc_start] = 0
     units = whole_units(ranks, method.selector.fact_whole)
     assert len(units) == 2 and (ranks[units[0]] == TOP_RANK).sum() > (ranks[units[1]] == TOP_RANK).sum()
     n_doc = layout.doc_end - layout.doc_start
-    ratio = next(r for r in np.arange(2.0, 12.0, 0.25)  # the share holds the long number, not both
-                 if len(units[0]) <= round(method.fact_budget_share(n_doc, int(n_doc / r)) * int(n_doc / r))
-                 < len(units[0]) + len(units[1]))
+
+    def holds_one(t):  # the facts' share of t keys holds the long number, not both
+        return len(units[0]) <= round(method.fact_budget_share(n_doc, t) * t) < len(units[0]) + len(units[1])
+
+    ratio = next(r for r in np.arange(2.0, 12.0, 0.25)  # whichever way the compactor rounds the budget
+                 if holds_one(int(n_doc / r)) and holds_one(int(n_doc / r) + 1))
     cache, report = Compactor(method, ratio=ratio, seed=0).compact(snap, layout.doc_start, layout.doc_end, queries,
                                                                   facts=ranks)
     checked = 0
@@ -495,6 +522,32 @@ def test_fact_share_falls_beyond_fact_until():
         own = HighestAttnKeys().scores(p)
         non_fact = np.flatnonzero(~facts)
         assert set(non_fact[np.argsort(-own[non_fact], kind="stable")[:1]]) <= set(c.indices.tolist())
+
+
+def test_fact_share_can_fall_slower_than_the_ratio():
+    s = SharedSpans(own=1.0, fact_share=0.5, fact_until=10.0, fact_falloff=0.5)
+    assert [round(s.share_of_facts(3000, 3000 // r), 3) for r in (2, 5, 10, 20, 50)] == [0.5, 0.5, 0.5, 0.354, 0.224]
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="shared-spans"):
+            SharedSpans(fact_share=0.5, fact_until=10.0, fact_falloff=bad)
+
+
+def test_the_default_gives_facts_at_most_half_of_a_heads_budget():
+    """Eight one-token numbers on heads that never attend to them: at 5x (12 keys of 60) the default
+    keeps six of them and fits the other half of the budget; the default before it (facts up to the
+    whole budget at 5x) keeps all eight.  At 10x both keep three.  (The rest of the budget is chosen by
+    attention here, not by OMP and not pooled, so that it cannot reach a blind key.)"""
+    from kvlocal.am import DEFAULT_METHOD, get_method
+
+    ranks = np.zeros(60, np.uint8)
+    ranks[20:52:4] = TOP_RANK
+    numbers = set(np.flatnonzero(ranks).tolist())
+    for t, method, kept in ((12, DEFAULT_METHOD, 6), (12, "am-facts-omp-whole", 8), (6, DEFAULT_METHOD, 3),
+                            (6, "am-facts-omp-whole", 3)):
+        sel = replace(get_method(method).selector, span=1, own_omp=None)
+        heads = blind_heads(ranks, t, ranks > 0, seed=5)
+        for c in sel.select_group(heads, [sel.head_scores(p) for p in heads]):
+            assert len(c.indices) == t and len(numbers & set(c.indices.tolist())) == kept, (t, method)
 
 
 def test_shared_spans_can_rank_by_kvzip_scores():
