@@ -38,7 +38,7 @@ test: setup
 	exit $$rc
 
 # the second evaluation model (optional, never needed by `make test`): gemma3-270m, a base model
-GEMMA3_METHODS := am-facts-omp-whole:repeat+self-study,am-facts-omp-names:repeat+self-study,am-facts-omp:repeat+self-study,am-facts:repeat,am-highest:repeat,am-highest:repeat+self-study,am-omp-fast:repeat,truncate,streaming-llm,h2o:context,snapkv:self-study,kvzip:kvzip,kvzip-uniform:kvzip
+GEMMA3_METHODS := am-facts-omp-half:repeat+self-study,am-facts-omp-whole:repeat+self-study,am-facts-omp-names:repeat+self-study,am-facts-omp:repeat+self-study,am-facts:repeat,am-highest:repeat,am-highest:repeat+self-study,am-omp-fast:repeat,truncate,streaming-llm,h2o:context,snapkv:self-study,kvzip:kvzip,kvzip-uniform:kvzip
 
 bench: setup
 	$(PIP) install -q -e '.[bench]'
@@ -51,12 +51,17 @@ bench: setup
 	$(VPY) bench/niah_diagnosis.py
 	$(VPY) bench/facts_diagnosis.py
 	$(VPY) bench/facts_heldout.py
+	$(VPY) bench/fact_budget.py
 	$(VPY) bench/name_needles.py --kinds name
 	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --out name_needles_heldout
 	$(VPY) bench/name_needles.py --kinds words,name,number --methods "am-facts-omp-names,+ numbers in words,truncate,snapkv" \
 		--out word_numbers
 	$(VPY) bench/name_needles.py --kinds number,name --out whole_numbers \
 		--methods "am-facts-omp-names,am-facts-omp-whole,+ whole numbers (2),+ whole numbers (4),+ names beside numbers,truncate,snapkv"
+	$(VPY) bench/name_needles.py --kinds name,number --out fact_budget_needles \
+		--methods "am-facts-omp-whole,am-facts-omp-half,truncate,snapkv"
+	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --out fact_budget_needles_heldout \
+		--methods "am-facts-omp-whole,am-facts-omp-half,truncate,snapkv"
 	$(VPY) bench/fact_share.py
 	$(VPY) bench/influence_budgets.py
 	$(VPY) bench/long_document.py
@@ -82,7 +87,7 @@ bench: setup
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.gemma3)" --parts niah --methods $(GEMMA3_METHODS) \
 		--out bench/results/gemma3-niah
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts quality,niah --ratios 100,200 \
-		--methods am-facts-omp-whole:repeat+self-study,am-facts-omp-names:repeat+self-study,am-facts-omp:repeat+self-study,truncate,streaming-llm,h2o:context,snapkv:self-study \
+		--methods am-facts-omp-half:repeat+self-study,am-facts-omp-whole:repeat+self-study,am-facts-omp-names:repeat+self-study,am-facts-omp:repeat+self-study,truncate,streaming-llm,h2o:context,snapkv:self-study \
 		--out bench/results/extreme
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts summary --summary-no-repeat 0 \
 		--methods am-facts-omp:repeat+self-study --ratios 50 --out bench/results/summarize-ngram0

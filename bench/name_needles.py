@@ -21,7 +21,9 @@ hold-out):
   + whole numbers (d)      am-facts-omp-names keeping, when the numbers do not all fit with their d
                            nearest tokens, whole numbers with those tokens (the most number tokens
                            first) and none in part; d = 3 is am-facts-omp-whole
-  am-facts-omp-whole       the default
+  am-facts-omp-whole       the default before am-facts-omp-half
+  am-facts-omp-half        the default: am-facts-omp-whole with the facts' share capped at half of the
+                           budget up to 10x, 0.5 sqrt(10/ratio) beyond (bench/results/fact_budget.md)
   truncate, snapkv         baselines (snapkv on the self-study queries)
 
 Needles: the whole name (the 7-digit number; a number in words, in words or digits) in the greedy
@@ -52,6 +54,7 @@ def variants():
         "+ rare names": replace(names, selector=like_numbers, name="+ rare names"),
         "am-facts-omp-names": names,
         "am-facts-omp-whole": get_method("am-facts-omp-whole"),
+        "am-facts-omp-half": get_method("am-facts-omp-half"),
         "+ names beside numbers": replace(names, selector=replace(names.selector, fact_names_with_numbers=True),
                                           name="+ names beside numbers"),
         "+ numbers in words": replace(names, selector=replace(names.selector, fact_number_words=True,

@@ -9,11 +9,11 @@ generic score keeps it whole in almost no layer.  Numbers are what users ask abo
 ``SharedSpans`` (``fact_share``) keeps the sentences holding them in every head, and am-facts keeps
 those keys verbatim and fits everything else around them.  Proper names are found too
 (``names=True``), but a story names its people on every page; the ones at risk are those it
-names once or twice (``rare``), and am-facts-omp-names and the default (am-facts-omp-whole) keep
-those after the numbers, while room is left.  When the facts do not all fit, ``fact_ranks`` says
+names once or twice (``rare``), and am-facts-omp-names and the methods built on it (the default,
+am-facts-omp-half) keep those after the numbers, while room is left.  When the facts do not all fit, ``fact_ranks`` says
 which go first: the numbers, then their sentences outward from them (am-facts-omp-near and the
-methods built on it), since attention cannot tell; the default keeps whole numbers with their
-nearest tokens when not all of them fit (``kvlocal.am.spans.whole_units``).  Numbers written in
+methods built on it), since attention cannot tell; am-facts-omp-whole and the default keep whole
+numbers with their nearest tokens when not all of them fit (``kvlocal.am.spans.whole_units``).  Numbers written in
 words (``number_words``) and names ranked with the number of their sentence
 (``names_with_numbers``) were measured and are not used by any method
 (bench/results/word_numbers.md, bench/results/whole_numbers.md).

@@ -20,9 +20,14 @@
                       numbers keep their whole share; the rest stays fitted) (the default before
                       am-facts-omp-whole)
     am-facts-omp-whole
-                      THE DEFAULT: am-facts-omp-names keeping whole numbers when the numbers do not all fit with their 3
+                      am-facts-omp-names keeping whole numbers when the numbers do not all fit with their 3
                       nearest tokens: each number with those tokens, the most number tokens first, and none
-                      in part (kvlocal.am.spans.whole_units)
+                      in part (kvlocal.am.spans.whole_units) (the default before am-facts-omp-half)
+    am-facts-omp-half
+                      THE DEFAULT: am-facts-omp-whole with the facts taking at most half of a head's budget:
+                      half up to 10x (not the whole budget up to 5x), then 0.5 sqrt(10/ratio) of it (not
+                      5/ratio), so that the fitted keys keep half at low ratios and a whole number still
+                      fits at 50x (bench/results/fact_budget.md)
     am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the
                       facts leave; beta and values fitted around the facts as in am-facts; designed for
                       repeat + self-study queries (the default before am-facts-omp-near)
