@@ -1,9 +1,10 @@
 """Needles on haystacks the method was not developed on: other stories, other needle seeds.
 
-am-facts, am-facts-omp, am-facts-omp-near and am-facts-omp-names were developed on the evaluation grid's
-haystacks (SQuALITY dev stories 0 and 1, seeds 0 and 1).  This bench builds 3,000-token haystacks
-from dev stories 5 and 9 with needle seed 7 and compares them against am-highest, truncate and
-SnapKV at 5x, 10x and 20x (and the defaults, truncate and SnapKV at 50x), through the same harness (cells cached under --cache, so a rerun only
+am-facts, am-facts-omp and the defaults built on them (am-facts-omp-near, -names, -whole, -half)
+were developed on the evaluation grid's haystacks (SQuALITY dev stories 0 and 1, seeds 0 and 1).
+This bench builds 3,000-token haystacks from dev stories 5 and 9 with needle seed 7 and compares
+them against am-highest, truncate and SnapKV at 5x, 10x and 20x (and the two newest defaults,
+truncate and SnapKV at 50x), through the same harness (cells cached under --cache, so a rerun only
 writes the report).
 
     python bench/facts_heldout.py [--cache DIR]

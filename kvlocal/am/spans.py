@@ -87,8 +87,8 @@ class SharedSpans(GroupSelector):
     each sentence's tokens by their distance to its nearest number.  With ``fact_whole``, numbers
     that do not all fit with their ``fact_whole`` nearest tokens are kept as whole units
     (``whole_units``) and none in part; with ``fact_one_whole`` the share grows to hold the first
-    unit in that order when it is smaller (and that unit is at most half of the budget).  Without facts (no ``facts`` on the problems) the first
-    step keeps nothing."""
+    unit in that order when it is smaller (and that unit is at most half of the budget).  Without
+    facts (no ``facts`` on the problems) the first step keeps nothing."""
 
     agg: str = "rms"
     span: int = 5
@@ -99,7 +99,7 @@ class SharedSpans(GroupSelector):
     fact_until: float | None = None  # facts' share falls as (fact_until / ratio) ** fact_falloff beyond this ratio
     fact_falloff: float = 1.0
     fact_one_whole: bool = False  # with fact_whole: the share holds at least the first whole unit, while that is
-    #                               at most half of the head's budget
+    #                               at most half of the head's budget (measured, used by no method)
     fact_span: int = 1
     fact_names: bool = False  # proper names count as facts too (numbers always do)
     fact_rare: int | None = None  # with fact_names: only names mentioned at most this many times
@@ -119,8 +119,8 @@ class SharedSpans(GroupSelector):
         HighestAttnKeys(self.agg)  # validates agg
         if self.score not in ("attention", "kvzip"):
             raise ValueError(f"score must be 'attention' or 'kvzip', not {self.score!r}")
-        if self.span < 1 or self.fact_span < 1 or not self.fact_falloff > 0 or not 0 <= self.own <= 1 or not 0 <= self.fact_share <= 1 \
-                or (self.fact_until is not None and not self.fact_until > 0) \
+        if self.span < 1 or self.fact_span < 1 or not 0 <= self.own <= 1 or not 0 <= self.fact_share <= 1 \
+                or (self.fact_until is not None and not self.fact_until > 0) or not self.fact_falloff > 0 \
                 or self.scope not in ("layer", "model") or self.queries not in ("all", "recall") \
                 or self.fact_order not in ("attention", "nearest") \
                 or (self.fact_rare is not None and self.fact_rare < 1) or not 0 <= self.fact_names_upto <= 1 \
@@ -169,9 +169,10 @@ class SharedSpans(GroupSelector):
 
     def share_of_facts(self, n_keys: int, t: int) -> float:
         """The share of a head's budget facts may take: ``fact_share``, scaled down by
-        ``fact_until / ratio`` once the block's ratio n_keys / t passes ``fact_until``.  Verbatim facts
-        cost one key each at any ratio; at high ratios the fitted keys are worth more (measured:
-        bench/results/facts-quality/)."""
+        ``(fact_until / ratio) ** fact_falloff`` once the block's ratio n_keys / t passes
+        ``fact_until``.  Verbatim facts cost one key each at any ratio; at high ratios the fitted keys
+        are worth more (measured: bench/results/facts-quality/), but a share that falls as fast as
+        the budget (fall-off 1) soon holds no whole number (bench/results/fact_budget.md)."""
         if self.fact_until is None or t <= 0:
             return self.fact_share
         return self.fact_share * min(1.0, self.fact_until * t / n_keys) ** self.fact_falloff
