@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from common import machine, write_report
@@ -43,8 +44,6 @@ METRICS = (("R", "retention R", "{:.3f}"), ("niah", "needles (of 16)", None), ("
 
 
 def register_variants() -> None:
-    from dataclasses import replace
-
     from kvlocal.am.methods import METHODS, get_method
 
     def variant(name, **changes):
@@ -72,15 +71,16 @@ def main() -> int:
     register_variants()
     t0 = time.perf_counter()
     model = binding.Model(str(ensure_model()))
-    got, n_needles = {}, None
-    for method, queries, ratios, _ in ROWS:
-        ev = Evaluator(model, EvalConfig(methods=((method, queries),), ratios=ratios), args.cache, progress=False)
+    grid = EvalConfig()
+    n_needles = grid.needles * len(grid.haystack_stories)
+    got = {}
+    for method, queries, ratios, _ in ROWS:  # one evaluator per row: the rows run at different ratios
+        ev = Evaluator(model, replace(grid, methods=((method, queries),), ratios=ratios), args.cache, progress=False)
         ev.run(("quality", "niah"))
         res = collect(ev)
-        n_needles = ev.cfg.needles * len(ev.cfg.haystack_stories)
-        full = res["refs"]["full"]["niah"]
         for (_, ratio), row in res["rows"].items():
             got[(label(method, queries), ratio)] = row
+    full = res["refs"]["full"]["niah"]  # the same documents in every row
     lines = [
         "# The facts' share of each head's budget",
         "",

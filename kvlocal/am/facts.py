@@ -10,13 +10,13 @@ generic score keeps it whole in almost no layer.  Numbers are what users ask abo
 those keys verbatim and fits everything else around them.  Proper names are found too
 (``names=True``), but a story names its people on every page; the ones at risk are those it
 names once or twice (``rare``), and am-facts-omp-names and the methods built on it (the default,
-am-facts-omp-half) keep those after the numbers, while room is left.  When the facts do not all fit, ``fact_ranks`` says
-which go first: the numbers, then their sentences outward from them (am-facts-omp-near and the
-methods built on it), since attention cannot tell; am-facts-omp-whole and the default keep whole
-numbers with their nearest tokens when not all of them fit (``kvlocal.am.spans.whole_units``).  Numbers written in
-words (``number_words``) and names ranked with the number of their sentence
-(``names_with_numbers``) were measured and are not used by any method
-(bench/results/word_numbers.md, bench/results/whole_numbers.md).
+am-facts-omp-half) keep those after the numbers, while room is left.  When the facts do not all
+fit, ``fact_ranks`` says which go first: the numbers, then their sentences outward from them
+(am-facts-omp-near and the methods built on it), since attention cannot tell; am-facts-omp-whole
+and the default keep whole numbers with their nearest tokens when not all of them fit
+(``kvlocal.am.spans.whole_units``).  Numbers written in words (``number_words``) and names ranked
+with the number of their sentence (``names_with_numbers``) were measured and are not used by any
+method (bench/results/word_numbers.md, bench/results/whole_numbers.md).
 
 A token is a fact token when it overlaps
   * a number: a digit run, with inner separators (3.5, 1,200, 12:30, 2026-11-24);

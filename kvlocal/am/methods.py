@@ -178,6 +178,14 @@ def _facts(share: float = 1.0, window: int | None = None, until: float | None = 
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 
+def _facts_omp(share: float = 1.0, until: float = 5.0, stages: int = 1, **facts) -> Method:
+    """am-facts-omp and the methods built on it: ``_facts`` with each head's other keys chosen by OMP
+    (4 keys per step, refit every 2nd), the facts verbatim, the rest fitted around them (box NNLS,
+    values anchored to V[S]); repeat + self-study queries."""
+    return Method(_facts(share, until=until, omp=OMP(k_choice=4, refit_interval=2), **facts), BoxNNLS(),
+                  AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True, stages=stages)
+
+
 _FACTORIES = {
     "am-highest": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), LeastSquaresValues()),
     "am-highest-exact": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(method="exact"), LeastSquaresValues()),
@@ -194,22 +202,12 @@ _FACTORIES = {
     "am-facts": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True),
     "am-facts-kvzip": lambda: Method(_facts(until=5.0, score="kvzip"), BoxNNLS(), AnchoredValues(), ("kvzip",),
                                      verbatim_facts=True),
-    "am-facts-omp-near": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2), order="nearest"),
-                                        BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
-    "am-facts-omp-names": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2),
-                                                order="nearest", rare_names=2),
-                                         BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
-    "am-facts-omp-whole": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2),
-                                                order="nearest", rare_names=2, whole=3),
-                                         BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
-    "am-facts-omp-half": lambda: Method(_facts(0.5, until=10.0, falloff=0.5, omp=OMP(k_choice=4, refit_interval=2),
-                                               order="nearest", rare_names=2, whole=3),
-                                        BoxNNLS(), AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
-    "am-facts-omp": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),
-                                   AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True),
-    "am-facts-omp-onpolicy": lambda: Method(_facts(until=5.0, omp=OMP(k_choice=4, refit_interval=2)), BoxNNLS(),
-                                            AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True,
-                                            stages=3),
+    "am-facts-omp-near": lambda: _facts_omp(order="nearest"),
+    "am-facts-omp-names": lambda: _facts_omp(order="nearest", rare_names=2),
+    "am-facts-omp-whole": lambda: _facts_omp(order="nearest", rare_names=2, whole=3),
+    "am-facts-omp-half": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3),
+    "am-facts-omp": lambda: _facts_omp(),
+    "am-facts-omp-onpolicy": lambda: _facts_omp(stages=3),
     "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,
                                         stages=3),
     "am-highest-onpolicy": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), LeastSquaresValues(), stages=3),
