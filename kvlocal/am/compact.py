@@ -64,6 +64,14 @@ def _facts_first(is_fact: np.ndarray) -> np.ndarray:
     return np.concatenate([np.flatnonzero(is_fact), np.flatnonzero(~is_fact)])
 
 
+def _kept_everywhere(kept: list[np.ndarray]) -> np.ndarray:
+    """The cells every one of ``kept`` (per head: the cells it keeps) holds."""
+    common = kept[0]
+    for k in kept[1:]:
+        common = np.intersect1d(common, k, assume_unique=True)
+    return common
+
+
 def _whole(snap: KVSnapshot, cells: np.ndarray, li: int, h: int, bias) -> HeadResult:
     """A head kept as it is: every key with the bias it carries and its own value."""
     b = np.zeros(len(cells), np.float32) if bias is None else np.asarray(bias[li], np.float32)[cells, h]
@@ -207,7 +215,7 @@ class Compactor:
                 err = head_errors(problem(li, h, p.t, q_test), res) if q_test is not None and q_test.n_tokens else None
                 return res, err
 
-            blocks = [[None] * n_head_kv for _ in range(n_layers)]
+            solved = {}  # (li, h): (result, the chunk's cells it keeps)
             left = [n_head_kv] * n_layers
             for (li, h), (res, err) in self._map(solve, [(li, h) for li in range(n_layers) for h in range(n_head_kv)]):
                 if li not in whole:
@@ -220,19 +228,26 @@ class Compactor:
                     acc["mass_err"] += err["mass_err"]
                     acc["n"] += 1
                 kept += res.t
-                kept_cells = cells[res.indices]
-                # verbatim facts first, in position order: a fact every head keeps takes the same
-                # slot in every head (and layer), so a later re-compaction can still tell it is one
-                order = _facts_first(facts[pos[kept_cells]] > 0) if facts is not None and method.verbatim_facts \
-                    else slice(None)
-                kept_cells = kept_cells[order]
-                blocks[li][h] = HeadBlock(snap.keys[li][kept_cells, h], res.values[order], res.beta[order],
-                                          pos[kept_cells])
+                solved[(li, h)] = res, cells[res.indices]
                 left[li] -= 1
                 if not left[li]:
                     done += 1
                     if progress is not None:
                         progress(done, steps)
+            # the verbatim facts every head keeps first, in position order: such a fact takes the same
+            # slot in every head and layer, so a later re-compaction can still tell it is one
+            common = _kept_everywhere([kc[facts[pos[kc]] > 0] for _, kc in solved.values()]) \
+                if facts is not None and method.verbatim_facts else None
+            blocks = [[None] * n_head_kv for _ in range(n_layers)]
+            for (li, h), (res, kept_cells) in solved.items():
+                if common is None:
+                    order = slice(None)
+                else:
+                    by_pos = np.argsort(kept_cells, kind="stable")
+                    order = by_pos[_facts_first(np.isin(kept_cells[by_pos], common))]
+                kept_cells = kept_cells[order]
+                blocks[li][h] = HeadBlock(snap.keys[li][kept_cells, h], res.values[order], res.beta[order],
+                                          pos[kept_cells])
             segments.append(per_head_segment(blocks, lo_pos, hi_pos, snap.dtype))
         segments.append(shared_segment(snap, np.flatnonzero(pos >= hi), bias))
         cache = assemble([s for s in segments if s.n_cells], T)
