@@ -104,7 +104,8 @@ def main() -> int:
         whole: bool = False  # no copy heads: the numbers whole, fewest tokens first, everywhere
 
         def rank_group(self, problems, scores):
-            shared, order, units = super().rank_group(problems, scores)
+            ranked = super().rank_group(problems, scores)
+            shared, order = ranked.scores, ranked.fact_order
             if self.whole and order is not None:
                 ranks = problems[0].fact_ranks
                 group, place_of = fact_groups(ranks)
@@ -112,7 +113,7 @@ def main() -> int:
                 place[np.argsort(-shared, kind="stable")] = np.arange(len(shared)) / len(shared)
                 g = np.where(group >= 0, place_of[np.maximum(group, 0)], len(place_of))
                 order = np.where(ranks > 0, ranks - (g + place) / (len(place_of) + 1), -np.inf)
-            return shared, order, units
+            return replace(ranked, fact_order=order)
 
         def fill(self, p, shared):
             if self.whole:

@@ -24,6 +24,11 @@ hold-out):
   am-facts-omp-whole       the default before am-facts-omp-half
   am-facts-omp-half        the default: am-facts-omp-whole with the facts' share capped at half of the
                            budget up to 10x, 0.5 sqrt(10/ratio) beyond (bench/results/fact_budget.md)
+  + cores first            am-facts-omp-cores: the default with every fact's core (a number or a name
+                           with its 3 nearest tokens) before the rest of any sentence
+  + cores first and whole names
+                           and names whose cores do not all fit kept whole (full names first), none in
+                           part
   truncate, snapkv         baselines (snapkv on the self-study queries)
 
 Needles: the whole name (the 7-digit number; a number in words, in words or digits) in the greedy
@@ -62,9 +67,20 @@ def variants():
                                       name="+ numbers in words"),
         **{f"+ whole numbers ({d})": replace(names, selector=replace(names.selector, fact_whole=d),
                                              name=f"+ whole numbers ({d})") for d in (2, 4)},
+        "+ cores first": _cores_first(),
+        "+ cores first and whole names": _cores_first(whole_names=True),
         "truncate": get_method("truncate"),
         "snapkv": get_method("snapkv"),
     }
+
+
+def _cores_first(whole_names: bool = False):
+    from kvlocal.am.methods import get_method
+
+    cores = get_method("am-facts-omp-cores")
+    if not whole_names:
+        return replace(cores, name="+ cores first")
+    return replace(cores, selector=replace(cores.selector, fact_name_whole=True), name="+ cores first and whole names")
 
 
 def main() -> int:

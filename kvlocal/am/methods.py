@@ -28,6 +28,10 @@
                       half up to 10x (not the whole budget up to 5x), then 0.5 sqrt(10/ratio) of it (not
                       5/ratio), so that the fitted keys keep half at low ratios and a whole number still
                       fits at 50x (bench/results/fact_budget.md)
+    am-facts-omp-cores
+                      am-facts-omp-half keeping every fact's core first: each number, then each rare name,
+                      with its 3 nearest tokens, before the rest of any sentence (SharedSpans.fact_cores);
+                      more names and a lower KL, less retention at 5x (bench/results/fact_cores.md)
     am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the
                       facts leave; beta and values fitted around the facts as in am-facts; designed for
                       repeat + self-study queries (the default before am-facts-omp-near)
@@ -162,19 +166,22 @@ def _recall(own: float = 0.5) -> SharedSpans:
 
 def _facts(share: float = 1.0, window: int | None = None, until: float | None = None, falloff: float = 1.0,
            score: str = "attention", omp: OMP | None = None, order: str = "attention",
-           rare_names: int | None = None, whole: int | None = None) -> SharedSpans:
+           rare_names: int | None = None, whole: int | None = None, cores: bool = False) -> SharedSpans:
     """Every sentence with a number (or, with ``window``, the ``window`` positions around each
     number token) kept in every head, up to ``share`` of the budget (if they do not fit: ranked by
     rms attention, or with ``order`` "nearest" the numbers first and then their sentences outward
     from them); the rest of each head's budget: its own HighestAttnKeys (or ``omp``) choice.  With
     ``rare_names``, the names mentioned at most that often count as facts too, after the numbers and
     only while the facts hold less than half of a head's budget; with ``whole``, numbers that do not
-    all fit with their ``whole`` nearest tokens are kept whole, the most number tokens first."""
+    all fit with their ``whole`` nearest tokens are kept whole, the most number tokens first; with
+    ``cores``, every number's and name's core (with its ``whole`` nearest tokens) before the rest of
+    any sentence."""
     if window is None:
         names = rare_names is not None
         return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_falloff=falloff, score=score,
                            own_omp=omp, fact_order=order, fact_names=names, fact_rare=rare_names,
-                           fact_names_below=names, fact_names_upto=0.5 if names else 1.0, fact_whole=whole)
+                           fact_names_below=names, fact_names_upto=0.5 if names else 1.0, fact_whole=whole,
+                           fact_cores=cores)
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 
@@ -206,6 +213,8 @@ _FACTORIES = {
     "am-facts-omp-names": lambda: _facts_omp(order="nearest", rare_names=2),
     "am-facts-omp-whole": lambda: _facts_omp(order="nearest", rare_names=2, whole=3),
     "am-facts-omp-half": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3),
+    "am-facts-omp-cores": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3,
+                                             cores=True),
     "am-facts-omp": lambda: _facts_omp(),
     "am-facts-omp-onpolicy": lambda: _facts_omp(stages=3),
     "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,

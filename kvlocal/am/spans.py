@@ -16,7 +16,7 @@ values head by head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.ndimage import maximum_filter1d
@@ -62,16 +62,43 @@ class GroupSelector(KeySelector):
         return self.select_group([p], [self.head_scores(p)])[0]
 
 
-def whole_units(ranks: np.ndarray, depth: int) -> list[np.ndarray]:
+def whole_units(ranks: np.ndarray, depth: int, top: int = facts.TOP_RANK) -> list[np.ndarray]:
     """The numbers of a document with their ``depth`` nearest tokens (fact ranks of the numbers' tier:
     ``TOP_RANK`` down to ``TOP_RANK - depth``), one unit per run of such tokens, in the order a budget
     too small for all of them keeps them: the most number tokens first (a seven-digit number before a
-    year, a year before "2"; a number kept in part says nothing), then the shorter, then the earlier."""
-    core = np.concatenate([[False], ranks.astype(np.int64) >= facts.TOP_RANK - depth, [False]])
+    year, a year before "2"; a number kept in part says nothing), then the shorter, then the earlier.
+    ``top`` ``NAME_RANK``: the names' units alike (a full name before a first name)."""
+    r = ranks.astype(np.int64)
+    core = np.concatenate([[False], (r >= top - depth) & (r <= top), [False]])
     edges = np.flatnonzero(core[1:] != core[:-1])
     spans = list(zip(edges[::2], edges[1::2], strict=True))
-    key = [(-int((ranks[a:b] == facts.TOP_RANK).sum()), b - a, a) for a, b in spans]
+    key = [(-int((r[a:b] == top).sum()), b - a, a) for a, b in spans]
     return [np.arange(a, b) for (_, _, a), (a, b) in sorted(zip(key, spans, strict=True))]
+
+
+@dataclass
+class Ranking:
+    """What ``SharedSpans.rank_group`` shares among a group's heads: the keys' shared ranking
+    (``scores``) and, when the selector keeps facts, the order its fact keys are kept in
+    (``fact_order``: higher first, -inf no fact), which keys are numbers' facts, the numbers' whole
+    units and, with ``fact_name_whole``, the names' whole units."""
+
+    scores: np.ndarray
+    fact_order: np.ndarray | None = None
+    numbers: np.ndarray | None = None
+    units: list = field(default_factory=list)
+    names: list = field(default_factory=list)
+
+
+def core_tiers(ranks: np.ndarray, depth: int) -> np.ndarray:
+    """Per key with fact ranks ``ranks`` (numbers above names, kvlocal.am.facts.fact_ranks with
+    ``names_below``): the tier a core-first selector keeps it in, highest first: 3 a number's core
+    (the number and its ``depth`` nearest tokens), 2 a name's core, 1 the rest of a number's
+    sentence, 0 the rest of a name's sentence (and every key that is no fact).  A name with the
+    words before it says who did what; the far end of a number's sentence says less than either."""
+    r = ranks.astype(np.int64)
+    return np.select([r >= facts.TOP_RANK - depth, (r <= facts.NAME_RANK) & (r >= facts.NAME_RANK - depth),
+                      r > facts.NAME_RANK], [3, 2, 1], 0)
 
 
 @dataclass
@@ -87,7 +114,9 @@ class SharedSpans(GroupSelector):
     each sentence's tokens by their distance to its nearest number.  With ``fact_whole``, numbers
     that do not all fit with their ``fact_whole`` nearest tokens are kept as whole units
     (``whole_units``) and none in part; with ``fact_one_whole`` the share grows to hold the first
-    unit in that order when it is smaller (and that unit is at most half of the budget).  Without
+    unit in that order when it is smaller (and that unit is at most half of the budget).  With
+    ``fact_cores``, every fact's core (``core_tiers``) comes before the rest of any sentence, and with
+    ``fact_name_whole`` names whose cores do not all fit are kept as whole units too.  Without
     facts (no ``facts`` on the problems) the first step keeps nothing."""
 
     agg: str = "rms"
@@ -110,6 +139,9 @@ class SharedSpans(GroupSelector):
     #                               this share of a head's budget (numbers keep their whole share)
     fact_whole: int | None = None  # numbers that do not all fit with their fact_whole nearest tokens: whole
     #                                ones first (see ``whole_units``), none in part
+    fact_cores: bool = False  # with fact_whole and fact_names_below: every fact's core (a number's or a name's
+    #                           fact_whole nearest tokens) before any sentence's tail (``core_tiers``)
+    fact_name_whole: bool = False  # with fact_cores: names whose cores do not all fit are kept whole, none in part
     fact_sentences: bool = True  # a number keeps its whole sentence
     fact_order: str = "attention"  # "nearest": numbers first, then their sentences outward from them
     score: str = "attention"  # "attention": agg over the queries; "kvzip": the engine-measured key scores
@@ -125,7 +157,9 @@ class SharedSpans(GroupSelector):
                 or self.fact_order not in ("attention", "nearest") \
                 or (self.fact_rare is not None and self.fact_rare < 1) or not 0 <= self.fact_names_upto <= 1 \
                 or (self.fact_whole is not None and (self.fact_whole < 0 or self.fact_order != "nearest")) \
-                or (self.fact_one_whole and self.fact_whole is None):
+                or (self.fact_one_whole and self.fact_whole is None) \
+                or (self.fact_cores and (self.fact_whole is None or not self.fact_names_below)) \
+                or (self.fact_name_whole and not self.fact_cores):
             raise ValueError(f"invalid shared-spans settings {self}")
 
     def fact_ranks(self, pieces) -> np.ndarray | None:
@@ -156,16 +190,21 @@ class SharedSpans(GroupSelector):
         if self.span > 1:
             shared = maximum_filter1d(shared, self.span, mode="nearest")
         ranks = problems[0].fact_ranks
-        fact_order = None  # per key: its fact rank, ties broken by the shared ranking; -inf: no fact
-        units = []
+        out = Ranking(shared)
         if self.fact_share > 0 and ranks is not None and ranks.any():
             ranks = maximum_filter1d(ranks, self.fact_span, mode="constant")  # a fact's neighbours share its rank
             place = np.empty(T)
             place[np.argsort(-shared, kind="stable")] = np.arange(T) / T  # 0 for the best, in [0, 1)
-            fact_order = np.where(ranks > 0, ranks - place, -np.inf)
+            order = ranks.astype(np.float64)
+            if self.fact_cores:
+                order += (facts.TOP_RANK + 1) * core_tiers(ranks, self.fact_whole)
+            out.fact_order = np.where(ranks > 0, order - place, -np.inf)
+            out.numbers = ranks > facts.NAME_RANK if self.fact_names_below else ranks > 0
             if self.fact_whole is not None:
-                units = whole_units(ranks, self.fact_whole)
-        return shared, fact_order, units
+                out.units = whole_units(ranks, self.fact_whole)
+            if self.fact_name_whole:
+                out.names = whole_units(ranks, self.fact_whole, facts.NAME_RANK)
+        return out
 
     def share_of_facts(self, n_keys: int, t: int) -> float:
         """The share of a head's budget facts may take: ``fact_share``, scaled down by
@@ -177,8 +216,8 @@ class SharedSpans(GroupSelector):
             return self.fact_share
         return self.fact_share * min(1.0, self.fact_until * t / n_keys) ** self.fact_falloff
 
-    def fill(self, p: HeadProblem, shared) -> Selection:
-        shared, fact_order, units = shared  # rank_group's (ranking, order of the fact keys or None, whole units)
+    def fill(self, p: HeadProblem, shared: Ranking) -> Selection:
+        fact_order, units = shared.fact_order, shared.units
         taken = np.zeros(p.T, bool)
         t = min(p.t, p.T)
 
@@ -193,22 +232,29 @@ class SharedSpans(GroupSelector):
             n_facts = int(round(self.share_of_facts(p.T, t) * t))
             if self.fact_one_whole and units and n_facts < len(units[0]) <= t // 2:
                 n_facts = len(units[0])  # the number kept first, whole, rather than only lesser ones or none
-            numbers = fact_order > facts.NAME_RANK if self.fact_names_below else np.isfinite(fact_order)
             capped = (self.fact_names or self.fact_number_words) and self.fact_names_below and self.fact_names_upto < 1
             if sum(len(u) for u in units) > n_facts:  # not every number fits with its nearest tokens: whole ones
                 for u in units:
                     if int(taken.sum()) + len(u) <= n_facts:
                         taken[u] = True
-                fact_order = np.where(numbers, -np.inf, fact_order)  # no number in part; names may follow
+                fact_order = np.where(shared.numbers, -np.inf, fact_order)  # no number in part; names may follow
+            elif self.fact_cores:
+                for u in units:  # every number's core, then the rest in core_tiers' order
+                    taken[u] = True
             elif capped:
-                take(np.where(numbers, fact_order, -np.inf), n_facts)  # the numbers first
+                take(np.where(shared.numbers, fact_order, -np.inf), n_facts)  # the numbers first
             if capped:
                 n_facts = max(int(taken.sum()), min(n_facts, int(round(self.fact_names_upto * t))))
+            if shared.names and int(taken.sum()) + sum(len(u) for u in shared.names) > n_facts:  # names whole
+                for u in shared.names:
+                    if int(taken.sum()) + len(u) <= n_facts:
+                        taken[u] = True
+                fact_order = np.where(shared.numbers, fact_order, -np.inf)  # no name in part; numbers' tails may follow
             take(fact_order, n_facts - int(taken.sum()))
         n_own = int(round(self.own * (t - taken.sum())))
         if n_own and self.own_omp is not None:  # OMP explains the mass the facts leave
             taken[self.own_omp.select_around(p, np.flatnonzero(taken), n_own).indices] = True
         elif n_own:  # the head's own best keys (rms attention over all its queries, or its KVzip score)
             take(self._own_scores(p, "rms"), n_own)
-        take(shared, t - int(taken.sum()))
+        take(shared.scores, t - int(taken.sum()))
         return Selection(np.flatnonzero(taken))

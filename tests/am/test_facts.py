@@ -279,6 +279,93 @@ def test_numbers_that_do_not_all_fit_are_kept_whole_and_none_in_part():
             SharedSpans(fact_share=1.0, **{"fact_order": "nearest", **bad})
 
 
+def test_core_tiers_put_every_facts_core_above_every_sentence_tail():
+    from kvlocal.am.spans import core_tiers
+
+    ranks = np.array([0, TOP_RANK, TOP_RANK - 1, TOP_RANK - 2, NAME_RANK + 1, NAME_RANK, NAME_RANK - 2,
+                      NAME_RANK - 3, 1], np.uint8)
+    assert core_tiers(ranks, 2).tolist() == [0, 3, 3, 3, 1, 2, 2, 0, 0]
+    assert core_tiers(ranks, 0).tolist() == [0, 3, 1, 1, 1, 2, 0, 0, 0]
+
+
+def sentence_ranks(T, number=(), name=()):
+    """Fact ranks of a number's sentence (number at ``number[1]``, from ``number[0]`` to ``number[2]``)
+    and a name's (the same for ``name``), one less per token of distance, as fact_ranks gives them."""
+    ranks = np.zeros(T, np.uint8)
+    for span, top in ((number, TOP_RANK), (name, NAME_RANK)):
+        a, at, b = span or (0, 0, 0)
+        for i in range(a, b):
+            ranks[i] = top - abs(i - at)
+    return ranks
+
+
+def test_cores_first_keep_a_names_core_before_the_tail_of_a_numbers_sentence():
+    """A number in a long sentence (18 keys) and a name; 10 fact keys of 20.  Numbers first keeps
+    10 keys of the number's sentence and no name; cores first keeps the number and the name with
+    their nearest token each (3 + 3), then the nearest four of the number's tail; a name's tail comes
+    last."""
+    ranks = sentence_ranks(60, (2, 10, 20), (36, 40, 45))
+    heads = blind_heads(ranks, 20, ranks > 0, seed=4)
+    base = SharedSpans(own=1.0, fact_share=0.5, fact_order="nearest", fact_names=True, fact_names_below=True,
+                       fact_names_upto=0.5, fact_whole=1)
+    cores = replace(base, fact_cores=True)
+    for c in base.select_group(heads, [base.head_scores(p) for p in heads]):
+        assert not set(c.indices.tolist()) & set(range(36, 45))
+    for c in cores.select_group(heads, [cores.head_scores(p) for p in heads]):
+        kept = set(c.indices.tolist())
+        assert {9, 10, 11, 39, 40, 41} <= kept and len(c.indices) == 20
+        assert len(kept & set(range(2, 20))) == 7 and kept & set(range(2, 20)) == set(range(7, 14))
+        assert not kept & {36, 37, 38, 42, 43, 44}
+    roomy = [replace(p, t=56) for p in heads]  # every fact fits: the same keys either way
+    for a, b in zip(cores.select_group(roomy, [cores.head_scores(p) for p in roomy]),
+                    base.select_group(roomy, [base.head_scores(p) for p in roomy]), strict=True):
+        assert np.array_equal(a.indices, b.indices)
+    for bad in ({"fact_whole": None}, {"fact_names_below": False}):
+        with pytest.raises(ValueError, match="shared-spans"):
+            replace(cores, **bad)
+
+
+def test_cores_first_keep_no_numbers_tail_when_the_numbers_do_not_all_fit():
+    """Two numbers whose cores (5 keys each) do not both fit in 6 fact keys: one whole, then the
+    name's core; no key of either number's tail."""
+    ranks = sentence_ranks(60, (2, 10, 18), (36, 40, 45))
+    ranks = np.maximum(ranks, sentence_ranks(60, (20, 26, 31)))
+    heads = blind_heads(ranks, 20, ranks > 0, seed=5)
+    cores = SharedSpans(own=1.0, fact_share=0.3, fact_order="nearest", fact_names=True, fact_names_below=True,
+                        fact_names_upto=0.5, fact_whole=2, fact_cores=True)
+    for c in cores.select_group(heads, [cores.head_scores(p) for p in heads]):
+        kept = set(c.indices.tolist())
+        first = set(range(8, 13)) <= kept
+        assert first != (set(range(24, 29)) <= kept)  # one number whole
+        assert not kept & (set(range(2, 8)) | set(range(13, 18)) | set(range(20, 24)) | set(range(29, 31)))
+        assert 40 in kept and len(kept & set(range(36, 45))) == 1  # what is left: the name's best key
+
+
+def test_names_whose_cores_do_not_all_fit_are_kept_whole_the_full_names_first():
+    """Three names, each with its nearest token on either side: a full name (2 name keys, 4 with
+    its neighbours) and two single ones (3 keys each); 6 fact keys.  By rank every name keeps its own
+    keys and none of the words around it; whole names keep the full name whole and no other in part."""
+    from kvlocal.am.spans import whole_units
+
+    ranks = np.maximum(sentence_ranks(60, name=(8, 10, 13)), sentence_ranks(60, name=(28, 30, 33)))
+    ranks = np.maximum(ranks, sentence_ranks(60, name=(44, 46, 49)))
+    ranks[11] = NAME_RANK  # the full name: keys 10 and 11
+    ranks[12] = NAME_RANK - 1
+    assert [u.tolist() for u in whole_units(ranks, 1, NAME_RANK)] == [[9, 10, 11, 12], [29, 30, 31], [45, 46, 47]]
+    heads = blind_heads(ranks, 20, ranks > 0, seed=6)
+    cores = SharedSpans(own=1.0, fact_share=0.3, fact_order="nearest", fact_names=True, fact_names_below=True,
+                        fact_names_upto=0.5, fact_whole=1, fact_cores=True)
+    whole = replace(cores, fact_name_whole=True)
+    for c in cores.select_group(heads, [cores.head_scores(p) for p in heads]):
+        kept = set(c.indices.tolist())
+        assert {10, 11, 30, 46} <= kept and len(kept & set(np.flatnonzero(ranks))) == 6
+    for c in whole.select_group(heads, [whole.head_scores(p) for p in heads]):
+        assert set(c.indices.tolist()) & set(np.flatnonzero(ranks)) == {9, 10, 11, 12}  # no name in part:
+        assert len(c.indices) == 20  # the 2 keys left would hold part of a single name; they are fitted
+    with pytest.raises(ValueError, match="shared-spans"):
+        SharedSpans(fact_share=0.5, fact_order="nearest", fact_whole=1, fact_name_whole=True)  # needs cores
+
+
 def test_a_share_too_small_for_the_first_whole_number_grows_to_it():
     """Two numbers as above with a share of 5 keys: the long one (8 keys with its neighbours, first in
     the keep order) does not fit and whole units keep the short one (4); with fact_one_whole the share
@@ -397,6 +484,31 @@ def test_the_nearest_order_keeps_the_number_first_when_its_sentence_does_not_fit
         verbatim = np.isin(layout.doc_start + res.indices, sorted(number))
         assert np.all(res.beta[verbatim] == 0)
         assert np.array_equal(res.values[verbatim], snap.values[li][layout.doc_start + res.indices[verbatim], h])
+
+
+def test_a_fact_every_head_keeps_takes_the_same_slot_in_every_head_and_layer(tiny_doc_facts):
+    """Heads keep different fact tokens beside the ones all of them keep (a name one head's fitted
+    keys happen to take); the facts all of them keep come first, in the same slots everywhere, so
+    that a re-compaction still finds them as facts (kvlocal.online.cell_facts).  Ordering every
+    kept fact first instead shifts a common fact by the extra facts a head keeps before it."""
+    from kvlocal.am import DEFAULT_METHOD, get_method
+    from kvlocal.online import cell_facts
+
+    snap, layout, queries, info, _, pieces = tiny_doc_facts
+    method = get_method(DEFAULT_METHOD)
+    ranks = method.fact_ranks(pieces)
+    ranks[: layout.doc_start] = 0
+    cache, _ = Compactor(method, ratio=3, seed=0).compact(snap, layout.doc_start, layout.doc_end, queries,
+                                                         facts=ranks)
+    fact_pos = set(np.flatnonzero(ranks).tolist())
+    kept = [frozenset(o[:, h].tolist()) & fact_pos for o in cache.origin for h in range(info.n_head_kv)]
+    common = frozenset.intersection(*kept)
+    assert common and len(set(kept)) > 1  # the premise: some heads keep facts the others do not
+    for p in common:
+        assert len({int(np.flatnonzero(o[:, h] == p)[0]) for o in cache.origin for h in range(info.n_head_kv)}) == 1
+    found = cell_facts(ranks[layout.doc_start:], layout.doc_start, cache.positions, cache.origin,
+                       int(cache.positions.max()) + 1)
+    assert np.count_nonzero(found) == len(common)
 
 
 TWO_NUMBERS = ("The special magic number for the lighthouse is 4817263. Margaret kept the lamp burning every "
@@ -606,3 +718,4 @@ def test_chunk_budgets_scale_facts_alike_when_they_exceed_their_share():
     assert keys == [75, 5]  # never above the compactor's cap of a block: the rest goes to the other
     with pytest.raises(ValueError):
         chunk_budgets([100, 100], [101, 0], 10, 0.5)
+
