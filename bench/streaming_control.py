@@ -27,6 +27,7 @@ from long_document import needles_by_third, squality
 
 def main(argv: list[str] | None = None) -> int:
     from kvlocal.api import Compaction
+    from kvlocal.am import DEFAULT_METHOD
     from kvlocal.engine import binding
     from kvlocal.evaluation import tasks
     from kvlocal.evaluation.data import make_haystack
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Streamed vs one-shot compaction: where the first third goes", "",
              f"Written by `python bench/streaming_control.py` on {machine(args.threads or os.cpu_count())}; model {path.name}; "
              f"SQuALITY dev story {args.story} cut to 7,000 tokens, 12 needles ({thirds.count(0)} / {thirds.count(1)} / "
-             f"{thirds.count(2)} by third); am-facts-omp on repeat-prefill queries only, 10x.", "",
+             f"{thirds.count(2)} by third); {DEFAULT_METHOD} (the default) on repeat-prefill queries only, 10x.", "",
              "| condition | chunks fitted | answer NLL first third | middle | last third | time s |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {c} | " + " | ".join(f"{x:.2f}" for x in by) + f" | {t:.0f} |" for n, c, by, t in rows]

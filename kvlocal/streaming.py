@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from .am import DEFAULT_METHOD, CompactionReport, get_method
 from .am.budgets import chunk_budgets
+from .am.facts import NAME_RANK
 from .engine import binding
 from .engine.capture import QueryCapture
 from .engine.queries import QUERY_SOURCES, collect_queries
@@ -124,12 +125,19 @@ class DocumentFacts:
 
     cumulative: np.ndarray  # fact tokens among the first i document tokens, i = 0..n_doc
     share: Callable[[int, int], float]  # (document keys, kept keys) -> the share facts may take
+    lesser: np.ndarray | None = None  # the same for facts of a lower tier (names kept after every number)
 
     def budgets(self, fitted, ratio: float):
         sizes = [max(1, hi - lo) for lo, hi in fitted]
-        counts = [min(n, int(self.cumulative[hi] - self.cumulative[lo])) for n, (lo, hi) in zip(sizes, fitted, strict=True)]
+
+        def counts(cumulative):
+            return [int(cumulative[hi] - cumulative[lo]) for lo, hi in fitted]
+
+        first = [min(n, c) for n, c in zip(sizes, counts(self.cumulative), strict=True)]
+        lesser = None if self.lesser is None else \
+            [min(n - c, x) for n, c, x in zip(sizes, first, counts(self.lesser), strict=True)]
         n = sum(sizes)
-        return chunk_budgets(sizes, counts, ratio, self.share(n, kept_cells(n, ratio)))
+        return chunk_budgets(sizes, first, ratio, self.share(n, kept_cells(n, ratio)), lesser=lesser)
 
 
 def plan_chunks(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: float, sources=(),
@@ -250,8 +258,12 @@ class StreamedDocument:
         method = get_method(settings.method)
         facts = None
         if method.uses_facts:
-            mask = self.fact_ranks(method)[len(prefix):len(prefix) + len(doc)] > 0
-            facts = DocumentFacts(np.concatenate([[0], np.cumsum(mask)]), method.fact_budget_share)
+            ranks = self.fact_ranks(method)[len(prefix):len(prefix) + len(doc)]
+            lesser = None
+            if getattr(method.selector, "fact_names_below", False):  # names only after every number
+                lesser = np.concatenate([[0], np.cumsum((ranks > 0) & (ranks <= NAME_RANK))])
+                ranks = np.where(ranks > NAME_RANK, ranks, 0)
+            facts = DocumentFacts(np.concatenate([[0], np.cumsum(ranks > 0)]), method.fact_budget_share, lesser)
         return plan_chunks(len(prefix), len(doc), len(suffix), self.session.n_ctx, settings.ratio,
                            settings.fit_sources, settings.recent_window, facts)
 

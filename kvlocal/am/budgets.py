@@ -193,24 +193,31 @@ class SensitivityBudget(BudgetPolicy):
         return p.reshape(len(layer_ids), n_head_kv)
 
 
-def chunk_budgets(sizes, fact_counts, ratio: float, fact_share: float = 0.0, cap: float = 0.75):
+def chunk_budgets(sizes, fact_counts, ratio: float, fact_share: float = 0.0, cap: float = 0.75, lesser=None):
     """Keys per head for blocks compacted one after another (a streamed document's chunks), so that
     together they keep what one compaction of the whole would: the whole budget ``B = N / ratio``
     over the ``sizes`` (``N = sum``), of which facts may take ``fact_share``.  Each block gets its
     own fact keys (all of them, or every block's scaled alike when the document's facts exceed
     ``fact_share * B``) and the rest of ``B`` in proportion to its length; a block where facts
-    cluster thus keeps more keys than one without.  Returns ``(keys, shares)``: keys per block
+    cluster thus keeps more keys than one without.  ``lesser``: per block, facts of a lower tier (a
+    method's names, kept only after every number): they share only what ``fact_counts`` leave of
+    the facts' part, as in one compaction of the whole.  Returns ``(keys, shares)``: keys per block
     (rounded cumulatively, so they sum to ``B``, each in [1, cap * size]: what a block cannot take
     goes to the others) and the share of each
     block's keys that facts take (None when no facts)."""
     n = np.asarray(sizes, np.float64)
     f = np.asarray(fact_counts, np.float64)
-    if n.ndim != 1 or f.shape != n.shape or (n < 1).any() or (f < 0).any() or (f > n).any() or not ratio > 0:
-        raise ValueError("need one size >= 1 and one fact count in [0, size] per block, and ratio > 0")
-    if not fact_share or not f.sum():
+    g = np.zeros_like(f) if lesser is None else np.asarray(lesser, np.float64)
+    if n.ndim != 1 or f.shape != n.shape or g.shape != n.shape or (n < 1).any() or (f < 0).any() \
+            or (g < 0).any() or (f + g > n).any() or not ratio > 0:
+        raise ValueError("need one size >= 1 and fact counts in [0, size] per block, and ratio > 0")
+    if not fact_share or not (f.sum() + g.sum()):
         return [max(1, int(round(x / ratio))) for x in n], None
     total = max(1.0, round(n.sum() / ratio))
-    f = f * min(1.0, fact_share * total / f.sum())
+    if f.sum():
+        f = f * min(1.0, fact_share * total / f.sum())
+    if g.sum():  # the lower tier: what the first leaves of the facts' part
+        f = f + g * min(1.0, max(0.0, fact_share * total - f.sum()) / g.sum())
     target = f + (total - f.sum()) * n / n.sum()
     top = np.maximum(1, np.floor(cap * n))
     for _ in range(len(n)):  # a block over the cap passes what it cannot take to the others, by length

@@ -719,3 +719,21 @@ def test_chunk_budgets_scale_facts_alike_when_they_exceed_their_share():
     with pytest.raises(ValueError):
         chunk_budgets([100, 100], [101, 0], 10, 0.5)
 
+
+def test_chunk_budgets_give_names_only_what_the_numbers_leave_of_the_facts_part():
+    """A method that keeps names after every number (the default): a block with a number's 40 fact
+    tokens keeps them all, and the blocks full of names share the 10 fact keys left of the 50; counted
+    as facts of one tier, the names would take four fifths of the facts' part from the number."""
+    from kvlocal.am.budgets import chunk_budgets
+    sizes, numbers, names = [500, 500, 500, 500], [40, 0, 0, 0], [0, 0, 100, 100]
+    keys, shares = chunk_budgets(sizes, numbers, 20, 0.5, lesser=names)  # 100 keys, 50 for facts
+    assert sum(keys) == 100
+    fact_keys = np.array([k * s for k, s in zip(keys, shares, strict=True)])
+    assert np.allclose(fact_keys, [40, 0, 5, 5], atol=0.5)
+    one_tier, one_shares = chunk_budgets(sizes, [40, 0, 100, 100], 20, 0.5)
+    assert one_tier[0] * one_shares[0] < 10
+    few = chunk_budgets(sizes, [0, 0, 0, 0], 20, 0.5, lesser=names)[1]  # no numbers: names take the part
+    assert np.allclose(np.array(chunk_budgets(sizes, [0, 0, 0, 0], 20, 0.5, lesser=names)[0]) * few,
+                       [0, 0, 25, 25], atol=0.5)
+    with pytest.raises(ValueError):
+        chunk_budgets(sizes, [400, 0, 0, 0], 20, 0.5, lesser=[101, 0, 0, 0])  # more facts than tokens

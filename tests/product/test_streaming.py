@@ -269,7 +269,11 @@ def test_any_plan_fits_and_is_the_fewest_or_the_refusal_helps(n_doc, n_ctx, rati
     if fact_seed is not None:  # facts in clusters, as number sentences come
         rng = np.random.default_rng(fact_seed)
         mask = np.repeat(rng.random(n_doc // 20 + 1) < rng.uniform(0.05, 0.5), 20)[:n_doc]
-        facts = DocumentFacts(np.concatenate([[0], np.cumsum(mask)]), lambda n, t: min(1.0, 5.0 * t / n))
+        names = None  # and, for odd seeds, names (a lower tier) in other sentences
+        if fact_seed % 2:
+            names = np.repeat(rng.random(n_doc // 20 + 1) < 0.3, 20)[:n_doc] & ~mask
+            names = np.concatenate([[0], np.cumsum(names)])
+        facts = DocumentFacts(np.concatenate([[0], np.cumsum(mask)]), lambda n, t: min(1.0, 5.0 * t / n), names)
     try:
         plan = plan_chunks(5, n_doc, 3, n_ctx, ratio, sources, window, facts)
     except DocumentError as exc:
