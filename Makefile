@@ -65,6 +65,8 @@ bench: setup
 	$(VPY) bench/fact_cores.py
 	$(VPY) bench/name_needles.py --kinds name,number --out fact_cores_needles \
 		--methods "am-facts-omp-half,+ cores first,+ cores first and whole names"
+	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --out fact_cores_needles_heldout \
+		--methods "am-facts-omp-half,+ cores first"
 	$(VPY) bench/fact_share.py
 	$(VPY) bench/influence_budgets.py
 	$(VPY) bench/long_document.py
