@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 from .am import DEFAULT_METHOD, CompactionReport, get_method
 from .am.budgets import chunk_budgets
-from .am.facts import NAME_RANK
 from .engine import binding
 from .engine.capture import QueryCapture
 from .engine.queries import QUERY_SOURCES, collect_queries
@@ -259,11 +258,9 @@ class StreamedDocument:
         facts = None
         if method.uses_facts:
             ranks = self.fact_ranks(method)[len(prefix):len(prefix) + len(doc)]
-            lesser = None
-            if getattr(method.selector, "fact_names_below", False):  # names only after every number
-                lesser = np.concatenate([[0], np.cumsum((ranks > 0) & (ranks <= NAME_RANK))])
-                ranks = np.where(ranks > NAME_RANK, ranks, 0)
-            facts = DocumentFacts(np.concatenate([[0], np.cumsum(ranks > 0)]), method.fact_budget_share, lesser)
+            numbers = method.number_facts(ranks)  # the rest (names) only after every number
+            facts = DocumentFacts(np.concatenate([[0], np.cumsum(numbers)]), method.fact_budget_share,
+                                  np.concatenate([[0], np.cumsum((ranks > 0) & ~numbers)]))
         return plan_chunks(len(prefix), len(doc), len(suffix), self.session.n_ctx, settings.ratio,
                            settings.fit_sources, settings.recent_window, facts)
 

@@ -100,6 +100,11 @@ class Method:
         method keeps no facts (the caller then need not detokenize anything)."""
         return self.group_selector.fact_ranks(pieces) if self.group_selector is not None else None
 
+    def number_facts(self, ranks: np.ndarray) -> np.ndarray:
+        """Of a document's fact ranks (``fact_ranks``): which are numbers' facts, kept before any
+        lower tier (the names of a method that keeps them after every number)."""
+        return self.group_selector.number_facts(ranks)
+
     def fact_mask(self, pieces) -> np.ndarray | None:
         """Per token of the document: is it a fact token this method keeps (None: it keeps none)?"""
         ranks = self.fact_ranks(pieces)

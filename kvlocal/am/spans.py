@@ -171,6 +171,11 @@ class SharedSpans(GroupSelector):
                                  number_words=self.fact_number_words)
         return ranks if self.fact_order == "nearest" else facts.as_fact_ranks(ranks > 0)
 
+    def number_facts(self, ranks: np.ndarray) -> np.ndarray:
+        """bool per key with fact ranks ``ranks``: is it a number's fact (a number or its sentence)?
+        With ``fact_names_below`` names rank below every number and are not; else every fact is."""
+        return ranks > facts.NAME_RANK if self.fact_names_below else ranks > 0
+
     def score_queries(self, queries):
         if self.queries == "recall" and queries is not None:
             return queries.recall_rows() or queries
@@ -199,7 +204,7 @@ class SharedSpans(GroupSelector):
             if self.fact_cores:
                 order += (facts.TOP_RANK + 1) * core_tiers(ranks, self.fact_whole)
             out.fact_order = np.where(ranks > 0, order - place, -np.inf)
-            out.numbers = ranks > facts.NAME_RANK if self.fact_names_below else ranks > 0
+            out.numbers = self.number_facts(ranks)
             if self.fact_whole is not None:
                 out.units = whole_units(ranks, self.fact_whole)
             if self.fact_name_whole:
@@ -228,15 +233,18 @@ class SharedSpans(GroupSelector):
             idx = top_t(s, k)
             taken[idx[np.isfinite(s[idx])]] = True
 
+        def keep_whole(units: list, k: int) -> None:  # each unit in order while it fits in k keys
+            for u in units:
+                if int(taken.sum()) + len(u) <= k:
+                    taken[u] = True
+
         if fact_order is not None:
             n_facts = int(round(self.share_of_facts(p.T, t) * t))
             if self.fact_one_whole and units and n_facts < len(units[0]) <= t // 2:
                 n_facts = len(units[0])  # the number kept first, whole, rather than only lesser ones or none
             capped = (self.fact_names or self.fact_number_words) and self.fact_names_below and self.fact_names_upto < 1
             if sum(len(u) for u in units) > n_facts:  # not every number fits with its nearest tokens: whole ones
-                for u in units:
-                    if int(taken.sum()) + len(u) <= n_facts:
-                        taken[u] = True
+                keep_whole(units, n_facts)
                 fact_order = np.where(shared.numbers, -np.inf, fact_order)  # no number in part; names may follow
             elif self.fact_cores:
                 for u in units:  # every number's core, then the rest in core_tiers' order
@@ -246,9 +254,7 @@ class SharedSpans(GroupSelector):
             if capped:
                 n_facts = max(int(taken.sum()), min(n_facts, int(round(self.fact_names_upto * t))))
             if shared.names and int(taken.sum()) + sum(len(u) for u in shared.names) > n_facts:  # names whole
-                for u in shared.names:
-                    if int(taken.sum()) + len(u) <= n_facts:
-                        taken[u] = True
+                keep_whole(shared.names, n_facts)
                 fact_order = np.where(shared.numbers, fact_order, -np.inf)  # no name in part; numbers' tails may follow
             take(fact_order, n_facts - int(taken.sum()))
         n_own = int(round(self.own * (t - taken.sum())))
