@@ -64,16 +64,27 @@ class QuerySet:
         """Rows anchored in document positions [lo, hi) plus the unanchored rows."""
         return self.take(np.flatnonzero(((self.anchors >= lo) & (self.anchors < hi)) | (self.anchors < 0)))
 
-    def subsample(self, per_kv_head: int, n_rep: int, seed: int = 0) -> QuerySet:
+    def subsample(self, per_kv_head: int, n_rep: int, seed: int = 0, after: float | None = None) -> QuerySet:
         """At most ``per_kv_head`` queries per KV head: ceil(per_kv_head / n_rep) token rows, drawn
-        with ``seed``, the same rows for every layer and head (kept in token order)."""
+        with ``seed``, the same rows for every layer and head (kept in token order).
+
+        ``after``: that share of the rows (as far as there are such rows) from the queries asked
+        after the document (no anchor in it: self-study, recall probes), the rest from the rows
+        that read it (repeat- and context-prefill); None: drawn alike from all rows."""
         if per_kv_head < 1:
             raise ValueError("per_kv_head must be at least 1")
+        if after is not None and not 0 <= after <= 1:
+            raise ValueError(f"after must be a share in [0, 1], got {after}")
         n_rows = math.ceil(per_kv_head / n_rep)
         if n_rows >= self.n_tokens:
             return self
-        rows = np.sort(np.random.default_rng(seed).choice(self.n_tokens, n_rows, replace=False))
-        return self.take(rows)
+        rng = np.random.default_rng(seed)
+        if after is None:
+            return self.take(np.sort(rng.choice(self.n_tokens, n_rows, replace=False)))
+        late, reading = np.flatnonzero(self.anchors < 0), np.flatnonzero(self.anchors >= 0)
+        n_late = max(min(len(late), int(round(after * n_rows))), n_rows - len(reading))
+        return self.take(np.sort(np.concatenate([rng.choice(late, n_late, replace=False),
+                                                 rng.choice(reading, n_rows - n_late, replace=False)])))
 
     @staticmethod
     def concat(parts: list[QuerySet]) -> QuerySet:

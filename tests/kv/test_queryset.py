@@ -38,6 +38,28 @@ def test_subsample_is_seeded_and_shared_by_layers():
     assert qs.subsample(1000, n_rep=3) is qs
 
 
+def test_subsample_can_give_the_queries_asked_after_the_document_a_share():
+    qs = make(n=60)
+    qs.anchors[:] = -1
+    qs.anchors[:45] = np.arange(45)  # 45 rows read the document, 15 come after it (anchor < 0)
+    qs.anchors[50:] = -2  # recall probes are asked after it too
+    late = lambda q: int((q.anchors < 0).sum())  # noqa: E731
+    a = qs.subsample(60, n_rep=3, seed=1, after=0.5)  # 20 rows: 10 of each
+    assert a.n_tokens == 20 and late(a) == 10 and np.all(np.diff(a.positions) > 0)
+    for il in qs.layers:
+        assert np.array_equal(a.layers[il], qs.layers[il][a.positions - 100])
+    assert late(qs.subsample(60, n_rep=3, seed=1, after=1.0)) == 15  # every late row, the rest reads the document
+    assert late(qs.subsample(60, n_rep=3, seed=1, after=0.0)) == 0
+    qs.anchors[:] = -1  # no row reads the document: every row is a late one
+    assert qs.subsample(60, n_rep=3, seed=1, after=0.2).n_tokens == 20
+    # None draws alike from every row, as before the share existed
+    b = make(n=60)
+    assert np.array_equal(b.subsample(60, n_rep=3, seed=1).positions - 100,
+                          np.sort(np.random.default_rng(1).choice(60, 20, replace=False)))
+    with pytest.raises(ValueError, match="share"):
+        qs.subsample(60, n_rep=3, after=1.5)
+
+
 def test_concat_keeps_order_and_sources():
     a, b = make(n=3), make(n=4, seed=1)
     b.sources = ["repeat-prefill"]
