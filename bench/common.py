@@ -64,3 +64,27 @@ def write_report(name: str, lines: list[str]) -> Path:
     path.write_text(text + "\n")
     print(text)
     return path
+
+
+def grid_tables(rows, got: dict, ratios, metrics, n_needles: int | None = None, legend: bool = True) -> list[str]:
+    """Markdown for a bench comparing rows of the evaluation grid: the 'row | what' table, then one
+    table per metric with a column per ratio.  ``rows``: (row label, what it is); ``got``: the
+    collected cells by (row label, ratio) (``kvlocal.evaluation.report.collect``); ``metrics``:
+    (cell key, title, format), a format of None printing a needle fraction as a count of
+    ``n_needles``; a missing cell prints '–'; ``legend`` False: no 'row | what' table."""
+    lines = (["| row | what |", "|---|---|"] + [f"| {name} | {what} |" for name, what in rows]) if legend else []
+    header = ["| row | " + " | ".join(f"{r}x" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for key, title, fmt in metrics:
+        lines += ["", f"## {title}", ""] + header
+        for name, _ in rows:
+            cells = []
+            for r in ratios:
+                row = got.get((name, r))
+                if row is None or row.get(key) is None:
+                    cells.append("–")
+                elif fmt is None:
+                    cells.append(str(round(row[key] * n_needles)))
+                else:
+                    cells.append(fmt.format(row[key]))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines

@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import machine, write_report
+from common import grid_tables, machine, write_report
 
 WHOLE, HALF = "am-facts-omp-whole", "am-facts-omp-half"
 OWN = ("repeat", "self-study")
@@ -93,25 +93,8 @@ def main() -> int:
         f"(the full cache finds {round(full * n_needles)} of {n_needles}). AM rows fitted on their queries, "
         "at most 4,096 per KV head, 10 % held out.",
         "",
-        "| row | what |",
-        "|---|---|",
     ]
-    lines += [f"| {label(m, q)} | {what} |" for m, q, _, what in ROWS]
-    for key, title, fmt in METRICS:
-        lines += ["", f"## {title}", "", "| row | " + " | ".join(f"{r}x" for r in RATIOS) + " |",
-                  "|---|" + "---|" * len(RATIOS)]
-        for method, queries, _, _ in ROWS:
-            name = label(method, queries)
-            cells = []
-            for r in RATIOS:
-                row = got.get((name, r))
-                if row is None:
-                    cells.append("–")
-                elif fmt is None:
-                    cells.append(str(round(row[key] * n_needles)))
-                else:
-                    cells.append(fmt.format(row[key]))
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += grid_tables([(label(m, q), what) for m, q, _, what in ROWS], got, RATIOS, METRICS, n_needles)
     write_report("fact_budget", lines)
     return 0
 

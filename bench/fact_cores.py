@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import machine, write_report
+from common import grid_tables, machine, write_report
 
 HALF = "am-facts-omp-half"
 OWN = ("repeat", "self-study")
@@ -63,16 +63,9 @@ def main() -> int:
         "cache as references). AM rows fitted on their queries, at most 4,096 per KV head, 10 % held out. "
         "Needles for the same rows: `fact_cores_needles.md`.",
         "",
-        "| row | what |",
-        "|---|---|",
     ]
-    lines += [f"| {label(m, ROWS[m][0])} | {ROWS[m][1]} |" for m in rows]
-    lines += ["", "## Retention R", "", "| row | " + " | ".join(f"{r}x" for r in RATIOS) + " |",
-              "|---|" + "---|" * len(RATIOS)]
-    for m in rows:
-        name = label(m, ROWS[m][0])
-        cells = [res["rows"].get((name, r)) for r in RATIOS]
-        lines.append(f"| {name} | " + " | ".join("–" if c is None else f"{c['R']:.3f}" for c in cells) + " |")
+    lines += grid_tables([(label(m, ROWS[m][0]), ROWS[m][1]) for m in rows], res["rows"], RATIOS,
+                         (("R", "Retention R", "{:.3f}"),))
     write_report("fact_cores", lines)
     return 0
 
