@@ -387,11 +387,13 @@ class StreamedDocument:
 def _chunk_compactor(settings: CompactionSettings, n: int, keys: int, fact_share: float | None, last: bool):
     """The compactor of one chunk of ``n`` tokens keeping ``keys`` per head (the plan's share of the
     document's budget) with facts taking ``fact_share`` of them; the recent window is the end of
-    the document, so only the last chunk keeps it."""
+    the document, so only the last chunk keeps it (and the method's recent share, if it has one)."""
     window = settings.recent_window if last else 0
     fitted = n - min(window, n)
     ratio = settings.ratio if fitted < 2 or keys == kept_cells(fitted, settings.ratio) else fitted / keys
     c = replace(settings, ratio=ratio, recent_window=window).compactor()
     if fact_share is not None:
         c.method = c.method.with_fact_share(fact_share)
+    if not last:  # the document's last keys are in the last chunk; an earlier chunk's end is not recent
+        c.method = c.method.with_recent(0.0)
     return c

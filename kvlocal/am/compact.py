@@ -189,6 +189,8 @@ class Compactor:
             raise KvlocalError(f"whole_layers must index the {n_layers} base layers, got {sorted(whole)}")
         results: dict = {}
         for ci, cells in enumerate(chunks):
+            # a method's recent share belongs to the sequence's end, which only the last chunk holds
+            method = self.method if ci == len(chunks) - 1 else self.method.with_recent(0.0)
             lo_pos, hi_pos = int(pos[cells[0]]), int(pos[cells[-1]]) + 1
             q_train = self._chunk_queries(train, lo_pos, hi_pos)
             q_test = self._chunk_queries(test, lo_pos, hi_pos) if test is not None else None
@@ -367,7 +369,7 @@ class Compactor:
             return None, None
         if self.max_queries_per_head is not None:
             n_rep = next(iter(queries.layers.values())).shape[1] // n_head_kv
-            queries = queries.subsample(self.max_queries_per_head, n_rep, self.seed)
+            queries = queries.subsample(self.max_queries_per_head, n_rep, self.seed, after=self.method.query_after)
         if not self.holdout:
             return queries, None
         rng = np.random.default_rng(self.seed + 1)

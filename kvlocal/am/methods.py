@@ -28,6 +28,10 @@
                       half up to 10x (not the whole budget up to 5x), then 0.5 sqrt(10/ratio) of it (not
                       5/ratio), so that the fitted keys keep half at low ratios and a whole number still
                       fits at 50x (bench/results/fact_budget.md)
+    am-facts-omp-recent
+                      am-facts-omp-half with a tenth of each head's budget on the region's last keys (after
+                      the facts): more retention on the grid's articles, not on held-out ones (measured, not
+                      adopted; bench/results/after_document.md)
     am-facts-omp-cores
                       am-facts-omp-half keeping every fact's core first: each number, then each rare name,
                       with its 3 nearest tokens, before the rest of any sentence (SharedSpans.fact_cores);
@@ -88,6 +92,8 @@ class Method:
     name: str = field(default="custom")
     verbatim_facts: bool = False  # kept fact keys stay exactly as they were: beta 0, original values
     stages: int = 1  # > 1: on-policy queries, re-collected through the compacted lower layers (kvlocal.pipeline)
+    query_after: float | None = None  # this share of the fit's query rows from the queries asked after the
+    #                                   document (QuerySet.subsample); None: drawn alike from every row
 
     @property
     def group_selector(self) -> GroupSelector | None:
@@ -124,6 +130,18 @@ class Method:
         if not self.uses_facts:
             return self
         return replace(self, selector=replace(self.selector, fact_share=float(share), fact_until=None))
+
+    @property
+    def recent_share(self) -> float:
+        """The share of each head's budget this method gives a block's last keys (0: none)."""
+        return float(getattr(self.selector, "recent", 0.0))
+
+    def with_recent(self, share: float) -> Method:
+        """This method with ``share`` of each head's budget on the block's last keys (a streamed
+        chunk that does not end the document: 0)."""
+        if not self.recent_share and not share:
+            return self
+        return replace(self, selector=replace(self.selector, recent=float(share)))
 
     def fit(self, p: HeadProblem, selection: Selection | None = None) -> HeadResult:
         """Fit one head; ``selection``: the keys a group selector already chose for it."""
@@ -171,7 +189,8 @@ def _recall(own: float = 0.5) -> SharedSpans:
 
 def _facts(share: float = 1.0, window: int | None = None, until: float | None = None, falloff: float = 1.0,
            score: str = "attention", omp: OMP | None = None, order: str = "attention",
-           rare_names: int | None = None, whole: int | None = None, cores: bool = False) -> SharedSpans:
+           rare_names: int | None = None, whole: int | None = None, cores: bool = False,
+           recent: float = 0.0) -> SharedSpans:
     """Every sentence with a number (or, with ``window``, the ``window`` positions around each
     number token) kept in every head, up to ``share`` of the budget (if they do not fit: ranked by
     rms attention, or with ``order`` "nearest" the numbers first and then their sentences outward
@@ -180,22 +199,25 @@ def _facts(share: float = 1.0, window: int | None = None, until: float | None = 
     only while the facts hold less than half of a head's budget; with ``whole``, numbers that do not
     all fit with their ``whole`` nearest tokens are kept whole, the most number tokens first; with
     ``cores``, every number's and name's core (with its ``whole`` nearest tokens) before the rest of
-    any sentence."""
+    any sentence; with ``recent``, that share of each head's budget on the block's last keys, after
+    the facts."""
     if window is None:
         names = rare_names is not None
         return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_falloff=falloff, score=score,
                            own_omp=omp, fact_order=order, fact_names=names, fact_rare=rare_names,
                            fact_names_below=names, fact_names_upto=0.5 if names else 1.0, fact_whole=whole,
-                           fact_cores=cores)
+                           fact_cores=cores, recent=recent)
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 
-def _facts_omp(share: float = 1.0, until: float = 5.0, stages: int = 1, **facts) -> Method:
+def _facts_omp(share: float = 1.0, until: float = 5.0, stages: int = 1, query_after: float | None = None,
+               **facts) -> Method:
     """am-facts-omp and the methods built on it: ``_facts`` with each head's other keys chosen by OMP
     (4 keys per step, refit every 2nd), the facts verbatim, the rest fitted around them (box NNLS,
     values anchored to V[S]); repeat + self-study queries."""
     return Method(_facts(share, until=until, omp=OMP(k_choice=4, refit_interval=2), **facts), BoxNNLS(),
-                  AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True, stages=stages)
+                  AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True, stages=stages,
+                  query_after=query_after)
 
 
 _FACTORIES = {
@@ -218,6 +240,8 @@ _FACTORIES = {
     "am-facts-omp-names": lambda: _facts_omp(order="nearest", rare_names=2),
     "am-facts-omp-whole": lambda: _facts_omp(order="nearest", rare_names=2, whole=3),
     "am-facts-omp-half": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3),
+    "am-facts-omp-recent": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3,
+                                              recent=0.1),
     "am-facts-omp-cores": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3,
                                              cores=True),
     "am-facts-omp": lambda: _facts_omp(),

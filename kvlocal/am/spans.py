@@ -146,6 +146,7 @@ class SharedSpans(GroupSelector):
     fact_order: str = "attention"  # "nearest": numbers first, then their sentences outward from them
     score: str = "attention"  # "attention": agg over the queries; "kvzip": the engine-measured key scores
     own_omp: object | None = None  # an OMP: the head's own keys chosen by OMP around the facts instead
+    recent: float = 0.0  # this share of each head's budget: the block's last keys (after the facts)
 
     def __post_init__(self):
         HighestAttnKeys(self.agg)  # validates agg
@@ -159,7 +160,7 @@ class SharedSpans(GroupSelector):
                 or (self.fact_whole is not None and (self.fact_whole < 0 or self.fact_order != "nearest")) \
                 or (self.fact_one_whole and self.fact_whole is None) \
                 or (self.fact_cores and (self.fact_whole is None or not self.fact_names_below)) \
-                or (self.fact_name_whole and not self.fact_cores):
+                or (self.fact_name_whole and not self.fact_cores) or not 0 <= self.recent <= 1:
             raise ValueError(f"invalid shared-spans settings {self}")
 
     def fact_ranks(self, pieces) -> np.ndarray | None:
@@ -257,6 +258,10 @@ class SharedSpans(GroupSelector):
                 keep_whole(shared.names, n_facts)
                 fact_order = np.where(shared.numbers, fact_order, -np.inf)  # no name in part; numbers' tails may follow
             take(fact_order, n_facts - int(taken.sum()))
+        n_recent = min(int(round(self.recent * t)), t - int(taken.sum()))
+        if n_recent > 0:  # the block's last keys not yet kept, up to n_recent of them (never past the budget)
+            free = np.flatnonzero(~taken[p.T - n_recent:]) + p.T - n_recent
+            taken[free] = True
         n_own = int(round(self.own * (t - taken.sum())))
         if n_own and self.own_omp is not None:  # OMP explains the mass the facts leave
             taken[self.own_omp.select_around(p, np.flatnonzero(taken), n_own).indices] = True

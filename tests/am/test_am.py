@@ -340,6 +340,29 @@ def test_every_method_with_every_wrapper(tiny_doc, method, wrapper):
         assert set(report.layer_errors) == set(info.base_layers)
 
 
+def test_the_recent_share_goes_to_the_last_chunk_only(tiny_doc):
+    """am-facts-omp-recent is am-facts-omp-half with a tenth of each head's budget on the region's
+    last keys: in a chunked compaction every chunk but the last is the default's, and the last
+    keeps its last keys in every head."""
+    snap, layout, queries, _ = tiny_doc
+    recent, half = get_method("am-facts-omp-recent"), get_method("am-facts-omp-half")
+    assert recent.recent_share == 0.1 and half.recent_share == 0.0 and half.with_recent(0.0) is half
+    assert recent.with_recent(0.0).selector == half.selector
+    runs = {m: Compactor(method=m, ratio=4, chunk_size=90).compact(snap, layout.doc_start, layout.doc_end, queries)[1]
+            for m in ("am-facts-omp-recent", "am-facts-omp-half")}
+    got, base = runs["am-facts-omp-recent"].results, runs["am-facts-omp-half"].results
+    last = max(ci for ci, _, _ in got)
+    assert last >= 1 and got.keys() == base.keys()
+    for (ci, li, h), res in got.items():
+        if ci < last:
+            assert np.array_equal(res.indices, base[(ci, li, h)].indices)
+        else:
+            T = layout.doc_end - layout.doc_start - 90 * last  # the last chunk's keys
+            n = int(round(0.1 * runs["am-facts-omp-recent"].budgets[last][li][h]))
+            assert n >= 1 and set(range(T - n, T)) <= set(res.indices.tolist())
+    assert any(not np.array_equal(res.indices, base[k].indices) for k, res in got.items() if k[0] == last)
+
+
 def test_compactor_rejects_bad_settings(tiny_doc):
     snap, layout, queries, _ = tiny_doc
     for bad in (dict(ratio=1.0), dict(ratio=0.5), dict(cap=0), dict(chunk_size=1), dict(holdout=1.0)):

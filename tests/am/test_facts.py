@@ -237,6 +237,39 @@ def test_shared_spans_keep_facts_first_within_their_share():
         HeadProblem(np.zeros((4, 2)), np.zeros((4, 2)), np.zeros((1, 2)), 2, facts=np.zeros(3, bool))
 
 
+def test_the_recent_share_keeps_the_blocks_last_keys_after_the_facts_within_the_budget():
+    facts = np.zeros(60, bool)
+    facts[[5, 58]] = True  # one fact inside the recent window
+    heads = group(facts=facts, t=20)
+    base = SharedSpans(own=1.0, fact_share=0.5)
+    sel = replace(base, recent=0.2)  # round(0.2 * 20) = 4: keys 56..59
+    got = sel.select_group(heads, [sel.head_scores(p) for p in heads])
+    for c in got:
+        kept = set(c.indices.tolist())
+        assert len(c.indices) == 20 and {5, 58} <= kept and {56, 57, 58, 59} <= kept
+    # without facts the same last keys, and the rest as the head's own ranking would choose
+    plain = group(t=20)
+    for c, p in zip(sel.select_group(plain, [sel.head_scores(p) for p in plain]), plain, strict=True):
+        rest = set(c.indices.tolist()) - {56, 57, 58, 59}
+        assert {56, 57, 58, 59} <= set(c.indices.tolist()) and len(rest) == 16
+        own = HighestAttnKeys("rms").scores(p)
+        own[56:] = -np.inf
+        assert rest == set(np.argsort(-own, kind="stable")[:16].tolist())
+    # facts that fill the budget leave the recent keys nothing: never more keys than the budget
+    full = np.zeros(60, bool)
+    full[:30] = True
+    crowded = group(facts=full, t=20)
+    greedy = SharedSpans(own=1.0, fact_share=1.0, recent=0.5)
+    for c in greedy.select_group(crowded, [greedy.head_scores(p) for p in crowded]):
+        assert len(c.indices) == 20 and full[c.indices].all()
+    # recent = 0 is the selector as it was; a share outside [0, 1] is refused
+    assert all(np.array_equal(a.indices, b.indices) for a, b in zip(
+        replace(base, recent=0.0).select_group(heads, [base.head_scores(p) for p in heads]),
+        base.select_group(heads, [base.head_scores(p) for p in heads]), strict=True))
+    with pytest.raises(ValueError, match="invalid shared-spans"):
+        SharedSpans(recent=1.5)
+
+
 def test_whole_units_are_numbers_with_their_nearest_tokens_the_most_number_tokens_first():
     from kvlocal.am.spans import whole_units
 
@@ -631,7 +664,7 @@ def test_fact_share_falls_beyond_fact_until():
     got = s.select_group(heads, scores)  # ratio 10: facts take half, rms ranking fills the rest
     for c, p in zip(got, heads, strict=True):
         assert 10 <= facts[c.indices].sum() < 20 and len(c.indices) == 20
-        own = HighestAttnKeys().scores(p)
+        own = HighestAttnKeys("rms").scores(p)
         non_fact = np.flatnonzero(~facts)
         assert set(non_fact[np.argsort(-own[non_fact], kind="stable")[:1]]) <= set(c.indices.tolist())
 

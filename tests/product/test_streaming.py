@@ -16,7 +16,8 @@ from kvlocal.cli import main as cli
 from kvlocal.engine.session import DocumentError, Session
 from kvlocal.errors import KvlocalError
 from kvlocal.pipeline import CompactionSettings
-from kvlocal.streaming import (MIN_CHUNK, DocumentFacts, LongContextWarning, kept_cells, plan_chunks, source_room)
+from kvlocal.streaming import (MIN_CHUNK, DocumentFacts, LongContextWarning, _chunk_compactor, kept_cells, plan_chunks,
+                               source_room)
 from models import tiny
 
 LONG = TEXT * 12  # ~3.5k tokens on the tiny models: beyond their 2,048-token training context
@@ -52,6 +53,15 @@ def test_plan_covers_the_document_and_fits_at_every_step(n_doc, n_ctx, ratio, so
         edges = np.linspace(0, n_doc, plan.n_chunks).round().astype(int)
         assert replay(list(zip(edges[:-1], edges[1:])))[0] > n_ctx
         assert plan_chunks(n_prefix, n_doc, n_suffix, 10 ** 6, ratio, sources).n_chunks == 1
+
+
+def test_only_the_last_chunk_keeps_the_methods_recent_share():
+    settings = CompactionSettings(ratio=10, method="am-facts-omp-recent")
+    earlier = _chunk_compactor(settings, 1000, 100, 0.3, last=False)
+    last = _chunk_compactor(settings, 1000, 100, 0.3, last=True)
+    assert earlier.method.recent_share == 0.0 and last.method.recent_share == 0.1
+    assert earlier.method.selector.fact_share == last.method.selector.fact_share == 0.3
+    assert earlier.method.name == last.method.name == "am-facts-omp-recent"
 
 
 def test_a_ratio_that_cannot_fit_is_refused_with_one_that_can():
