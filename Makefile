@@ -63,6 +63,7 @@ bench: setup
 	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --out fact_budget_needles_heldout \
 		--methods "am-facts-omp-whole,am-facts-omp-half,truncate,snapkv"
 	$(VPY) bench/fact_cores.py
+	$(VPY) bench/after_document.py
 	$(VPY) bench/name_needles.py --kinds name,number --out fact_cores_needles \
 		--methods "am-facts-omp-half,+ cores first,+ cores first and whole names"
 	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --out fact_cores_needles_heldout \

@@ -1,6 +1,6 @@
 """How much of each head's budget the facts may take, ratio by ratio: the default before
-(am-facts-omp-whole: the whole budget up to 5x, then 5/ratio of it), the default
-(am-facts-omp-half: half of it up to 10x, then 0.5 sqrt(10/ratio) of it) and three variants measured
+(am-facts-omp-whole: the whole budget up to 5x, then 5/ratio of it), am-facts-omp-half (the default then,
+before am-facts-omp-balanced: half of it up to 10x, then 0.5 sqrt(10/ratio) of it) and three variants measured
 beside them, on the evaluation grid (QuALITY retention, number needles, next-token KL and top-1),
 with the eviction baselines in the same run.
 

@@ -1,5 +1,5 @@
 """Cores first (am-facts-omp-cores): every fact's core (a number or a rare name with its 3
-nearest tokens) before the far end of any sentence, against the default (am-facts-omp-half: every
+nearest tokens) before the far end of any sentence, against am-facts-omp-half (the default then: every
 number and its sentence before any name), on the grid's QuALITY retention with the eviction
 baselines in the same run.  The needles (names and numbers) of the same two methods are in
 name_needles.py's report ``fact_cores_needles``.

@@ -22,9 +22,12 @@ hold-out):
                            nearest tokens, whole numbers with those tokens (the most number tokens
                            first) and none in part; d = 3 is am-facts-omp-whole
   am-facts-omp-whole       the default before am-facts-omp-half
-  am-facts-omp-half        the default: am-facts-omp-whole with the facts' share capped at half of the
-                           budget up to 10x, 0.5 sqrt(10/ratio) beyond (bench/results/fact_budget.md)
-  + cores first            am-facts-omp-cores: the default with every fact's core (a number or a name
+  am-facts-omp-half        the default before am-facts-omp-balanced: am-facts-omp-whole with the facts'
+                           share capped at half of the budget up to 10x, 0.5 sqrt(10/ratio) beyond
+                           (bench/results/fact_budget.md)
+  am-facts-omp-balanced    the default: am-facts-omp-half with half of the fit's query rows from the
+                           queries asked after the document (bench/results/after_document.md)
+  + cores first            am-facts-omp-cores: am-facts-omp-half with every fact's core (a number or a name
                            with its 3 nearest tokens) before the rest of any sentence
   + cores first and whole names
                            and names whose cores do not all fit kept whole (full names first), none in
@@ -60,6 +63,7 @@ def variants():
         "am-facts-omp-names": names,
         "am-facts-omp-whole": get_method("am-facts-omp-whole"),
         "am-facts-omp-half": get_method("am-facts-omp-half"),
+        "am-facts-omp-balanced": get_method("am-facts-omp-balanced"),
         "+ names beside numbers": replace(names, selector=replace(names.selector, fact_names_with_numbers=True),
                                           name="+ names beside numbers"),
         "+ numbers in words": replace(names, selector=replace(names.selector, fact_number_words=True,

@@ -24,10 +24,15 @@
                       nearest tokens: each number with those tokens, the most number tokens first, and none
                       in part (kvlocal.am.spans.whole_units) (the default before am-facts-omp-half)
     am-facts-omp-half
-                      THE DEFAULT: am-facts-omp-whole with the facts taking at most half of a head's budget:
+                      am-facts-omp-whole with the facts taking at most half of a head's budget:
                       half up to 10x (not the whole budget up to 5x), then 0.5 sqrt(10/ratio) of it (not
                       5/ratio), so that the fitted keys keep half at low ratios and a whole number still
-                      fits at 50x (bench/results/fact_budget.md)
+                      fits at 50x (bench/results/fact_budget.md) (the default before am-facts-omp-balanced)
+    am-facts-omp-balanced
+                      THE DEFAULT: am-facts-omp-half fitted on query rows half of which are the queries asked
+                      after the document (self-study), half the repeat rows that read it (drawn alike from all
+                      rows, a fifth were self-study); more retention on held-out articles at 10-50x, lower KL
+                      at 5-20x (bench/results/after_document.md)
     am-facts-omp-recent
                       am-facts-omp-half with a tenth of each head's budget on the region's last keys (after
                       the facts): more retention on the grid's articles, not on held-out ones (measured, not
@@ -79,7 +84,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
-DEFAULT_METHOD = "am-facts-omp-half"  # what `kvlocal compact` and Compaction.compact use without --method
+DEFAULT_METHOD = "am-facts-omp-balanced"  # what `kvlocal compact` and Compaction.compact use without --method
 
 
 @dataclass
@@ -242,6 +247,8 @@ _FACTORIES = {
     "am-facts-omp-half": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3),
     "am-facts-omp-recent": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3,
                                               recent=0.1),
+    "am-facts-omp-balanced": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
+                                                whole=3, query_after=0.5),
     "am-facts-omp-cores": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3,
                                              cores=True),
     "am-facts-omp": lambda: _facts_omp(),

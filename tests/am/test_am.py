@@ -363,6 +363,25 @@ def test_the_recent_share_goes_to_the_last_chunk_only(tiny_doc):
     assert any(not np.array_equal(res.indices, base[k].indices) for k, res in got.items() if k[0] == last)
 
 
+def test_the_compactor_draws_the_methods_share_of_late_queries(tiny_doc, monkeypatch):
+    from kvlocal.kv.queryset import QuerySet
+
+    snap, layout, queries, _ = tiny_doc
+    seen = []
+    real = QuerySet.subsample
+
+    def spy(self, per_kv_head, n_rep, seed=0, after=None):
+        seen.append(after)
+        return real(self, per_kv_head, n_rep, seed, after)
+
+    monkeypatch.setattr(QuerySet, "subsample", spy)
+    assert get_method("am-facts-omp-balanced").query_after == 0.5
+    for method, share in (("am-facts-omp-balanced", 0.5), ("am-facts-omp-half", None)):
+        Compactor(method=method, ratio=8, max_queries_per_head=64).compact(snap, layout.doc_start, layout.doc_end,
+                                                                            queries)
+        assert seen.pop() == share
+
+
 def test_compactor_rejects_bad_settings(tiny_doc):
     snap, layout, queries, _ = tiny_doc
     for bad in (dict(ratio=1.0), dict(ratio=0.5), dict(cap=0), dict(chunk_size=1), dict(holdout=1.0)):
