@@ -64,6 +64,10 @@ bench: setup
 		--methods "am-facts-omp-whole,am-facts-omp-half,truncate,snapkv"
 	$(VPY) bench/fact_cores.py
 	$(VPY) bench/after_document.py
+	$(VPY) bench/name_needles.py --kinds name,number --out cores_balanced_needles \
+		--methods "am-facts-omp-half,am-facts-omp-balanced,+ cores first,am-facts-omp-cores-balanced,truncate,snapkv"
+	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --out cores_balanced_needles_heldout \
+		--methods "am-facts-omp-half,am-facts-omp-balanced,+ cores first,am-facts-omp-cores-balanced,truncate,snapkv"
 	$(VPY) bench/name_needles.py --kinds name,number --out fact_cores_needles \
 		--methods "am-facts-omp-half,+ cores first,+ cores first and whole names"
 	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --out fact_cores_needles_heldout \

@@ -27,6 +27,8 @@ hold-out):
                            (bench/results/fact_budget.md)
   am-facts-omp-balanced    the default: am-facts-omp-half with half of the fit's query rows from the
                            queries asked after the document (bench/results/after_document.md)
+  am-facts-omp-cores-balanced
+                           am-facts-omp-cores on am-facts-omp-balanced's query rows
   + cores first            am-facts-omp-cores: am-facts-omp-half with every fact's core (a number or a name
                            with its 3 nearest tokens) before the rest of any sentence
   + cores first and whole names
@@ -64,6 +66,7 @@ def variants():
         "am-facts-omp-whole": get_method("am-facts-omp-whole"),
         "am-facts-omp-half": get_method("am-facts-omp-half"),
         "am-facts-omp-balanced": get_method("am-facts-omp-balanced"),
+        "am-facts-omp-cores-balanced": get_method("am-facts-omp-cores-balanced"),
         "+ names beside numbers": replace(names, selector=replace(names.selector, fact_names_with_numbers=True),
                                           name="+ names beside numbers"),
         "+ numbers in words": replace(names, selector=replace(names.selector, fact_number_words=True,

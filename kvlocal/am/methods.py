@@ -29,10 +29,11 @@
                       5/ratio), so that the fitted keys keep half at low ratios and a whole number still
                       fits at 50x (bench/results/fact_budget.md) (the default before am-facts-omp-balanced)
     am-facts-omp-balanced
-                      THE DEFAULT: am-facts-omp-half fitted on query rows half of which are the queries asked
-                      after the document (self-study), half the repeat rows that read it (drawn alike from all
-                      rows, a fifth were self-study); more retention on held-out articles at 10-50x, lower KL
-                      at 5-20x (bench/results/after_document.md)
+                      am-facts-omp-half fitted on query rows half of which are the queries asked after the
+                      document (self-study), half the repeat rows that read it (drawn alike from all rows, a
+                      fifth were self-study); more retention on held-out articles at 10-20x, lower KL at 5-20x,
+                      fewer name needles at 10x (bench/results/after_document.md) (the default before
+                      am-facts-omp-cores-balanced)
     am-facts-omp-recent
                       am-facts-omp-half with a tenth of each head's budget on the region's last keys (after
                       the facts): more retention on the grid's articles, not on held-out ones (measured, not
@@ -41,6 +42,11 @@
                       am-facts-omp-half keeping every fact's core first: each number, then each rare name,
                       with its 3 nearest tokens, before the rest of any sentence (SharedSpans.fact_cores);
                       more names and a lower KL, less retention at 5x (bench/results/fact_cores.md)
+    am-facts-omp-cores-balanced
+                      THE DEFAULT: am-facts-omp-cores fitted on am-facts-omp-balanced's query rows: the gist
+                      fitted to what is asked after the document, every number's and rare name's core kept
+                      verbatim; more names and numbers than am-facts-omp-balanced, as much retention over
+                      nine articles (bench/results/after_document.md, cores_balanced_needles*.md)
     am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the
                       facts leave; beta and values fitted around the facts as in am-facts; designed for
                       repeat + self-study queries (the default before am-facts-omp-near)
@@ -84,7 +90,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
-DEFAULT_METHOD = "am-facts-omp-balanced"  # what `kvlocal compact` and Compaction.compact use without --method
+DEFAULT_METHOD = "am-facts-omp-cores-balanced"  # what `kvlocal compact` and Compaction.compact use without --method
 
 
 @dataclass
@@ -251,6 +257,8 @@ _FACTORIES = {
                                                 whole=3, query_after=0.5),
     "am-facts-omp-cores": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3,
                                              cores=True),
+    "am-facts-omp-cores-balanced": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
+                                                      whole=3, cores=True, query_after=0.5),
     "am-facts-omp": lambda: _facts_omp(),
     "am-facts-omp-onpolicy": lambda: _facts_omp(stages=3),
     "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,

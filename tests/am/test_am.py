@@ -6,6 +6,7 @@ K/V and context-prefill queries a tiny model and SmolLM2 extracted (fixtures bel
 
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 import math
 
@@ -19,7 +20,7 @@ from kvlocal.am import (
     LeastSquaresValues,
     SensitivityBudget, allocate, get_method, head_errors, swap_allocation,
 )
-from kvlocal.am import AnchoredValues, SharedSpans
+from kvlocal.am import DEFAULT_METHOD, AnchoredValues, SharedSpans
 from kvlocal.am.fit import compacted_attention, solve_least_squares
 from kvlocal.errors import KvlocalError
 
@@ -376,6 +377,10 @@ def test_the_compactor_draws_the_methods_share_of_late_queries(tiny_doc, monkeyp
 
     monkeypatch.setattr(QuerySet, "subsample", spy)
     assert get_method("am-facts-omp-balanced").query_after == 0.5
+    # the default is cores first (am-facts-omp-cores) on the balanced rows, every other part alike
+    default, cores = get_method(DEFAULT_METHOD), get_method("am-facts-omp-cores")
+    assert default.query_after == 0.5 and default.selector.fact_cores
+    assert replace(default, query_after=None, name=cores.name) == cores
     for method, share in (("am-facts-omp-balanced", 0.5), ("am-facts-omp-half", None)):
         Compactor(method=method, ratio=8, max_queries_per_head=64).compact(snap, layout.doc_start, layout.doc_end,
                                                                             queries)
