@@ -24,6 +24,7 @@ am-facts-omp-balanced with cores first.  Compared side by side with the eviction
             default was chosen among
 
     python bench/after_document.py [--cache DIR] [--heldout-cache DIR] [-m MODEL.gguf --out NAME]
+                                   [--rows METHOD,...] [--parts grid,held-out,second,needles]
 
 Cells are cached like the grid's (``kvlocal eval --cache``); the held-out needles use
 facts_heldout.py's cache.
@@ -60,6 +61,7 @@ GRID_ARTICLES, HELD_OUT_ARTICLES = (8, 1, 2), (0, 7, 5)
 SECOND_ARTICLES = (3, 4, 6)
 SECOND_ROWS = ("am-facts-omp-half", "am-facts-omp-balanced", "am-facts-omp-cores-balanced", "truncate", "h2o", "snapkv")
 HELD_OUT_STORIES, HELD_OUT_SEED = (5, 9), 7  # facts_heldout.py's haystacks
+PARTS = ("grid", "held-out", "second", "needles")  # the grid, the two held-out article sets, the held-out needles
 METRICS = (("R", "retention R", "{:.3f}"), ("niah", "number needles (of 16)", None),
            ("kl", "next-token KL", "{:.3f}"), ("top1", "next-token top-1", "{:.3f}"))
 
@@ -71,7 +73,12 @@ def main() -> int:
     ap.add_argument("-m", "--model", default=None, help="a GGUF (default: SmolLM2-135M-Instruct, installed if needed)")
     ap.add_argument("--out", default="after_document", help="the report's name in bench/results")
     ap.add_argument("--rows", default=None, help="comma-separated methods of the rows to run (default: every row)")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma-separated parts to run and report (default: all of {', '.join(PARTS)})")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS) or "grid" not in parts:
+        ap.error(f"parts are among {', '.join(PARTS)} and include grid, not {args.parts!r}")
     table = ROWS if args.rows is None else tuple(r for r in ROWS if r[0] in args.rows.split(","))
     unknown = set(args.rows.split(",")) - {r[0] for r in ROWS} if args.rows else set()
     if unknown:
@@ -92,21 +99,27 @@ def main() -> int:
     ev = Evaluator(model, grid, args.cache, progress=False)
     ev.run(("quality", "niah"))
     got = collect(ev)
-    ev = Evaluator(model, held, args.cache, progress=False)
-    ev.run(("quality",))
-    got_held = collect(ev)
     second = replace(held, methods=tuple((m, q) for m, q, _ in table if m in SECOND_ROWS), articles=SECOND_ARTICLES)
-    ev = Evaluator(model, second, args.cache, progress=False)
-    ev.run(("quality",))
-    got_second = collect(ev)
-    ev = Evaluator(model, needles, args.heldout_cache, progress=False)
-    ev.run(("niah",))
-    got_needles = collect(ev)
+    got_held = got_second = got_needles = None
+    if "held-out" in parts:
+        ev = Evaluator(model, held, args.cache, progress=False)
+        ev.run(("quality",))
+        got_held = collect(ev)
+    if "second" in parts:
+        ev = Evaluator(model, second, args.cache, progress=False)
+        ev.run(("quality",))
+        got_second = collect(ev)
+    if "needles" in parts:
+        ev = Evaluator(model, needles, args.heldout_cache, progress=False)
+        ev.run(("niah",))
+        got_needles = collect(ev)
+    shown = GRID_ARTICLES + (HELD_OUT_ARTICLES if "held-out" in parts else ())
     per_article = {a: collect(Evaluator(model, replace(grid, articles=(a,)), args.cache, progress=False))["rows"]
-                   for a in GRID_ARTICLES + HELD_OUT_ARTICLES}
+                   for a in shown}
     n_needles = grid.needles * len(grid.haystack_stories)
     cache = Evaluator(model, grid, args.cache, progress=False).cache  # the articles' lengths, as the grid cut them
-    docs = {a: cache.get(f"quality{a}", "doc") for a in GRID_ARTICLES + HELD_OUT_ARTICLES + SECOND_ARTICLES}
+    docs = {a: cache.get(f"quality{a}", "doc")
+            for a in shown + (SECOND_ARTICLES if "second" in parts else ())}
     lengths = ", ".join(f"{a}: {d['doc_tokens']:,}{' (cut)' if d['cut'] else ''}" for a, d in docs.items())
 
     lines = [
@@ -121,11 +134,13 @@ def main() -> int:
         f"document tokens {lengths}), "
         "number needles (exact match of 7 digits) and next-token KL / top-1 over the next 96 tokens on "
         "SQuALITY dev stories cut to 3,000 tokens with 8 needles each (the full cache finds "
-        f"{round(got['refs']['full']['niah'] * n_needles)} of {n_needles} on the grid's stories 0 and 1, "
-        f"{round(got_needles['refs']['full']['niah'] * n_needles)} of {n_needles} on the held-out stories "
-        f"{HELD_OUT_STORIES[0]} and {HELD_OUT_STORIES[1]}). AM rows fitted on repeat + self-study queries, at most "
+        f"{round(got['refs']['full']['niah'] * n_needles)} of {n_needles} on the grid's stories 0 and 1"
+        + ("" if got_needles is None else f", {round(got_needles['refs']['full']['niah'] * n_needles)} of "
+           f"{n_needles} on the held-out stories {HELD_OUT_STORIES[0]} and {HELD_OUT_STORIES[1]}")
+        + "). AM rows fitted on repeat + self-study queries, at most "
         "4,096 per KV head, 10 % held out; every row keeps the same number of keys per head (the recent keys "
-        "are part of it).",
+        "are part of it)." + ("" if parts == set(PARTS) else
+                              f" Parts run: {', '.join(p for p in PARTS if p in parts)} (of {', '.join(PARTS)})."),
         "",
         f"Grid: QuALITY articles {', '.join(map(str, GRID_ARTICLES))} and needle stories 0 and 1 (the tables "
         "without 'held out').",
@@ -134,16 +149,19 @@ def main() -> int:
     lines += grid_tables(rows, got["rows"], RATIOS, METRICS, n_needles)
     articles = ", ".join(map(str, HELD_OUT_ARTICLES))
     stories = f"stories {HELD_OUT_STORIES[0]} and {HELD_OUT_STORIES[1]}, needle seed {HELD_OUT_SEED}"
-    lines += grid_tables(rows, got_held["rows"], HELD_OUT_RATIOS,
-                         (("R", f"Held out: retention R, QuALITY articles {articles}", "{:.3f}"),), legend=False)
-    second_rows = [r for r, (m, _, _) in zip(rows, table, strict=True) if m in SECOND_ROWS]
-    lines += grid_tables(second_rows, got_second["rows"], HELD_OUT_RATIOS,
-                         (("R", "Held out, a second set (run after the first was read): retention R, QuALITY articles "
-                           + ", ".join(map(str, SECOND_ARTICLES)), "{:.3f}"),), legend=False)
-    needle_rows = [r for r, (m, _, _) in zip(rows, table, strict=True) if m in NEEDLE_ROWS]
-    lines += grid_tables(needle_rows, got_needles["rows"], HELD_OUT_RATIOS,
-                         (("niah", f"Held out: number needles (of {n_needles}), {stories}", None),
-                          ("kl", f"Held out: next-token KL, {stories}", "{:.3f}")), n_needles, legend=False)
+    if got_held is not None:
+        lines += grid_tables(rows, got_held["rows"], HELD_OUT_RATIOS,
+                             (("R", f"Held out: retention R, QuALITY articles {articles}", "{:.3f}"),), legend=False)
+    if got_second is not None:
+        second_rows = [r for r, (m, _, _) in zip(rows, table, strict=True) if m in SECOND_ROWS]
+        lines += grid_tables(second_rows, got_second["rows"], HELD_OUT_RATIOS,
+                             (("R", "Held out, a second set (run after the first was read): retention R, QuALITY "
+                               "articles " + ", ".join(map(str, SECOND_ARTICLES)), "{:.3f}"),), legend=False)
+    if got_needles is not None:
+        needle_rows = [r for r, (m, _, _) in zip(rows, table, strict=True) if m in NEEDLE_ROWS]
+        lines += grid_tables(needle_rows, got_needles["rows"], HELD_OUT_RATIOS,
+                             (("niah", f"Held out: number needles (of {n_needles}), {stories}", None),
+                              ("kl", f"Held out: next-token KL, {stories}", "{:.3f}")), n_needles, legend=False)
     lines += ["", "## Retention R per article at 10x", "",
               "| row | " + " | ".join(f"article {a}" for a in per_article) + " |", "|---|" + "---|" * len(per_article)]
     for name, _ in rows:
