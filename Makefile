@@ -64,7 +64,7 @@ bench: setup
 		--methods "am-facts-omp-whole,am-facts-omp-half,truncate,snapkv"
 	$(VPY) bench/fact_cores.py
 	$(VPY) bench/after_document.py
-	$(VPY) bench/after_document.py -m "$$($(VPY) -m models.gemma3)" --out after_document-gemma3 --parts grid,needles \
+	$(VPY) bench/after_document.py -m "$$($(VPY) -m models.gemma3)" --out after_document-gemma3 \
 		--rows am-facts-omp-half,am-facts-omp-cores-balanced,truncate,h2o,snapkv
 	$(VPY) bench/output_error.py
 	$(VPY) bench/output_error.py -m "$$($(VPY) -m models.gemma3)" --out output_error-gemma3
