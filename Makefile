@@ -67,6 +67,8 @@ bench: setup
 	$(VPY) bench/after_document.py -m "$$($(VPY) -m models.gemma3)" --out after_document-gemma3 \
 		--rows am-facts-omp-half,am-facts-omp-cores-balanced,truncate,h2o,snapkv
 	$(VPY) bench/output_error.py
+	$(VPY) bench/name_diagnosis.py
+	$(VPY) bench/name_diagnosis.py --stories 5,9 --out name_diagnosis_heldout
 	$(VPY) bench/output_error.py -m "$$($(VPY) -m models.gemma3)" --out output_error-gemma3
 	$(VPY) bench/name_needles.py --kinds name,number --out cores_balanced_needles \
 		--methods "am-facts-omp-half,am-facts-omp-balanced,+ cores first,am-facts-omp-cores-balanced,truncate,snapkv"
