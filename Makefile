@@ -69,6 +69,10 @@ bench: setup
 	$(VPY) bench/output_error.py
 	$(VPY) bench/name_diagnosis.py
 	$(VPY) bench/name_diagnosis.py --stories 5,9 --out name_diagnosis_heldout
+	$(VPY) bench/name_needles.py --kinds name,number --methods "am-facts-omp-cores-balanced,+ name units" \
+		--out name_units_needles
+	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --methods "am-facts-omp-cores-balanced,+ name units" \
+		--out name_units_needles_heldout
 	$(VPY) bench/output_error.py -m "$$($(VPY) -m models.gemma3)" --out output_error-gemma3
 	$(VPY) bench/name_needles.py --kinds name,number --out cores_balanced_needles \
 		--methods "am-facts-omp-half,am-facts-omp-balanced,+ cores first,am-facts-omp-cores-balanced,truncate,snapkv"

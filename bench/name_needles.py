@@ -34,6 +34,9 @@ hold-out):
   + cores first and whole names
                            and names whose cores do not all fit kept whole (full names first), none in
                            part
+  + name units             am-facts-omp-cores-balanced with every name's own keys first, then the names'
+                           neighbours a name at a time, the names of most tokens first, the same in every layer
+                           (SharedSpans.fact_name_units; bench/results/name_diagnosis.md says why)
   truncate, snapkv         baselines (snapkv on the self-study queries)
 
 Needles: the whole name (the 7-digit number; a number in words, in words or digits) in the greedy
@@ -76,6 +79,7 @@ def variants():
                                              name=f"+ whole numbers ({d})") for d in (2, 4)},
         "+ cores first": _cores_first(),
         "+ cores first and whole names": _cores_first(whole_names=True),
+        "+ name units": _name_units(),
         "truncate": get_method("truncate"),
         "snapkv": get_method("snapkv"),
     }
@@ -88,6 +92,13 @@ def _cores_first(whole_names: bool = False):
     if not whole_names:
         return replace(cores, name="+ cores first")
     return replace(cores, selector=replace(cores.selector, fact_name_whole=True), name="+ cores first and whole names")
+
+
+def _name_units():
+    from kvlocal.am.methods import get_method
+
+    default = get_method("am-facts-omp-cores-balanced")
+    return replace(default, selector=replace(default.selector, fact_name_units=True), name="+ name units")
 
 
 def main() -> int:

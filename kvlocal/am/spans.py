@@ -116,7 +116,9 @@ class SharedSpans(GroupSelector):
     (``whole_units``) and none in part; with ``fact_one_whole`` the share grows to hold the first
     unit in that order when it is smaller (and that unit is at most half of the budget).  With
     ``fact_cores``, every fact's core (``core_tiers``) comes before the rest of any sentence, and with
-    ``fact_name_whole`` names whose cores do not all fit are kept as whole units too.  Without
+    ``fact_name_whole`` names whose cores do not all fit are kept as whole units too; with
+    ``fact_name_units`` every name's own keys come first and then the names' neighbours one name at a
+    time, so that the names that do get their neighbours get all of them, in every layer.  Without
     facts (no ``facts`` on the problems) the first step keeps nothing."""
 
     agg: str = "rms"
@@ -142,6 +144,9 @@ class SharedSpans(GroupSelector):
     fact_cores: bool = False  # with fact_whole and fact_names_below: every fact's core (a number's or a name's
     #                           fact_whole nearest tokens) before any sentence's tail (``core_tiers``)
     fact_name_whole: bool = False  # with fact_cores: names whose cores do not all fit are kept whole, none in part
+    fact_name_units: bool = False  # with fact_cores: every name's own keys first, then each name's neighbours a
+    #                                name at a time (``whole_units`` order, the same in every layer), not every
+    #                                name's nearest neighbour before any name's next
     fact_sentences: bool = True  # a number keeps its whole sentence
     fact_order: str = "attention"  # "nearest": numbers first, then their sentences outward from them
     score: str = "attention"  # "attention": agg over the queries; "kvzip": the engine-measured key scores
@@ -160,7 +165,8 @@ class SharedSpans(GroupSelector):
                 or (self.fact_whole is not None and (self.fact_whole < 0 or self.fact_order != "nearest")) \
                 or (self.fact_one_whole and self.fact_whole is None) \
                 or (self.fact_cores and (self.fact_whole is None or not self.fact_names_below)) \
-                or (self.fact_name_whole and not self.fact_cores) or not 0 <= self.recent <= 1:
+                or ((self.fact_name_whole or self.fact_name_units) and not self.fact_cores) \
+                or not 0 <= self.recent <= 1:
             raise ValueError(f"invalid shared-spans settings {self}")
 
     def fact_ranks(self, pieces) -> np.ndarray | None:
@@ -202,9 +208,17 @@ class SharedSpans(GroupSelector):
             place = np.empty(T)
             place[np.argsort(-shared, kind="stable")] = np.arange(T) / T  # 0 for the best, in [0, 1)
             order = ranks.astype(np.float64)
+            order -= place
             if self.fact_cores:
-                order += (facts.TOP_RANK + 1) * core_tiers(ranks, self.fact_whole)
-            out.fact_order = np.where(ranks > 0, order - place, -np.inf)
+                tiers = core_tiers(ranks, self.fact_whole)
+                if self.fact_name_units:  # a name's neighbours by its unit, then by distance, in every layer alike
+                    units = whole_units(ranks, self.fact_whole, facts.NAME_RANK)
+                    for j, u in enumerate(units):
+                        near = u[ranks[u] < facts.NAME_RANK]
+                        order[near] = facts.NAME_RANK - 1 - 100 * (j + (facts.NAME_RANK - ranks[near]) / (
+                            self.fact_whole + 1)) / len(units)
+                order += (facts.TOP_RANK + 1) * tiers
+            out.fact_order = np.where(ranks > 0, order, -np.inf)
             out.numbers = self.number_facts(ranks)
             if self.fact_whole is not None:
                 out.units = whole_units(ranks, self.fact_whole)

@@ -399,6 +399,30 @@ def test_names_whose_cores_do_not_all_fit_are_kept_whole_the_full_names_first():
         SharedSpans(fact_share=0.5, fact_order="nearest", fact_whole=1, fact_name_whole=True)  # needs cores
 
 
+def test_name_units_give_their_neighbours_a_name_at_a_time_after_every_names_own_keys():
+    """The three names of the test above, 6 fact keys: every name keeps its own keys (4), and the 2
+    left go to one name's neighbours, the full name's (first in ``whole_units`` order), in every
+    head alike, where by rank alone each layer gives them to the neighbours its attention prefers."""
+    ranks = np.maximum(sentence_ranks(60, name=(8, 10, 13)), sentence_ranks(60, name=(28, 30, 33)))
+    ranks = np.maximum(ranks, sentence_ranks(60, name=(44, 46, 49)))
+    ranks[11] = NAME_RANK
+    ranks[12] = NAME_RANK - 1
+    cores = SharedSpans(own=1.0, fact_share=0.3, fact_order="nearest", fact_names=True, fact_names_below=True,
+                        fact_names_upto=0.5, fact_whole=1, fact_cores=True)
+    units = replace(cores, fact_name_units=True)
+    facts_kept = []
+    for seed in (6, 7, 8):
+        heads = blind_heads(ranks, 20, ranks > 0, seed=seed)
+        for c in units.select_group(heads, [units.head_scores(p) for p in heads]):
+            assert set(c.indices.tolist()) & set(np.flatnonzero(ranks)) == {9, 10, 11, 12, 30, 46}
+            assert len(c.indices) == 20
+        facts_kept += [frozenset(set(c.indices.tolist()) & set(np.flatnonzero(ranks)))
+                       for c in cores.select_group(heads, [cores.head_scores(p) for p in heads])]
+    assert len(set(facts_kept)) > 1  # by rank, which neighbours are kept depends on the attention
+    with pytest.raises(ValueError, match="shared-spans"):
+        SharedSpans(fact_share=0.5, fact_order="nearest", fact_whole=1, fact_name_units=True)  # needs cores
+
+
 def test_a_share_too_small_for_the_first_whole_number_grows_to_it():
     """Two numbers as above with a share of 5 keys: the long one (8 keys with its neighbours, first in
     the keep order) does not fit and whole units keep the short one (4); with fact_one_whole the share
