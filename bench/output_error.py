@@ -77,15 +77,19 @@ def main() -> int:
         own = {name: doc.queries(src) for name, src in OWN_QUERIES.items() if name in rows}
         pieces = s.token_texts(doc.layout.length)
         cells = np.flatnonzero((snap.positions >= lo) & (snap.positions < hi))
+        problem = Compactor()._problems(snap, cells, None)  # the full cache's heads: no method or ratio in them
+        # one problem per (kind, layer, head), so that the full cache's outputs are computed once for every row
+        refs = {kind: [[problem(li, h, 1, kq) for h in range(n_head_kv)] for li in range(n_layers)]
+                for kind, kq in kinds.items()}
         for name in rows:
             method = get_method(name)
+            ranks = method.fact_ranks(pieces)
             for r in ratios:
                 c = Compactor(method, ratio=r, seed=cfg.seed, max_queries_per_head=cfg.max_queries)
                 q = own.get(name, train) if method.needs_queries else None
-                _, rep = c.compact(snap, lo, hi, q, facts=method.fact_ranks(pieces))
-                problem = c._problems(snap, cells, None)
-                for kind, kq in kinds.items():
-                    e = np.array([[head_errors(problem(li, h, 1, kq), rep.results[(0, li, h)])["output_rel_l2"]
+                _, rep = c.compact(snap, lo, hi, q, facts=ranks)
+                for kind in kinds:
+                    e = np.array([[head_errors(refs[kind][li][h], rep.results[(0, li, h)])["output_rel_l2"]
                                    for h in range(n_head_kv)] for li in range(n_layers)]).mean(axis=1)
                     errs.setdefault((name, r, kind), []).append(float(e.mean()))
                     acc = layer_errs.setdefault((name, r, kind), np.zeros(n_layers))

@@ -207,23 +207,22 @@ class SharedSpans(GroupSelector):
             ranks = maximum_filter1d(ranks, self.fact_span, mode="constant")  # a fact's neighbours share its rank
             place = np.empty(T)
             place[np.argsort(-shared, kind="stable")] = np.arange(T) / T  # 0 for the best, in [0, 1)
-            order = ranks.astype(np.float64)
-            order -= place
+            order = ranks.astype(np.float64) - place
+            names = whole_units(ranks, self.fact_whole, facts.NAME_RANK) \
+                if self.fact_name_whole or self.fact_name_units else []
             if self.fact_cores:
-                tiers = core_tiers(ranks, self.fact_whole)
-                if self.fact_name_units:  # a name's neighbours by its unit, then by distance, in every layer alike
-                    units = whole_units(ranks, self.fact_whole, facts.NAME_RANK)
-                    for j, u in enumerate(units):
+                if self.fact_name_units:  # a name's neighbours by its unit, then by distance, in every layer alike:
+                    for j, u in enumerate(names):  # in (NAME_RANK - 101, NAME_RANK - 1), below every name's own keys
                         near = u[ranks[u] < facts.NAME_RANK]
                         order[near] = facts.NAME_RANK - 1 - 100 * (j + (facts.NAME_RANK - ranks[near]) / (
-                            self.fact_whole + 1)) / len(units)
-                order += (facts.TOP_RANK + 1) * tiers
+                            self.fact_whole + 1)) / len(names)
+                order += (facts.TOP_RANK + 1) * core_tiers(ranks, self.fact_whole)
             out.fact_order = np.where(ranks > 0, order, -np.inf)
             out.numbers = self.number_facts(ranks)
             if self.fact_whole is not None:
                 out.units = whole_units(ranks, self.fact_whole)
             if self.fact_name_whole:
-                out.names = whole_units(ranks, self.fact_whole, facts.NAME_RANK)
+                out.names = names
         return out
 
     def share_of_facts(self, n_keys: int, t: int) -> float:
