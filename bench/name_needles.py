@@ -37,6 +37,8 @@ hold-out):
   + name units             am-facts-omp-cores-balanced with every name's own keys first, then the names'
                            neighbours a name at a time, the names of most tokens first, the same in every layer
                            (SharedSpans.fact_name_units; bench/results/name_diagnosis.md says why)
+  + name words             am-facts-omp-cores-balanced with a name's sentence ranked by content words from
+                           the name, not tokens: "lantern" before "is" and "." (SharedSpans.fact_name_words)
   truncate, snapkv         baselines (snapkv on the self-study queries)
 
 Needles: the whole name (the 7-digit number; a number in words, in words or digits) in the greedy
@@ -80,6 +82,7 @@ def variants():
         "+ cores first": _cores_first(),
         "+ cores first and whole names": _cores_first(whole_names=True),
         "+ name units": _name_units(),
+        "+ name words": _name_words(),
         "truncate": get_method("truncate"),
         "snapkv": get_method("snapkv"),
     }
@@ -99,6 +102,13 @@ def _name_units():
 
     default = get_method("am-facts-omp-cores-balanced")
     return replace(default, selector=replace(default.selector, fact_name_units=True), name="+ name units")
+
+
+def _name_words():
+    from kvlocal.am.methods import get_method
+
+    default = get_method("am-facts-omp-cores-balanced")
+    return replace(default, selector=replace(default.selector, fact_name_words=True), name="+ name words")
 
 
 def main() -> int:

@@ -111,7 +111,7 @@ def as_fact_ranks(facts) -> np.ndarray:
 
 def fact_ranks(pieces: Sequence[str], names: bool = True, sentences: bool = False,
                rare: int | None = None, names_below: bool = False, names_with_numbers: bool = False,
-               number_words: bool = False) -> np.ndarray:
+               number_words: bool = False, name_words: bool = False) -> np.ndarray:
     """uint8 per token: 0 for a token that is no fact (``fact_mask`` is False), else its rank,
     highest first: ``TOP_RANK`` for a token overlapping a number (or name), one less per token of
     distance from the nearest one in its sentence (at least 1).  A selector that cannot keep
@@ -124,7 +124,10 @@ def fact_ranks(pieces: Sequence[str], names: bool = True, sentences: bool = Fals
     is about), and that sentence's tokens rank by their distance to the nearer of the two.
     ``number_words``: numbers written in words (``number_word_spans``) are facts too, in the names'
     tier when ``names_below`` (a story writes most of its numbers in words, and many of them are
-    incidental: "two men"), else with the numbers."""
+    incidental: "two men"), else with the numbers.
+    ``name_words`` (with ``names_below`` and ``sentences``): a name's sentence ranks by content words
+    (``content_distance``), not tokens: "The keeper of the lantern is Iris Ivers." keeps "lantern"
+    before "is" and ".", and "keeper" before "of the"."""
     lengths = np.array([len(p) for p in pieces], np.int64)
     ends = np.cumsum(lengths)
     starts = ends - lengths
@@ -139,7 +142,8 @@ def fact_ranks(pieces: Sequence[str], names: bool = True, sentences: bool = Fals
         sentence = _sentence_ids(text, ends)
         anchor = number | (name & np.isin(sentence, sentence[number]))
     ranks = _outward(text, starts, ends, anchor, sentences, NAME_RANK + 1)
-    below = _outward(text, starts, ends, name, sentences, 1, NAME_RANK)
+    below = _outward(text, starts, ends, name, sentences, 1, NAME_RANK,
+                     content_words(text, starts, ends) if name_words and sentences else None)
     return np.maximum(ranks, below)
 
 
@@ -163,10 +167,58 @@ def _sentence_ids(text: str, ends: np.ndarray) -> np.ndarray:
     return np.searchsorted(bounds, np.maximum(ends - 1, 0), side="right")
 
 
+_FUNCTION_WORDS = frozenset("""
+a an the this that these those some any each every no
+of in on at by for to from with without into onto upon over under about above below after before between
+through during against among around across along behind beyond near off out up down than as like
+and or but nor so yet if then because while when where whether though although unless until
+is are was were be been being am do does did done has have had having will would shall should can could
+may might must ought
+i me my mine we us our ours you your yours he him his she her hers it its they them their theirs
+who whom whose which what there here not very too also just only
+""".split())
+
+
+def content_words(text: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """int per token (its characters starts..ends of ``text``): the index of the content word it
+    belongs to, counted from 0 over the document's content words, or -1 for a token of no content
+    word (spaces, punctuation, a function word: "the", "of", "is", "he", ...).  A content word is
+    any other word or number; a token that overlaps several words belongs to the first."""
+    word = np.full(len(text) + 1, -1, np.int64)
+    k = 0
+    for m in re.finditer(r"[A-Za-z][A-Za-z'-]*|\d+(?:[.,:/-]\d+)*", text):
+        if m.group().lower() not in _FUNCTION_WORDS:
+            word[m.start():m.end()] = k
+            k += 1
+    out = np.full(len(starts), -1, np.int64)
+    for i, (a, b) in enumerate(zip(starts, ends, strict=True)):
+        inside = word[a:b]
+        hit = inside[inside >= 0]
+        if len(hit):
+            out[i] = hit[0]
+    return out
+
+
+def content_distance(i: np.ndarray, anchor_at: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """The distance of tokens ``i`` from tokens ``anchor_at`` (an anchor each) counted in content
+    words (``words``, from ``content_words``): 0 at the anchor, 2k + 1 for a token of a content word
+    with k content words between it and the anchor, 2k + 2 for any other token (a function word or
+    punctuation ranks after the content word at its side)."""
+    has = words >= 0
+    first = has & np.concatenate([[True], words[1:] != words[:-1]])  # a content word's first token
+    seen = np.cumsum(first)  # content words begun at or before each token
+    lo, hi = np.minimum(i, anchor_at), np.maximum(i, anchor_at)
+    between = seen[np.maximum(hi - 1, 0)] - seen[lo]  # content words begun strictly between them
+    same = has[i] & (words[i] == words[anchor_at])  # a token of the anchor's own word
+    between -= (i > anchor_at) & has[i] & ~first[i] & ~same  # i's own word, begun between them
+    return np.where(i == anchor_at, 0, np.where(same, 1, 2 * between + np.where(has[i], 1, 2)))
+
+
 def _outward(text: str, starts: np.ndarray, ends: np.ndarray, anchor: np.ndarray, sentences: bool,
-             bottom: int = 1, top: int = TOP_RANK) -> np.ndarray:
+             bottom: int = 1, top: int = TOP_RANK, words: np.ndarray | None = None) -> np.ndarray:
     """``top`` for an anchor token, with ``sentences`` one less per token of distance from the
-    nearest anchor of its sentence (at least ``bottom``); 0 elsewhere."""
+    nearest anchor of its sentence (at least ``bottom``); 0 elsewhere.  With ``words`` (from
+    ``content_words``) the distance counts content words (``content_distance``), not tokens."""
     ranks = np.where(anchor, top, 0).astype(np.uint8)
     if not sentences or not anchor.any():
         return ranks
@@ -176,7 +228,10 @@ def _outward(text: str, starts: np.ndarray, ends: np.ndarray, anchor: np.ndarray
     before = np.maximum.accumulate(np.where(anchor, i, -1))  # the nearest anchor at or before i
     after = np.minimum.accumulate(np.where(anchor, i, n)[::-1])[::-1]  # ... at or after i
     far = np.int64(n + TOP_RANK)  # no anchor in the same sentence
-    d_before = np.where((before >= 0) & (sentence[np.maximum(before, 0)] == sentence), i - before, far)
-    d_after = np.where((after < n) & (sentence[np.minimum(after, n - 1)] == sentence), after - i, far)
+    b, a = np.maximum(before, 0), np.minimum(after, n - 1)
+    step_b, step_a = (i - before, after - i) if words is None else \
+        (content_distance(i, b, words), content_distance(i, a, words))
+    d_before = np.where((before >= 0) & (sentence[b] == sentence), step_b, far)
+    d_after = np.where((after < n) & (sentence[a] == sentence), step_a, far)
     dist = np.minimum(d_before, d_after)
     return np.where(dist < far, top - np.minimum(dist, top - bottom), 0).astype(np.uint8)

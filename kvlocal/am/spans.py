@@ -129,6 +129,7 @@ class SharedSpans(GroupSelector):
     fact_share: float = 0.0
     fact_until: float | None = None  # facts' share falls as (fact_until / ratio) ** fact_falloff beyond this ratio
     fact_falloff: float = 1.0
+    fact_keys: float | None = None  # the facts hold at most this share of the block's keys (T), whatever the ratio
     fact_one_whole: bool = False  # with fact_whole: the share holds at least the first whole unit, while that is
     #                               at most half of the head's budget (measured, used by no method)
     fact_span: int = 1
@@ -147,6 +148,8 @@ class SharedSpans(GroupSelector):
     fact_name_units: bool = False  # with fact_cores: every name's own keys first, then each name's neighbours a
     #                                name at a time (``whole_units`` order, the same in every layer), not every
     #                                name's nearest neighbour before any name's next
+    fact_name_words: bool = False  # with fact_names_below: a name's sentence ranks by content words from the name,
+    #                                not tokens (kvlocal.am.facts.content_distance): "lantern" before "is"
     fact_sentences: bool = True  # a number keeps its whole sentence
     fact_order: str = "attention"  # "nearest": numbers first, then their sentences outward from them
     score: str = "attention"  # "attention": agg over the queries; "kvzip": the engine-measured key scores
@@ -159,6 +162,7 @@ class SharedSpans(GroupSelector):
             raise ValueError(f"score must be 'attention' or 'kvzip', not {self.score!r}")
         if self.span < 1 or self.fact_span < 1 or not 0 <= self.own <= 1 or not 0 <= self.fact_share <= 1 \
                 or (self.fact_until is not None and not self.fact_until > 0) or not self.fact_falloff > 0 \
+                or (self.fact_keys is not None and not 0 < self.fact_keys <= 1) \
                 or self.scope not in ("layer", "model") or self.queries not in ("all", "recall") \
                 or self.fact_order not in ("attention", "nearest") \
                 or (self.fact_rare is not None and self.fact_rare < 1) or not 0 <= self.fact_names_upto <= 1 \
@@ -166,6 +170,7 @@ class SharedSpans(GroupSelector):
                 or (self.fact_one_whole and self.fact_whole is None) \
                 or (self.fact_cores and (self.fact_whole is None or not self.fact_names_below)) \
                 or ((self.fact_name_whole or self.fact_name_units) and not self.fact_cores) \
+                or (self.fact_name_words and not (self.fact_names_below and self.fact_sentences)) \
                 or not 0 <= self.recent <= 1:
             raise ValueError(f"invalid shared-spans settings {self}")
 
@@ -175,7 +180,7 @@ class SharedSpans(GroupSelector):
         ranks = facts.fact_ranks(pieces, names=self.fact_names, sentences=self.fact_sentences, rare=self.fact_rare,
                                  names_below=self.fact_names_below,
                                  names_with_numbers=self.fact_names_with_numbers,
-                                 number_words=self.fact_number_words)
+                                 number_words=self.fact_number_words, name_words=self.fact_name_words)
         return ranks if self.fact_order == "nearest" else facts.as_fact_ranks(ranks > 0)
 
     def number_facts(self, ranks: np.ndarray) -> np.ndarray:
@@ -230,10 +235,17 @@ class SharedSpans(GroupSelector):
         ``(fact_until / ratio) ** fact_falloff`` once the block's ratio n_keys / t passes
         ``fact_until``.  Verbatim facts cost one key each at any ratio; at high ratios the fitted keys
         are worth more (measured: bench/results/facts-quality/), but a share that falls as fast as
-        the budget (fall-off 1) soon holds no whole number (bench/results/fact_budget.md)."""
-        if self.fact_until is None or t <= 0:
+        the budget (fall-off 1) soon holds no whole number (bench/results/fact_budget.md).  With
+        ``fact_keys`` the facts hold at most that share of the block's keys: a document's facts are
+        as many at 5x as at 10x, and the keys a low ratio adds go to the fit."""
+        if t <= 0:
             return self.fact_share
-        return self.fact_share * min(1.0, self.fact_until * t / n_keys) ** self.fact_falloff
+        share = self.fact_share
+        if self.fact_until is not None:
+            share *= min(1.0, self.fact_until * t / n_keys) ** self.fact_falloff
+        if self.fact_keys is not None:
+            share = min(share, self.fact_keys * n_keys / t)
+        return share
 
     def fill(self, p: HeadProblem, shared: Ranking) -> Selection:
         fact_order, units = shared.fact_order, shared.units

@@ -423,6 +423,38 @@ def test_name_units_give_their_neighbours_a_name_at_a_time_after_every_names_own
         SharedSpans(fact_share=0.5, fact_order="nearest", fact_whole=1, fact_name_units=True)  # needs cores
 
 
+NEEDLE = [" The", " keeper", " of", " the", " lan", "tern", " is", " Iris", " I", "vers", ".",
+          " The", " code", " is", " 4", "82", "91", ".", " Iris", " left", "."]
+
+
+def test_name_words_rank_a_names_sentence_by_content_words_not_tokens():
+    """"The keeper of the lantern is Iris Ivers.": by tokens "is" and "." are the name's nearest
+    keys and "lantern" comes next; by content words "lantern" (both of its tokens) comes first, then
+    "is" and ".", then "keeper", then "of the", "The" last.  A number's sentence ranks as before."""
+    kw = dict(names=True, sentences=True, rare=2, names_below=True)
+    tokens, words = fact_ranks(NEEDLE, **kw), fact_ranks(NEEDLE, name_words=True, **kw)
+    rank = dict(zip(range(len(NEEDLE)), words.tolist()))
+    assert tokens[6] > tokens[4] and tokens[10] > tokens[4]  # by tokens: "is", "." before "lantern"
+    assert rank[4] == rank[5] == NAME_RANK - 1 and rank[6] == rank[10] == NAME_RANK - 2
+    assert rank[1] == NAME_RANK - 3 and rank[2] == rank[3] == NAME_RANK - 4 and rank[0] < rank[2]
+    assert rank[7] == rank[8] == rank[9] == NAME_RANK
+    assert np.array_equal(words[11:18], tokens[11:18]) and (words[11:18] > NAME_RANK).all()  # the number's
+    assert rank[19] == NAME_RANK - 1 and rank[20] == NAME_RANK - 4  # the second mention: "left", then "." past it
+    assert np.array_equal(fact_ranks(NEEDLE, name_words=True, names=True, rare=2, names_below=True),
+                          fact_ranks(NEEDLE, names=True, rare=2, names_below=True))  # no sentences: names only
+
+
+def test_shared_spans_pass_name_words_to_the_ranks_and_need_names_below():
+    base = SharedSpans(own=1.0, fact_share=0.5, fact_order="nearest", fact_names=True, fact_rare=2,
+                       fact_names_below=True, fact_names_upto=0.5, fact_whole=3, fact_cores=True)
+    words = replace(base, fact_name_words=True)
+    assert np.array_equal(words.fact_ranks(NEEDLE), fact_ranks(NEEDLE, names=True, sentences=True, rare=2,
+                                                               names_below=True, name_words=True))
+    assert not np.array_equal(words.fact_ranks(NEEDLE), base.fact_ranks(NEEDLE))
+    with pytest.raises(ValueError, match="shared-spans"):
+        replace(words, fact_names_below=False)
+
+
 def test_a_share_too_small_for_the_first_whole_number_grows_to_it():
     """Two numbers as above with a share of 5 keys: the long one (8 keys with its neighbours, first in
     the keep order) does not fit and whole units keep the short one (4); with fact_one_whole the share
@@ -699,6 +731,28 @@ def test_fact_share_can_fall_slower_than_the_ratio():
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match="shared-spans"):
             SharedSpans(fact_share=0.5, fact_until=10.0, fact_falloff=bad)
+
+
+def test_fact_keys_cap_the_facts_by_the_document_below_the_ratio_where_the_share_reaches_it():
+    """Half the budget up to 10x, capped at a twentieth of the block's keys: at 2x and 5x the facts
+    hold as many keys as at 10x (150 of 3,000), from 10x on the share is the schedule's."""
+    from kvlocal.am.methods import get_method
+
+    s = SharedSpans(own=1.0, fact_share=0.5, fact_until=10.0, fact_falloff=0.5, fact_keys=0.05)
+    assert [round(s.share_of_facts(3000, 3000 // r), 3) for r in (2, 5, 10, 20, 50)] == [0.1, 0.25, 0.5, 0.354, 0.224]
+    assert [round(s.share_of_facts(3000, 3000 // r) * (3000 // r)) for r in (2, 5, 10)] == [150, 150, 150]
+    fixed, default = get_method("am-facts-omp-cores-fixed"), get_method("am-facts-omp-cores-balanced")
+    assert replace(fixed.selector, fact_keys=None) == default.selector and fixed.selector.fact_keys == 0.05
+    assert fixed.query_after == default.query_after and fixed.queries == default.queries
+    facts = np.zeros(200, bool)
+    facts[:100:2] = True
+    heads = blind_heads(facts, 40, facts, seed=9)  # 5x, no attention on the facts: the facts step alone keeps them
+    for sel, n_facts in ((s, 10), (replace(s, fact_keys=None), 20)):  # the cap binds (10 keys), not the share (20)
+        for c in sel.select_group(heads, [sel.head_scores(p) for p in heads]):
+            assert len(c.indices) == 40 and facts[c.indices].sum() == n_facts
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="shared-spans"):
+            SharedSpans(fact_share=0.5, fact_keys=bad)
 
 
 def test_the_default_gives_facts_at_most_half_of_a_heads_budget():
