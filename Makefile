@@ -73,6 +73,9 @@ bench: setup
 		--out name_units_needles
 	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --methods "am-facts-omp-cores-balanced,+ name units" \
 		--out name_units_needles_heldout
+	$(VPY) bench/name_needles.py --kinds name,number --methods "am-facts-omp-cores-balanced,+ name words" \
+		--out name_words_needles
+	$(VPY) bench/fixed_facts.py
 	$(VPY) bench/output_error.py -m "$$($(VPY) -m models.gemma3)" --out output_error-gemma3
 	$(VPY) bench/name_needles.py --kinds name,number --out cores_balanced_needles \
 		--methods "am-facts-omp-half,am-facts-omp-balanced,+ cores first,am-facts-omp-cores-balanced,truncate,snapkv"

@@ -29,6 +29,11 @@ hold-out):
                            queries asked after the document (bench/results/after_document.md)
   am-facts-omp-cores-balanced
                            am-facts-omp-cores on am-facts-omp-balanced's query rows
+  am-facts-omp-cores-fixed am-facts-omp-cores-balanced with the facts keeping below 10x as many keys as at
+                           10x (the same method from 10x on; bench/results/fixed_facts.md)
+  + fixed tails            am-facts-omp-cores-balanced with every fact's core within half of the budget and
+                           the sentences' tails below 10x only up to the facts' keys at 10x
+                           (SharedSpans.fact_fixed "tails")
   + cores first            am-facts-omp-cores: am-facts-omp-half with every fact's core (a number or a name
                            with its 3 nearest tokens) before the rest of any sentence
   + cores first and whole names
@@ -72,6 +77,8 @@ def variants():
         "am-facts-omp-half": get_method("am-facts-omp-half"),
         "am-facts-omp-balanced": get_method("am-facts-omp-balanced"),
         "am-facts-omp-cores-balanced": get_method("am-facts-omp-cores-balanced"),
+        "am-facts-omp-cores-fixed": get_method("am-facts-omp-cores-fixed"),
+        "+ fixed tails": _fixed_tails(),
         "+ names beside numbers": replace(names, selector=replace(names.selector, fact_names_with_numbers=True),
                                           name="+ names beside numbers"),
         "+ numbers in words": replace(names, selector=replace(names.selector, fact_number_words=True,
@@ -102,6 +109,13 @@ def _name_units():
 
     default = get_method("am-facts-omp-cores-balanced")
     return replace(default, selector=replace(default.selector, fact_name_units=True), name="+ name units")
+
+
+def _fixed_tails():
+    from kvlocal.am.methods import get_method
+
+    fixed = get_method("am-facts-omp-cores-fixed")
+    return replace(fixed, selector=replace(fixed.selector, fact_fixed="tails"), name="+ fixed tails")
 
 
 def _name_words():

@@ -48,9 +48,9 @@
                       verbatim; more names and numbers than am-facts-omp-balanced, as much retention over
                       nine articles (bench/results/after_document.md, cores_balanced_needles*.md)
     am-facts-omp-cores-fixed
-                      am-facts-omp-cores-balanced with the facts holding at most a twentieth of the
-                      document's keys (SharedSpans.fact_keys): as many as at 10x at every lower ratio,
-                      the rest fitted (equal to the default from 10x on; bench/results/fixed_facts.md)
+                      am-facts-omp-cores-balanced with the facts keeping below 10x as many keys as at
+                      10x (SharedSpans.fact_fixed), the rest fitted; the same method from 10x on
+                      (bench/results/fixed_facts.md)
     am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the
                       facts leave; beta and values fitted around the facts as in am-facts; designed for
                       repeat + self-study queries (the default before am-facts-omp-near)
@@ -173,8 +173,8 @@ class Method:
             if sel.weights is None:
                 raise ValueError(f"{type(self.selector).__name__} gives no weights: set a beta fitter")
             log_w = np.log(sel.weights)
-        elif self.verbatim_facts and p.facts is not None and p.facts[idx].any():
-            fixed = p.facts[idx]
+        elif self.verbatim_facts and p.fact_mask is not None and p.fact_mask[idx].any():
+            fixed = p.fact_mask[idx]
             # the fact keys keep their own mass (w = 1); the others match what is left of it
             left = np.maximum(p.stats().z - p.features(idx[fixed]).sum(axis=1), 0.0)
             log_w = np.zeros(len(idx))
@@ -205,7 +205,7 @@ def _recall(own: float = 0.5) -> SharedSpans:
 def _facts(share: float = 1.0, window: int | None = None, until: float | None = None, falloff: float = 1.0,
            score: str = "attention", omp: OMP | None = None, order: str = "attention",
            rare_names: int | None = None, whole: int | None = None, cores: bool = False,
-           recent: float = 0.0, keys: float | None = None) -> SharedSpans:
+           recent: float = 0.0, fixed: str = "none") -> SharedSpans:
     """Every sentence with a number (or, with ``window``, the ``window`` positions around each
     number token) kept in every head, up to ``share`` of the budget (if they do not fit: ranked by
     rms attention, or with ``order`` "nearest" the numbers first and then their sentences outward
@@ -215,13 +215,14 @@ def _facts(share: float = 1.0, window: int | None = None, until: float | None = 
     all fit with their ``whole`` nearest tokens are kept whole, the most number tokens first; with
     ``cores``, every number's and name's core (with its ``whole`` nearest tokens) before the rest of
     any sentence; with ``recent``, that share of each head's budget on the block's last keys, after
-    the facts; with ``keys``, the facts hold at most that share of the block's keys at any ratio."""
+    the facts; with ``fixed`` "all", below ``until`` the facts keep as many keys as at ``until`` ("tails":
+    the sentences' tails alone, the cores keep the share)."""
     if window is None:
         names = rare_names is not None
         return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_falloff=falloff, score=score,
                            own_omp=omp, fact_order=order, fact_names=names, fact_rare=rare_names,
                            fact_names_below=names, fact_names_upto=0.5 if names else 1.0, fact_whole=whole,
-                           fact_cores=cores, recent=recent, fact_keys=keys)
+                           fact_cores=cores, recent=recent, fact_fixed=fixed)
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 
@@ -264,7 +265,7 @@ _FACTORIES = {
     "am-facts-omp-cores-balanced": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
                                                       whole=3, cores=True, query_after=0.5),
     "am-facts-omp-cores-fixed": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
-                                                   whole=3, cores=True, query_after=0.5, keys=0.05),
+                                                   whole=3, cores=True, query_after=0.5, fixed="all"),
     "am-facts-omp": lambda: _facts_omp(),
     "am-facts-omp-onpolicy": lambda: _facts_omp(stages=3),
     "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,

@@ -41,7 +41,8 @@ class HeadProblem:
     bias: np.ndarray | None = None  # [T] logit bias the keys already carry (re-compaction)
     positions: np.ndarray | None = None  # [T] original positions (recency baselines)
     # [T] bool: the key is a fact token (numbers, names; kvlocal.am.facts), or uint8 fact ranks
-    # (kvlocal.am.facts.fact_ranks: 0 no fact, higher kept first); ``facts`` is then ranks > 0
+    # (kvlocal.am.facts.fact_ranks: 0 no fact, higher kept first); both become uint8 ranks, in ``facts``
+    # and ``fact_ranks`` alike (so dataclasses.replace keeps them), ``fact_mask`` the bool
     facts: np.ndarray | None = None
     key_scores: np.ndarray | None = None  # [T] importance measured by the engine (KVzip), if any
     backend: str = "numba"
@@ -50,6 +51,11 @@ class HeadProblem:
     fact_ranks: np.ndarray | None = field(default=None, init=False, repr=False)  # set from ``facts``
     _stats: BlockStats | None = field(default=None, repr=False)
     _qs: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def fact_mask(self) -> np.ndarray | None:
+        """bool per key: is it a fact token (fact rank above 0)?  None without facts."""
+        return None if self.fact_ranks is None else self.fact_ranks > 0
 
     def __post_init__(self):
         self.keys = np.ascontiguousarray(self.keys, np.float32)
@@ -75,7 +81,7 @@ class HeadProblem:
             self.fact_ranks = as_fact_ranks(self.facts)
             if self.fact_ranks.shape != (T,):
                 raise ValueError(f"facts must be [T] booleans or fact ranks, got shape {self.fact_ranks.shape}")
-            self.facts = self.fact_ranks > 0
+            self.facts = self.fact_ranks
         if self.key_scores is not None:
             self.key_scores = np.asarray(self.key_scores, np.float32)
             if self.key_scores.shape != (T,) or not np.isfinite(self.key_scores).all():

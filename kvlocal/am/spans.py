@@ -129,7 +129,9 @@ class SharedSpans(GroupSelector):
     fact_share: float = 0.0
     fact_until: float | None = None  # facts' share falls as (fact_until / ratio) ** fact_falloff beyond this ratio
     fact_falloff: float = 1.0
-    fact_keys: float | None = None  # the facts hold at most this share of the block's keys (T), whatever the ratio
+    fact_fixed: str = "none"  # with fact_until, "all": below it the facts keep as many keys as at fact_until, not a
+    #                           share; "tails" (with fact_cores): the cores keep the share, the sentences' tails do not
+    #                           add to what the facts hold at fact_until
     fact_one_whole: bool = False  # with fact_whole: the share holds at least the first whole unit, while that is
     #                               at most half of the head's budget (measured, used by no method)
     fact_span: int = 1
@@ -162,7 +164,9 @@ class SharedSpans(GroupSelector):
             raise ValueError(f"score must be 'attention' or 'kvzip', not {self.score!r}")
         if self.span < 1 or self.fact_span < 1 or not 0 <= self.own <= 1 or not 0 <= self.fact_share <= 1 \
                 or (self.fact_until is not None and not self.fact_until > 0) or not self.fact_falloff > 0 \
-                or (self.fact_keys is not None and not 0 < self.fact_keys <= 1) \
+                or self.fact_fixed not in ("none", "all", "tails") \
+                or (self.fact_fixed != "none" and self.fact_until is None) \
+                or (self.fact_fixed == "tails" and not self.fact_cores) \
                 or self.scope not in ("layer", "model") or self.queries not in ("all", "recall") \
                 or self.fact_order not in ("attention", "nearest") \
                 or (self.fact_rare is not None and self.fact_rare < 1) or not 0 <= self.fact_names_upto <= 1 \
@@ -236,16 +240,30 @@ class SharedSpans(GroupSelector):
         ``fact_until``.  Verbatim facts cost one key each at any ratio; at high ratios the fitted keys
         are worth more (measured: bench/results/facts-quality/), but a share that falls as fast as
         the budget (fall-off 1) soon holds no whole number (bench/results/fact_budget.md).  With
-        ``fact_keys`` the facts hold at most that share of the block's keys: a document's facts are
-        as many at 5x as at 10x, and the keys a low ratio adds go to the fit."""
-        if t <= 0:
-            return self.fact_share
-        share = self.fact_share
-        if self.fact_until is not None:
-            share *= min(1.0, self.fact_until * t / n_keys) ** self.fact_falloff
-        if self.fact_keys is not None:
-            share = min(share, self.fact_keys * n_keys / t)
+        ``fact_fixed`` "all", a budget larger than ``fact_until``'s (round(n_keys / fact_until) keys)
+        gives the facts no more keys than that budget does: a document's facts are as many at 5x as
+        at 10x, and the keys a lower ratio adds go to the fit.  From ``fact_until`` on the share is
+        the schedule's, to the key.  (``fact_fixed`` "tails" bounds the sentences' tails alone, in
+        ``fill``; the share is the schedule's.)"""
+        share = self._scheduled_share(n_keys, t)
+        if self.fact_fixed == "all":
+            share = min(share, self.fixed_share(n_keys, t))
         return share
+
+    def fixed_share(self, n_keys: int, t: int) -> float:
+        """What the facts hold at ``fact_until``'s budget, as a share of a budget of ``t`` keys (the
+        schedule's share where ``t`` is no larger)."""
+        share = self._scheduled_share(n_keys, t)
+        if t > 0:
+            t_until = max(1, round(n_keys / self.fact_until))
+            if t > t_until:
+                share = min(share, round(self._scheduled_share(n_keys, t_until) * t_until) / t)
+        return share
+
+    def _scheduled_share(self, n_keys: int, t: int) -> float:
+        if self.fact_until is None or t <= 0:
+            return self.fact_share
+        return self.fact_share * min(1.0, self.fact_until * t / n_keys) ** self.fact_falloff
 
     def fill(self, p: HeadProblem, shared: Ranking) -> Selection:
         fact_order, units = shared.fact_order, shared.units
@@ -282,6 +300,9 @@ class SharedSpans(GroupSelector):
             if shared.names and int(taken.sum()) + sum(len(u) for u in shared.names) > n_facts:  # names whole
                 keep_whole(shared.names, n_facts)
                 fact_order = np.where(shared.numbers, fact_order, -np.inf)  # no name in part; numbers' tails may follow
+            if self.fact_fixed == "tails":  # the cores within the share, the tails only up to fact_until's keys
+                take(np.where(fact_order > 2 * (facts.TOP_RANK + 1), fact_order, -np.inf), n_facts - int(taken.sum()))
+                n_facts = min(n_facts, int(round(self.fixed_share(p.T, t) * t)))
             take(fact_order, n_facts - int(taken.sum()))
         n_recent = min(int(round(self.recent * t)), t - int(taken.sum()))
         if n_recent > 0:  # the block's last keys not yet kept, up to n_recent of them (never past the budget)

@@ -208,7 +208,7 @@ def test_fact_ranks_accept_masks_and_reject_what_is_no_rank():
         with pytest.raises(ValueError, match="fact ranks"):
             as_fact_ranks(bad)
     p = HeadProblem(np.zeros((3, 2)), np.zeros((3, 2)), np.ones((1, 2)), 2, facts=np.array([0, 7, 255]))
-    assert np.array_equal(p.facts, [False, True, True]) and np.array_equal(p.fact_ranks, [0, 7, 255])
+    assert np.array_equal(p.fact_mask, [False, True, True]) and np.array_equal(p.fact_ranks, [0, 7, 255])
 
 
 def group(T=60, d=8, n=50, t=12, facts=None, seed=0):
@@ -733,27 +733,65 @@ def test_fact_share_can_fall_slower_than_the_ratio():
             SharedSpans(fact_share=0.5, fact_until=10.0, fact_falloff=bad)
 
 
-def test_fact_keys_cap_the_facts_by_the_document_below_the_ratio_where_the_share_reaches_it():
-    """Half the budget up to 10x, capped at a twentieth of the block's keys: at 2x and 5x the facts
-    hold as many keys as at 10x (150 of 3,000), from 10x on the share is the schedule's."""
+def test_fixed_facts_keep_below_fact_until_the_keys_they_keep_at_it_and_the_schedule_from_it_on():
+    """Half the budget up to 10x, 0.5 sqrt(10/ratio) beyond: fixed, the facts keep at 2x and 5x the
+    keys they keep at 10x, and from 10x on every budget gives them what the schedule does, to the
+    key (the same method there), whatever the document's length rounds to."""
     from kvlocal.am.methods import get_method
 
-    s = SharedSpans(own=1.0, fact_share=0.5, fact_until=10.0, fact_falloff=0.5, fact_keys=0.05)
-    assert [round(s.share_of_facts(3000, 3000 // r), 3) for r in (2, 5, 10, 20, 50)] == [0.1, 0.25, 0.5, 0.354, 0.224]
-    assert [round(s.share_of_facts(3000, 3000 // r) * (3000 // r)) for r in (2, 5, 10)] == [150, 150, 150]
-    fixed, default = get_method("am-facts-omp-cores-fixed"), get_method("am-facts-omp-cores-balanced")
-    assert replace(fixed.selector, fact_keys=None) == default.selector and fixed.selector.fact_keys == 0.05
-    assert fixed.query_after == default.query_after and fixed.queries == default.queries
+    sched = SharedSpans(own=1.0, fact_share=0.5, fact_until=10.0, fact_falloff=0.5)
+    fixed = replace(sched, fact_fixed="all")
+
+    def keys(sel, n, t):
+        return int(round(sel.share_of_facts(n, t) * t))
+
+    for n in (2957, 2965, 2975, 2985, 3000, 3394):
+        t10 = round(n / 10)
+        assert [keys(fixed, n, round(n / r)) for r in (2, 3, 5, 8)] == [keys(sched, n, t10)] * 4
+        assert all(keys(fixed, n, t) == keys(sched, n, t) for t in range(1, t10 + 1))
+        assert keys(sched, n, round(n / 5)) > keys(sched, n, t10)  # unfixed, 5x gives the facts more
+    default, method = get_method("am-facts-omp-cores-balanced"), get_method("am-facts-omp-cores-fixed")
+    assert method.selector == replace(default.selector, fact_fixed="all")
+    assert method.query_after == default.query_after and method.queries == default.queries
     facts = np.zeros(200, bool)
     facts[:100:2] = True
     heads = blind_heads(facts, 40, facts, seed=9)  # 5x, no attention on the facts: the facts step alone keeps them
-    for sel, n_facts in ((s, 10), (replace(s, fact_keys=None), 20)):  # the cap binds (10 keys), not the share (20)
+    for sel, n_facts in ((fixed, 10), (sched, 20)):  # fixed: what 10x gives them (half of 20 keys); else half of 40
         for c in sel.select_group(heads, [sel.head_scores(p) for p in heads]):
             assert len(c.indices) == 40 and facts[c.indices].sum() == n_facts
-    for bad in (0.0, 1.5):
+    for bad in (dict(fact_fixed="all"), dict(fact_fixed="yes", fact_until=10.0),
+                dict(fact_fixed="tails", fact_until=10.0)):  # needs fact_until; a known mode; tails need cores
         with pytest.raises(ValueError, match="shared-spans"):
-            SharedSpans(fact_share=0.5, fact_keys=bad)
+            SharedSpans(fact_share=0.5, **bad)
 
+
+def test_a_problem_copied_with_replace_keeps_its_fact_ranks():
+    ranks = sentence_ranks(60, (2, 10, 20), (36, 40, 45))
+    p = blind_heads(ranks, 12, ranks > 0, seed=4)[0]
+    q = replace(p, t=30)  # the ranks, not a flat mask (every fact TOP_RANK) made of them
+    assert np.array_equal(q.fact_ranks, ranks) and np.array_equal(q.fact_mask, ranks > 0) and q.t == 30
+    assert HeadProblem(p.keys, p.values, p.queries, 5).fact_mask is None
+
+
+def test_fixed_tails_keep_every_core_within_the_share_and_no_more_tail_than_at_fact_until():
+    """A number's sentence (18 keys) and a name's (9); 5x of 60 keys: 12 kept, half of them facts
+    (6), while 10x's budget (6 keys) gives the facts 3.  Fixed "all": 3 fact keys, the number's
+    core only in part; fixed "tails": both cores whole (3 + 3 = 6 > 3), and no tail key."""
+    ranks = sentence_ranks(60, (2, 10, 20), (36, 40, 45))
+    heads = blind_heads(ranks, 12, ranks > 0, seed=4)
+    cores = SharedSpans(own=1.0, fact_share=0.5, fact_until=10.0, fact_falloff=0.5, fact_order="nearest",
+                        fact_names=True, fact_names_below=True, fact_names_upto=0.5, fact_whole=1, fact_cores=True)
+    every, tails = replace(cores, fact_fixed="all"), replace(cores, fact_fixed="tails")
+    facts = set(np.flatnonzero(ranks).tolist())
+    for c in every.select_group(heads, [every.head_scores(p) for p in heads]):
+        assert len(set(c.indices.tolist()) & facts) == 3 and len(c.indices) == 12
+    for c in tails.select_group(heads, [tails.head_scores(p) for p in heads]):
+        assert set(c.indices.tolist()) & facts == {9, 10, 11, 39, 40, 41} and len(c.indices) == 12
+    roomy = [replace(p, t=30) for p in heads]  # 2x: the cores fit with room; the tails hold 10x's 3 keys at most
+    for a, b in zip(tails.select_group(roomy, [tails.head_scores(p) for p in roomy]),
+                    cores.select_group(roomy, [cores.head_scores(p) for p in roomy]), strict=True):
+        kept_a, kept_b = set(a.indices.tolist()) & facts, set(b.indices.tolist()) & facts
+        assert kept_a == {9, 10, 11, 39, 40, 41} and len(kept_b) == 15
 
 def test_the_default_gives_facts_at_most_half_of_a_heads_budget():
     """Eight one-token numbers on heads that never attend to them: at 5x (12 keys of 60) the default

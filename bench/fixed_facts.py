@@ -1,0 +1,114 @@
+"""The facts' keys fixed by the document, not by the budget, at low ratios.
+
+The default (am-facts-omp-cores-balanced) lets the facts (numbers, rare names and their
+sentences) take up to half of each head's budget up to 10x.  A document's facts are as many at 5x
+as at 10x, so at 5x the facts' share holds twice the keys it does at 10x: most of them the far
+ends of the facts' sentences, which the fit could spend better.  am-facts-omp-cores-fixed gives
+the facts below 10x as many keys as 10x does (half of a tenth of the document's keys) and fits the
+rest; from 10x on the two are the same method, to the key (SharedSpans.fact_fixed).
+
+One run at the ratios given (default 5x), every row side by side, the evaluation grid's scoring
+and cells (cells already cached by bench/after_document.py are reused): retention R on the grid's
+QuALITY articles (8, 1, 2) and the two held-out sets (0, 7, 5 and 3, 4, 6), number needles and
+next-token KL on the grid's needle stories (0, 1) and the held-out ones (5, 9, needle seed 7).
+
+    python bench/fixed_facts.py [-m GGUF] [--ratios 5] [--sets grid,held out,second,needles] [--out fixed_facts]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from after_document import (GRID_ARTICLES, HELD_OUT_ARTICLES, HELD_OUT_SEED, HELD_OUT_STORIES, OWN,
+                            SECOND_ARTICLES)
+from common import machine, write_report
+
+ROWS = (
+    ("am-facts-omp-cores-balanced", OWN, "the default: facts up to half of each head's budget up to 10x"),
+    ("am-facts-omp-cores-fixed", OWN, "below 10x the facts keep as many keys as at 10x, the rest is fitted"),
+    ("truncate", (), "baseline"),
+    ("h2o", ("context",), "baseline"),
+    ("snapkv", ("self-study",), "baseline"),
+)
+NEEDLE_ROWS = ("am-facts-omp-cores-balanced", "am-facts-omp-cores-fixed", "truncate", "snapkv")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "kvlocal" / "eval"))
+    ap.add_argument("--heldout-cache", default=str(Path.home() / ".cache" / "kvlocal" / "eval-heldout"))
+    ap.add_argument("-m", "--model", default=None, help="a GGUF (default: SmolLM2-135M-Instruct, installed if needed)")
+    ap.add_argument("--ratios", default="5")
+    ap.add_argument("--sets", default="grid,held out,second,needles", help="which document sets to run and report")
+    ap.add_argument("--out", default="fixed_facts")
+    args = ap.parse_args()
+    ratios = tuple(int(r) for r in args.ratios.split(","))
+
+    from kvlocal.engine import binding
+    from kvlocal.evaluation.harness import EvalConfig, Evaluator
+    from kvlocal.evaluation.report import collect, label
+    from models.smollm2 import ensure as ensure_model
+
+    t0 = time.perf_counter()
+    model = binding.Model(args.model or str(ensure_model()))
+    grid = replace(EvalConfig(), methods=tuple((m, q) for m, q, _ in ROWS), ratios=ratios, articles=GRID_ARTICLES)
+    sets = {"grid": (grid, ("quality", "niah"), args.cache),
+            "held out": (replace(grid, articles=HELD_OUT_ARTICLES), ("quality",), args.cache),
+            "second": (replace(grid, articles=SECOND_ARTICLES), ("quality",), args.cache),
+            "needles": (replace(grid, methods=tuple((m, q) for m, q, _ in ROWS if m in NEEDLE_ROWS),
+                                haystack_stories=HELD_OUT_STORIES, seed=HELD_OUT_SEED), ("niah",), args.heldout_cache)}
+    chosen = args.sets.split(",")
+    if not chosen or not set(chosen) <= set(sets):
+        ap.error(f"--sets are among {', '.join(sets)}, not {args.sets!r}")
+    sets = {k: v for k, v in sets.items() if k in chosen}
+    got = {}
+    for name, (cfg, parts, cache) in sets.items():
+        ev = Evaluator(model, cfg, cache, progress=False)
+        ev.run(parts)
+        got[name] = collect(ev)["rows"]
+        print(f"{name} done, {time.perf_counter() - t0:.0f} s", flush=True)
+    n = grid.needles * len(grid.haystack_stories)
+    columns = (("grid", "R", "R, articles " + ", ".join(map(str, GRID_ARTICLES))),
+               ("held out", "R", "R, articles " + ", ".join(map(str, HELD_OUT_ARTICLES))),
+               ("second", "R", "R, articles " + ", ".join(map(str, SECOND_ARTICLES))),
+               ("grid", "niah", "needles, stories 0, 1"), ("grid", "kl", "KL, stories 0, 1"),
+               ("needles", "niah", f"needles, stories {HELD_OUT_STORIES[0]}, {HELD_OUT_STORIES[1]}"),
+               ("needles", "kl", f"KL, stories {HELD_OUT_STORIES[0]}, {HELD_OUT_STORIES[1]}"))
+    lines = [
+        "# The facts' keys fixed by the document at low ratios",
+        "",
+        f"Written {time.strftime('%Y-%m-%d')} by `bench/fixed_facts.py` on {machine(os.cpu_count() or 2)}; "
+        f"{time.perf_counter() - t0:.0f} s (cells already in the cache are not recomputed).",
+        "",
+        f"{model.path.stem}; the evaluation grid's scoring, as bench/after_document.py: retention R on QuALITY "
+        "articles (8 questions each, the model's own greedy answers with the full cache as references, cut "
+        "as the grid cuts them), number needles (of 16, exact match of 7 digits) and next-token KL over the next 96 "
+        "tokens on SQuALITY dev stories cut to 3,000 tokens with 8 needles each. AM rows fitted on repeat + "
+        "self-study queries, at most 4,096 per KV head, 10 % held out; every row keeps the same number of keys "
+        "per head. The two AM rows are the same from 10x on (bench/results/after_document.md has them)."
+        + ("" if len(sets) == 4 else f" Sets run: {', '.join(sets)}; '–' where a set was not run."),
+        "",
+        "| row | what |", "|---|---|",
+        *[f"| {label(m, q)} | {what} |" for m, q, what in ROWS],
+    ]
+    for r in ratios:
+        lines += ["", f"## {r}x", "", "| row | " + " | ".join(c[2] for c in columns) + " | R, mean of the three sets |",
+                  "|---|" + "---|" * (len(columns) + 1)]
+        for m, q, _ in ROWS:
+            rs = [got.get(part, {}).get((label(m, q), r), {}).get("R") for part in ("grid", "held out", "second")]
+            cells = []
+            for part, key, _ in columns:
+                v = got.get(part, {}).get((label(m, q), r), {}).get(key)
+                cells.append("–" if v is None else str(round(v * n)) if key == "niah" else f"{v:.3f}")
+            cells.append("–" if None in rs else f"{sum(rs) / 3:.3f}")
+            lines.append(f"| {label(m, q)} | " + " | ".join(cells) + " |")
+    write_report(args.out, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
