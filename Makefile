@@ -76,6 +76,10 @@ bench: setup
 	$(VPY) bench/name_needles.py --kinds name,number --methods "am-facts-omp-cores-balanced,+ name words" \
 		--out name_words_needles
 	$(VPY) bench/fixed_facts.py
+	$(VPY) bench/name_needles.py --kinds name,number --ratios 5 --out fixed_facts_needles \
+		--methods "am-facts-omp-cores-balanced,am-facts-omp-cores-fixed,+ fixed tails"
+	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --ratios 5 --out fixed_facts_needles_heldout \
+		--methods "am-facts-omp-cores-balanced,am-facts-omp-cores-fixed,+ fixed tails"
 	$(VPY) bench/output_error.py -m "$$($(VPY) -m models.gemma3)" --out output_error-gemma3
 	$(VPY) bench/name_needles.py --kinds name,number --out cores_balanced_needles \
 		--methods "am-facts-omp-half,am-facts-omp-balanced,+ cores first,am-facts-omp-cores-balanced,truncate,snapkv"

@@ -5,7 +5,9 @@ sentences) take up to half of each head's budget up to 10x.  A document's facts 
 as at 10x, so at 5x the facts' share holds twice the keys it does at 10x: most of them the far
 ends of the facts' sentences, which the fit could spend better.  am-facts-omp-cores-fixed gives
 the facts below 10x as many keys as 10x does (half of a tenth of the document's keys) and fits the
-rest; from 10x on the two are the same method, to the key (SharedSpans.fact_fixed).
+rest; am-facts-omp-cores-fixed-tails holds only the rest of the facts' sentences to that and keeps
+every core within the share as before.  From 10x on the three are the same method, to the key
+(SharedSpans.fact_fixed).
 
 One run at the ratios given (default 5x), every row side by side, the evaluation grid's scoring
 and cells (cells already cached by bench/after_document.py are reused): retention R on the grid's
@@ -30,11 +32,14 @@ from common import machine, write_report
 ROWS = (
     ("am-facts-omp-cores-balanced", OWN, "the default: facts up to half of each head's budget up to 10x"),
     ("am-facts-omp-cores-fixed", OWN, "below 10x the facts keep as many keys as at 10x, the rest is fitted"),
+    ("am-facts-omp-cores-fixed-tails", OWN, "every fact's core within the share as before; below 10x the rest of the "
+                                            "facts' sentences only up to what the facts hold at 10x"),
     ("truncate", (), "baseline"),
     ("h2o", ("context",), "baseline"),
     ("snapkv", ("self-study",), "baseline"),
 )
-NEEDLE_ROWS = ("am-facts-omp-cores-balanced", "am-facts-omp-cores-fixed", "truncate", "snapkv")
+NEEDLE_ROWS = ("am-facts-omp-cores-balanced", "am-facts-omp-cores-fixed", "am-facts-omp-cores-fixed-tails", "truncate",
+               "snapkv")
 
 
 def main() -> int:
@@ -89,7 +94,7 @@ def main() -> int:
         "as the grid cuts them), number needles (of 16, exact match of 7 digits) and next-token KL over the next 96 "
         "tokens on SQuALITY dev stories cut to 3,000 tokens with 8 needles each. AM rows fitted on repeat + "
         "self-study queries, at most 4,096 per KV head, 10 % held out; every row keeps the same number of keys "
-        "per head. The two AM rows are the same from 10x on (bench/results/after_document.md has them)."
+        "per head. The three AM rows are the same from 10x on (bench/results/after_document.md has them)."
         + ("" if len(sets) == 4 else f" Sets run: {', '.join(sets)}; '–' where a set was not run."),
         "",
         "| row | what |", "|---|---|",

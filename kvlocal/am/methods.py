@@ -49,8 +49,13 @@
                       nine articles (bench/results/after_document.md, cores_balanced_needles*.md)
     am-facts-omp-cores-fixed
                       am-facts-omp-cores-balanced with the facts keeping below 10x as many keys as at
-                      10x (SharedSpans.fact_fixed), the rest fitted; the same method from 10x on
-                      (bench/results/fixed_facts.md)
+                      10x (SharedSpans.fact_fixed), the rest fitted; the same method from 10x on.  At
+                      5x more retention and a lower KL, as many number needles, far fewer name needles
+                      (bench/results/fixed_facts.md, fixed_facts_needles*.md)
+    am-facts-omp-cores-fixed-tails
+                      am-facts-omp-cores-balanced with every fact's core within the facts' share as before
+                      and the rest of their sentences, below 10x, only up to what the facts hold at 10x
+                      (at 5x about the default: the cores fill most of the share)
     am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the
                       facts leave; beta and values fitted around the facts as in am-facts; designed for
                       repeat + self-study queries (the default before am-facts-omp-near)
@@ -266,6 +271,8 @@ _FACTORIES = {
                                                       whole=3, cores=True, query_after=0.5),
     "am-facts-omp-cores-fixed": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
                                                    whole=3, cores=True, query_after=0.5, fixed="all"),
+    "am-facts-omp-cores-fixed-tails": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
+                                                         whole=3, cores=True, query_after=0.5, fixed="tails"),
     "am-facts-omp": lambda: _facts_omp(),
     "am-facts-omp-onpolicy": lambda: _facts_omp(stages=3),
     "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,

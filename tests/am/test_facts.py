@@ -792,6 +792,15 @@ def test_fixed_tails_keep_every_core_within_the_share_and_no_more_tail_than_at_f
                     cores.select_group(roomy, [cores.head_scores(p) for p in roomy]), strict=True):
         kept_a, kept_b = set(a.indices.tolist()) & facts, set(b.indices.tolist()) & facts
         assert kept_a == {9, 10, 11, 39, 40, 41} and len(kept_b) == 15
+    for t in (6, 4, 3):  # 10x and beyond: the same keys as without, in every head
+        tight = [replace(p, t=t) for p in heads]
+        for a, b in zip(tails.select_group(tight, [tails.head_scores(p) for p in tight]),
+                        cores.select_group(tight, [cores.head_scores(p) for p in tight]), strict=True):
+            assert np.array_equal(a.indices, b.indices)
+    from kvlocal.am.methods import get_method
+
+    assert get_method("am-facts-omp-cores-fixed-tails").selector == replace(
+        get_method("am-facts-omp-cores-balanced").selector, fact_fixed="tails")
 
 def test_the_default_gives_facts_at_most_half_of_a_heads_budget():
     """Eight one-token numbers on heads that never attend to them: at 5x (12 keys of 60) the default
