@@ -76,6 +76,7 @@ bench: setup
 	$(VPY) bench/name_needles.py --kinds name,number --methods "am-facts-omp-cores-balanced,+ name words" \
 		--out name_words_needles
 	$(VPY) bench/fixed_facts.py
+	$(VPY) bench/fixed_facts.py -m "$$($(VPY) -m models.gemma3)" --out fixed_facts-gemma3
 	$(VPY) bench/name_needles.py --kinds name,number --ratios 5 --out fixed_facts_needles \
 		--methods "am-facts-omp-cores-balanced,am-facts-omp-cores-fixed,+ fixed tails"
 	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --ratios 5 --out fixed_facts_needles_heldout \
