@@ -67,62 +67,34 @@ from common import machine, write_report
 def variants():
     from kvlocal.am.methods import get_method
 
-    base, names = get_method("am-facts-omp-near"), get_method("am-facts-omp-names")
-    like_numbers = replace(names.selector, fact_names_below=False, fact_names_upto=1.0)
+    names = get_method("am-facts-omp-names")
     return {
-        "am-facts-omp-near": base,
-        "+ rare names": replace(names, selector=like_numbers, name="+ rare names"),
+        "am-facts-omp-near": get_method("am-facts-omp-near"),
+        "+ rare names": _variant(names, "+ rare names", fact_names_below=False, fact_names_upto=1.0),
         "am-facts-omp-names": names,
         "am-facts-omp-whole": get_method("am-facts-omp-whole"),
         "am-facts-omp-half": get_method("am-facts-omp-half"),
         "am-facts-omp-balanced": get_method("am-facts-omp-balanced"),
         "am-facts-omp-cores-balanced": get_method("am-facts-omp-cores-balanced"),
         "am-facts-omp-cores-fixed": get_method("am-facts-omp-cores-fixed"),
-        "+ fixed tails": _fixed_tails(),
-        "+ names beside numbers": replace(names, selector=replace(names.selector, fact_names_with_numbers=True),
-                                          name="+ names beside numbers"),
-        "+ numbers in words": replace(names, selector=replace(names.selector, fact_number_words=True,
-                                                              fact_names_with_numbers=True),
-                                      name="+ numbers in words"),
-        **{f"+ whole numbers ({d})": replace(names, selector=replace(names.selector, fact_whole=d),
-                                             name=f"+ whole numbers ({d})") for d in (2, 4)},
-        "+ cores first": _cores_first(),
-        "+ cores first and whole names": _cores_first(whole_names=True),
-        "+ name units": _name_units(),
-        "+ name words": _name_words(),
+        "+ fixed tails": _variant(get_method("am-facts-omp-cores-fixed-tails"), "+ fixed tails"),
+        "+ names beside numbers": _variant(names, "+ names beside numbers", fact_names_with_numbers=True),
+        "+ numbers in words": _variant(names, "+ numbers in words", fact_number_words=True,
+                                       fact_names_with_numbers=True),
+        **{f"+ whole numbers ({d})": _variant(names, f"+ whole numbers ({d})", fact_whole=d) for d in (2, 4)},
+        "+ cores first": _variant(get_method("am-facts-omp-cores"), "+ cores first"),
+        "+ cores first and whole names": _variant(get_method("am-facts-omp-cores"), "+ cores first and whole names",
+                                                  fact_name_whole=True),
+        "+ name units": _variant(get_method("am-facts-omp-cores-balanced"), "+ name units", fact_name_units=True),
+        "+ name words": _variant(get_method("am-facts-omp-cores-balanced"), "+ name words", fact_name_words=True),
         "truncate": get_method("truncate"),
         "snapkv": get_method("snapkv"),
     }
 
 
-def _cores_first(whole_names: bool = False):
-    from kvlocal.am.methods import get_method
-
-    cores = get_method("am-facts-omp-cores")
-    if not whole_names:
-        return replace(cores, name="+ cores first")
-    return replace(cores, selector=replace(cores.selector, fact_name_whole=True), name="+ cores first and whole names")
-
-
-def _name_units():
-    from kvlocal.am.methods import get_method
-
-    default = get_method("am-facts-omp-cores-balanced")
-    return replace(default, selector=replace(default.selector, fact_name_units=True), name="+ name units")
-
-
-def _fixed_tails():
-    from kvlocal.am.methods import get_method
-
-    fixed = get_method("am-facts-omp-cores-fixed")
-    return replace(fixed, selector=replace(fixed.selector, fact_fixed="tails"), name="+ fixed tails")
-
-
-def _name_words():
-    from kvlocal.am.methods import get_method
-
-    default = get_method("am-facts-omp-cores-balanced")
-    return replace(default, selector=replace(default.selector, fact_name_words=True), name="+ name words")
+def _variant(method, name: str, **selector):
+    """``method`` renamed ``name``, its selector with the settings ``selector`` changed."""
+    return replace(method, selector=replace(method.selector, **selector), name=name)
 
 
 def main() -> int:

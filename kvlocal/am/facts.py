@@ -167,6 +167,7 @@ def _sentence_ids(text: str, ends: np.ndarray) -> np.ndarray:
     return np.searchsorted(bounds, np.maximum(ends - 1, 0), side="right")
 
 
+_WORD_OR_NUMBER = re.compile(f"{_WORD.pattern}|{_NUMBER.pattern}")
 _FUNCTION_WORDS = frozenset("""
 a an the this that these those some any each every no
 of in on at by for to from with without into onto upon over under about above below after before between
@@ -184,19 +185,17 @@ def content_words(text: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
     belongs to, counted from 0 over the document's content words, or -1 for a token of no content
     word (spaces, punctuation, a function word: "the", "of", "is", "he", ...).  A content word is
     any other word or number; a token that overlaps several words belongs to the first."""
-    word = np.full(len(text) + 1, -1, np.int64)
+    word = np.full(len(text), -1, np.int64)  # per character: its content word, -1 none
     k = 0
-    for m in re.finditer(r"[A-Za-z][A-Za-z'-]*|\d+(?:[.,:/-]\d+)*", text):
+    for m in _WORD_OR_NUMBER.finditer(text):
         if m.group().lower() not in _FUNCTION_WORDS:
             word[m.start():m.end()] = k
             k += 1
-    out = np.full(len(starts), -1, np.int64)
-    for i, (a, b) in enumerate(zip(starts, ends, strict=True)):
-        inside = word[a:b]
-        hit = inside[inside >= 0]
-        if len(hit):
-            out[i] = hit[0]
-    return out
+    at = np.flatnonzero(word >= 0)  # the characters of content words
+    if not len(at):
+        return np.full(len(starts), -1, np.int64)
+    c = at[np.minimum(np.searchsorted(at, starts), len(at) - 1)]  # each token's first such character (if any)
+    return np.where((c >= starts) & (c < ends), word[c], -1)
 
 
 def content_distance(i: np.ndarray, anchor_at: np.ndarray, words: np.ndarray) -> np.ndarray:

@@ -41,16 +41,20 @@ class HeadProblem:
     bias: np.ndarray | None = None  # [T] logit bias the keys already carry (re-compaction)
     positions: np.ndarray | None = None  # [T] original positions (recency baselines)
     # [T] bool: the key is a fact token (numbers, names; kvlocal.am.facts), or uint8 fact ranks
-    # (kvlocal.am.facts.fact_ranks: 0 no fact, higher kept first); both become uint8 ranks, in ``facts``
-    # and ``fact_ranks`` alike (so dataclasses.replace keeps them), ``fact_mask`` the bool
+    # (kvlocal.am.facts.fact_ranks: 0 no fact, higher kept first); either becomes uint8 ranks (so
+    # dataclasses.replace keeps them), ``fact_ranks`` names them and ``fact_mask`` gives the bool
     facts: np.ndarray | None = None
     key_scores: np.ndarray | None = None  # [T] importance measured by the engine (KVzip), if any
     backend: str = "numba"
     block: int = 2048
     seed: int = 0
-    fact_ranks: np.ndarray | None = field(default=None, init=False, repr=False)  # set from ``facts``
     _stats: BlockStats | None = field(default=None, repr=False)
     _qs: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def fact_ranks(self) -> np.ndarray | None:
+        """uint8 fact rank per key (``facts`` as validated), None without facts."""
+        return self.facts
 
     @property
     def fact_mask(self) -> np.ndarray | None:
@@ -78,10 +82,9 @@ class HeadProblem:
         if self.positions is None:
             self.positions = np.arange(T)
         if self.facts is not None:
-            self.fact_ranks = as_fact_ranks(self.facts)
-            if self.fact_ranks.shape != (T,):
-                raise ValueError(f"facts must be [T] booleans or fact ranks, got shape {self.fact_ranks.shape}")
-            self.facts = self.fact_ranks
+            self.facts = as_fact_ranks(self.facts)
+            if self.facts.shape != (T,):
+                raise ValueError(f"facts must be [T] booleans or fact ranks, got shape {self.facts.shape}")
         if self.key_scores is not None:
             self.key_scores = np.asarray(self.key_scores, np.float32)
             if self.key_scores.shape != (T,) or not np.isfinite(self.key_scores).all():

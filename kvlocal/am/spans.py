@@ -101,6 +101,10 @@ def core_tiers(ranks: np.ndarray, depth: int) -> np.ndarray:
                       r > facts.NAME_RANK], [3, 2, 1], 0)
 
 
+TIER_STEP = facts.TOP_RANK + 1  # a fact's order is its rank (1..TOP_RANK, less a fraction) + TIER_STEP * its tier:
+#                                 above 2 * TIER_STEP, a core (tier 2 or 3)
+
+
 @dataclass
 class SharedSpans(GroupSelector):
     """Keys ranked by the largest ``agg`` attention any head of the scope pays them, max-pooled
@@ -225,7 +229,7 @@ class SharedSpans(GroupSelector):
                         near = u[ranks[u] < facts.NAME_RANK]
                         order[near] = facts.NAME_RANK - 1 - 100 * (j + (facts.NAME_RANK - ranks[near]) / (
                             self.fact_whole + 1)) / len(names)
-                order += (facts.TOP_RANK + 1) * core_tiers(ranks, self.fact_whole)
+                order += TIER_STEP * core_tiers(ranks, self.fact_whole)
             out.fact_order = np.where(ranks > 0, order, -np.inf)
             out.numbers = self.number_facts(ranks)
             if self.fact_whole is not None:
@@ -245,10 +249,7 @@ class SharedSpans(GroupSelector):
         at 10x, and the keys a lower ratio adds go to the fit.  From ``fact_until`` on the share is
         the schedule's, to the key.  (``fact_fixed`` "tails" bounds the sentences' tails alone, in
         ``fill``; the share is the schedule's.)"""
-        share = self._scheduled_share(n_keys, t)
-        if self.fact_fixed == "all":
-            share = min(share, self.fixed_share(n_keys, t))
-        return share
+        return self.fixed_share(n_keys, t) if self.fact_fixed == "all" else self._scheduled_share(n_keys, t)
 
     def fixed_share(self, n_keys: int, t: int) -> float:
         """What the facts hold at ``fact_until``'s budget, as a share of a budget of ``t`` keys (the
@@ -301,7 +302,7 @@ class SharedSpans(GroupSelector):
                 keep_whole(shared.names, n_facts)
                 fact_order = np.where(shared.numbers, fact_order, -np.inf)  # no name in part; numbers' tails may follow
             if self.fact_fixed == "tails":  # the cores within the share, the tails only up to fact_until's keys
-                take(np.where(fact_order > 2 * (facts.TOP_RANK + 1), fact_order, -np.inf), n_facts - int(taken.sum()))
+                take(np.where(fact_order > 2 * TIER_STEP, fact_order, -np.inf), n_facts - int(taken.sum()))
                 n_facts = min(n_facts, int(round(self.fixed_share(p.T, t) * t)))
             take(fact_order, n_facts - int(taken.sum()))
         n_recent = min(int(round(self.recent * t)), t - int(taken.sum()))
