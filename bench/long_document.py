@@ -123,7 +123,9 @@ def document_part(args, model, threads: int) -> list[dict]:
     return rows
 
 
-def chat_part(args, model, threads: int) -> dict:
+def chat_part(args, model, threads: int, story: int = 0, method: str | None = None) -> dict:
+    """The chat of Part 2 on SQuALITY dev story ``story``; ``method``: the online compactions' (None:
+    ``OnlineSettings``'s default)."""
     from kvlocal.api import Compaction
     from kvlocal.evaluation import tasks
     from kvlocal.online import OnlineSettings
@@ -132,7 +134,7 @@ def chat_part(args, model, threads: int) -> dict:
 
     from kvlocal.evaluation.data import NEEDLE_KEYS
 
-    story = squality(1)[0]
+    story = squality(story + 1)[story]
     paras = [p.strip() for p in story.split("\n") if len(p.split()) > 25]
     opening, turns, target = paras[0], paras[1:1 + args.turns], paras[1 + args.turns]
     rng = random.Random(7)  # needles in the first quarter of the chat: gone from a truncated one
@@ -149,7 +151,8 @@ def chat_part(args, model, threads: int) -> dict:
             kv.ingest(opening, system=tasks.SYSTEM)
             kv.compact(ratio=2, method="am-highest", queries="context")
             if online:
-                kv.auto_compact(OnlineSettings(max_context=max_context))
+                kv.auto_compact(OnlineSettings(max_context=max_context) if method is None else
+                                OnlineSettings(max_context=max_context, method=method))
             s = kv.session
             prompt = s.chat_tokens([{"role": "user", "content": "Go on."}])
             answer = model.tokenize(target, add_special=False)[:96]

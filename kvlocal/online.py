@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .am import DEFAULT_METHOD, Compactor, get_method
+from .am import ONLINE_METHOD, Compactor, get_method
 from .am.facts import as_fact_ranks
 from .engine.capture import QueryCapture
 from .engine.session import Session
@@ -34,7 +34,7 @@ class OnlineSettings:
 
     max_context: int | None = None  # cells the conversation may hold (None: the session's context)
     ratio: float = 2.0  # of the compacted region: each compaction halves the older conversation, as in the paper
-    method: str = DEFAULT_METHOD
+    method: str = ONLINE_METHOD  # not the document's default: see kvlocal.am.methods.ONLINE_METHOD
     keep_recent: int = 256  # last tokens never compacted
     max_queries_per_head: int | None = 4096
     keep_queries: int = 4096  # tokens whose queries are kept for the next compaction (memory bound)

@@ -8,7 +8,7 @@ attention mass matches, and refit the values so that attention outputs match (Zw
 from .budgets import BUDGETS, JsonBudget, SensitivityBudget, UniformBudget, allocate, swap_allocation
 from .compact import CompactionReport, Compactor
 from .fit import AnchoredValues, BoxNNLS, DirectValues, LeastSquaresValues, ZeroBeta
-from .methods import DEFAULT_METHOD, METHODS, Method, get_method
+from .methods import DEFAULT_METHOD, METHODS, ONLINE_METHOD, Method, get_method
 from .metrics import head_errors
 from .omp import OMP, PROGRESSIVE_SCHEDULE
 from .problem import HeadProblem, HeadResult
@@ -16,7 +16,7 @@ from .select import HighestAttnKeys, RandomKeys, Recent, SinksAndRecent
 from .spans import GroupSelector, SharedSpans
 
 __all__ = [
-    "BUDGETS", "DEFAULT_METHOD", "METHODS", "OMP", "PROGRESSIVE_SCHEDULE",
+    "BUDGETS", "DEFAULT_METHOD", "METHODS", "ONLINE_METHOD", "OMP", "PROGRESSIVE_SCHEDULE",
     "AnchoredValues", "BoxNNLS", "GroupSelector", "SharedSpans",
     "CompactionReport", "Compactor", "DirectValues", "HeadProblem", "HeadResult", "HighestAttnKeys", "JsonBudget",
     "LeastSquaresValues", "Method", "RandomKeys", "Recent", "SensitivityBudget", "SinksAndRecent", "UniformBudget",

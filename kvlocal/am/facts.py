@@ -111,7 +111,7 @@ def as_fact_ranks(facts) -> np.ndarray:
 
 def fact_ranks(pieces: Sequence[str], names: bool = True, sentences: bool = False,
                rare: int | None = None, names_below: bool = False, names_with_numbers: bool = False,
-               number_words: bool = False, name_words: bool = False) -> np.ndarray:
+               number_words: bool = False, name_words: bool = False, content: bool = False) -> np.ndarray:
     """uint8 per token: 0 for a token that is no fact (``fact_mask`` is False), else its rank,
     highest first: ``TOP_RANK`` for a token overlapping a number (or name), one less per token of
     distance from the nearest one in its sentence (at least 1).  A selector that cannot keep
@@ -127,23 +127,31 @@ def fact_ranks(pieces: Sequence[str], names: bool = True, sentences: bool = Fals
     incidental: "two men"), else with the numbers.
     ``name_words`` (with ``names_below`` and ``sentences``): a name's sentence ranks by content words
     (``content_distance``), not tokens: "The keeper of the lantern is Iris Ivers." keeps "lantern"
-    before "is" and ".", and "keeper" before "of the"."""
+    before "is" and ".", and "keeper" before "of the".
+    ``content`` (with ``sentences``): a number's sentence ranks by content words (``content_distance``),
+    not tokens: the digits of "the special magic number for violin is 2215279." reach "violin", "is"
+    and "number" within three steps, where three tokens reach only " is", "violin" and the space
+    before the digits (with ``names_below``, the names' sentences as ``name_words`` says)."""
     lengths = np.array([len(p) for p in pieces], np.int64)
     ends = np.cumsum(lengths)
     starts = ends - lengths
     text = "".join(pieces)
+    words = content_words(text, starts, ends) if content and sentences else None
     numbers = [m.span() for m in _NUMBER.finditer(text)]
     found = (name_spans(text, rare) if names else []) + (number_word_spans(text) if number_words else [])
     if not ((names or number_words) and names_below):
-        return _outward(text, starts, ends, _overlaps(text, starts, ends, numbers + found), sentences)
+        return _outward(text, starts, ends, _overlaps(text, starts, ends, numbers + found), sentences, words=words)
     number, name = _overlaps(text, starts, ends, numbers), _overlaps(text, starts, ends, found)
     anchor = number
     if names_with_numbers and sentences and number.any():
         sentence = _sentence_ids(text, ends)
         anchor = number | (name & np.isin(sentence, sentence[number]))
-    ranks = _outward(text, starts, ends, anchor, sentences, NAME_RANK + 1)
-    below = _outward(text, starts, ends, name, sentences, 1, NAME_RANK,
-                     content_words(text, starts, ends) if name_words and sentences else None)
+    ranks = _outward(text, starts, ends, anchor, sentences, NAME_RANK + 1, words=words)
+    if name_words and sentences:
+        words = content_words(text, starts, ends) if words is None else words
+    else:
+        words = None
+    below = _outward(text, starts, ends, name, sentences, 1, NAME_RANK, words)
     return np.maximum(ranks, below)
 
 

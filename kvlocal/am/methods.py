@@ -33,7 +33,7 @@
                       document (self-study), half the repeat rows that read it (drawn alike from all rows, a
                       fifth were self-study); more retention on held-out articles at 10-20x, lower KL at 5-20x,
                       fewer name needles at 10x (bench/results/after_document.md) (the default before
-                      am-facts-omp-cores-balanced)
+                      am-facts-omp-cores-balanced; a chat's default, ONLINE_METHOD)
     am-facts-omp-recent
                       am-facts-omp-half with a tenth of each head's budget on the region's last keys (after
                       the facts): more retention on the grid's articles, not on held-out ones (measured, not
@@ -56,6 +56,13 @@
                       am-facts-omp-cores-balanced with every fact's core within the facts' share as before
                       and the rest of their sentences, below 10x, only up to what the facts hold at 10x
                       (at 5x about the default: the cores fill most of the share)
+    am-facts-omp-cores-content
+                      am-facts-omp-cores-balanced with a number's sentence ranked by content words from the
+                      number (SharedSpans.fact_content): its core reaches 3 content steps - the nearest word
+                      on each side whole, the function words next to it, then the next word ("number ...
+                      teapot is 2215279.", where 3 tokens cut "teapot" in half).  As many number needles,
+                      fewer name needles (3/1/0 against 6/2/0 at 5/10/20x), better answers in self-compacting
+                      chats (bench/results/content_numbers_needles.md, online_chats.md); not adopted
     am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the
                       facts leave; beta and values fitted around the facts as in am-facts; designed for
                       repeat + self-study queries (the default before am-facts-omp-near)
@@ -100,6 +107,11 @@ from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
 DEFAULT_METHOD = "am-facts-omp-cores-balanced"  # what `kvlocal compact` and Compaction.compact use without --method
+# what a chat that compacts itself uses (kvlocal.online.OnlineSettings): a conversation is compacted again and again, and
+# a number's sentence whose far end gave way to the names' cores once ("The special magic number for" of "... teapot
+# is 2215279.") is gone from every later compaction; without cores first the numbers' sentences come before any name
+# (measured: bench/results/online_chats.md)
+ONLINE_METHOD = "am-facts-omp-balanced"
 
 
 @dataclass
@@ -210,7 +222,7 @@ def _recall(own: float = 0.5) -> SharedSpans:
 def _facts(share: float = 1.0, window: int | None = None, until: float | None = None, falloff: float = 1.0,
            score: str = "attention", omp: OMP | None = None, order: str = "attention",
            rare_names: int | None = None, whole: int | None = None, cores: bool = False,
-           recent: float = 0.0, fixed: str = "none") -> SharedSpans:
+           recent: float = 0.0, fixed: str = "none", content: int | None = None) -> SharedSpans:
     """Every sentence with a number (or, with ``window``, the ``window`` positions around each
     number token) kept in every head, up to ``share`` of the budget (if they do not fit: ranked by
     rms attention, or with ``order`` "nearest" the numbers first and then their sentences outward
@@ -221,13 +233,14 @@ def _facts(share: float = 1.0, window: int | None = None, until: float | None = 
     ``cores``, every number's and name's core (with its ``whole`` nearest tokens) before the rest of
     any sentence; with ``recent``, that share of each head's budget on the block's last keys, after
     the facts; with ``fixed`` "all", below ``until`` the facts keep as many keys as at ``until`` ("tails":
-    the sentences' tails alone, the cores keep the share)."""
+    the sentences' tails alone, the cores keep the share); with ``content``, a number's sentence ranks by
+    content words from it and its core reaches that content distance (kvlocal.am.facts.content_distance)."""
     if window is None:
         names = rare_names is not None
         return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_falloff=falloff, score=score,
                            own_omp=omp, fact_order=order, fact_names=names, fact_rare=rare_names,
                            fact_names_below=names, fact_names_upto=0.5 if names else 1.0, fact_whole=whole,
-                           fact_cores=cores, recent=recent, fact_fixed=fixed)
+                           fact_cores=cores, recent=recent, fact_fixed=fixed, fact_content=content)
     return SharedSpans(agg="rms", own=1.0, fact_share=share, fact_until=until, fact_sentences=False, fact_span=window)
 
 
@@ -273,6 +286,8 @@ _FACTORIES = {
                                                    whole=3, cores=True, query_after=0.5, fixed="all"),
     "am-facts-omp-cores-fixed-tails": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
                                                          whole=3, cores=True, query_after=0.5, fixed="tails"),
+    "am-facts-omp-cores-content": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
+                                                     whole=3, cores=True, query_after=0.5, content=3),
     "am-facts-omp": lambda: _facts_omp(),
     "am-facts-omp-onpolicy": lambda: _facts_omp(stages=3),
     "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,

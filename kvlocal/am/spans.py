@@ -90,14 +90,15 @@ class Ranking:
     names: list = field(default_factory=list)
 
 
-def core_tiers(ranks: np.ndarray, depth: int) -> np.ndarray:
+def core_tiers(ranks: np.ndarray, depth: int, number_depth: int | None = None) -> np.ndarray:
     """Per key with fact ranks ``ranks`` (numbers above names, kvlocal.am.facts.fact_ranks with
     ``names_below``): the tier a core-first selector keeps it in, highest first: 3 a number's core
     (the number and its ``depth`` nearest tokens), 2 a name's core, 1 the rest of a number's
     sentence, 0 the rest of a name's sentence (and every key that is no fact).  A name with the
-    words before it says who did what; the far end of a number's sentence says less than either."""
+    words before it says who did what; the far end of a number's sentence says less than either.
+    ``number_depth``: a number's core reaches that far instead (ranks in content words)."""
     r = ranks.astype(np.int64)
-    return np.select([r >= facts.TOP_RANK - depth, (r <= facts.NAME_RANK) & (r >= facts.NAME_RANK - depth),
+    return np.select([r >= facts.TOP_RANK - (depth if number_depth is None else number_depth), (r <= facts.NAME_RANK) & (r >= facts.NAME_RANK - depth),
                       r > facts.NAME_RANK], [3, 2, 1], 0)
 
 
@@ -156,6 +157,9 @@ class SharedSpans(GroupSelector):
     #                                name's nearest neighbour before any name's next
     fact_name_words: bool = False  # with fact_names_below: a name's sentence ranks by content words from the name,
     #                                not tokens (kvlocal.am.facts.content_distance): "lantern" before "is"
+    fact_content: int | None = None  # with fact_sentences: a number's sentence ranks by content words from the number,
+    #                                  not tokens (kvlocal.am.facts.content_distance), and its core (whole unit) is the
+    #                                  tokens within this content distance (2: the nearest word on each side, whole)
     fact_sentences: bool = True  # a number keeps its whole sentence
     fact_order: str = "attention"  # "nearest": numbers first, then their sentences outward from them
     score: str = "attention"  # "attention": agg over the queries; "kvzip": the engine-measured key scores
@@ -179,6 +183,7 @@ class SharedSpans(GroupSelector):
                 or (self.fact_cores and (self.fact_whole is None or not self.fact_names_below)) \
                 or ((self.fact_name_whole or self.fact_name_units) and not self.fact_cores) \
                 or (self.fact_name_words and not (self.fact_names_below and self.fact_sentences)) \
+                or (self.fact_content is not None and (self.fact_content < 0 or not self.fact_sentences)) \
                 or not 0 <= self.recent <= 1:
             raise ValueError(f"invalid shared-spans settings {self}")
 
@@ -188,8 +193,15 @@ class SharedSpans(GroupSelector):
         ranks = facts.fact_ranks(pieces, names=self.fact_names, sentences=self.fact_sentences, rare=self.fact_rare,
                                  names_below=self.fact_names_below,
                                  names_with_numbers=self.fact_names_with_numbers,
-                                 number_words=self.fact_number_words, name_words=self.fact_name_words)
+                                 number_words=self.fact_number_words, name_words=self.fact_name_words,
+                                 content=self.fact_content is not None)
         return ranks if self.fact_order == "nearest" else facts.as_fact_ranks(ranks > 0)
+
+    @property
+    def number_depth(self) -> int | None:
+        """How far a number's core (and whole unit) reaches: ``fact_content`` (content words) if set,
+        else ``fact_whole`` (tokens)."""
+        return self.fact_whole if self.fact_content is None else self.fact_content
 
     def number_facts(self, ranks: np.ndarray) -> np.ndarray:
         """bool per key with fact ranks ``ranks``: is it a number's fact (a number or its sentence)?
@@ -229,11 +241,11 @@ class SharedSpans(GroupSelector):
                         near = u[ranks[u] < facts.NAME_RANK]
                         order[near] = facts.NAME_RANK - 1 - 100 * (j + (facts.NAME_RANK - ranks[near]) / (
                             self.fact_whole + 1)) / len(names)
-                order += TIER_STEP * core_tiers(ranks, self.fact_whole)
+                order += TIER_STEP * core_tiers(ranks, self.fact_whole, self.number_depth)
             out.fact_order = np.where(ranks > 0, order, -np.inf)
             out.numbers = self.number_facts(ranks)
             if self.fact_whole is not None:
-                out.units = whole_units(ranks, self.fact_whole)
+                out.units = whole_units(ranks, self.number_depth)
             if self.fact_name_whole:
                 out.names = names
         return out

@@ -895,3 +895,64 @@ def test_chunk_budgets_give_names_only_what_the_numbers_leave_of_the_facts_part(
                        [0, 0, 25, 25], atol=0.5)
     with pytest.raises(ValueError):
         chunk_budgets(sizes, [400, 0, 0, 0], 20, 0.5, lesser=[101, 0, 0, 0])  # more facts than tokens
+
+
+DESCRIBED = [" The", " special", " magic", " number", " for", " te", "ap", "ot", " is", " ", "2", "2", "1", "5", ".",
+             " Iris", " left", "."]
+
+
+def test_content_ranks_a_numbers_sentence_by_content_words_and_its_core_reaches_whole_words():
+    """"The special magic number for teapot is 2215.": by tokens the core (3 nearest) cuts "teapot" in
+    half ("ot" in, "te ap" out); by content words "teapot" is one step away, whole, and with a
+    content core of 3 "number" joins it ("for", a function word beyond "teapot", ranks after it); a
+    name's sentence ranks as before."""
+    from kvlocal.am.spans import core_tiers
+
+    kw = dict(names=True, sentences=True, rare=2, names_below=True)
+    tokens, content = fact_ranks(DESCRIBED, **kw), fact_ranks(DESCRIBED, content=True, **kw)
+    assert (core_tiers(tokens, 3)[[5, 6, 7]] == [1, 1, 3]).all()  # "te", "ap" tails, "ot" core
+    for depth, core in ((2, range(5, 15)), (3, [3, *range(5, 15)])):
+        tiers = core_tiers(content, 3, number_depth=depth)
+        assert set(np.flatnonzero(tiers == 3).tolist()) == set(core)
+    assert content[5] == content[6] == content[7] == TOP_RANK - 1 and content[4] < content[3] < content[5]
+    assert content[0] < content[1] < content[2] < content[3]
+    assert np.array_equal(content[15:], tokens[15:])  # the name's sentence
+
+
+def test_shared_spans_fact_content_keeps_whole_described_numbers_and_needs_sentences():
+    """With fact_content the selector's ranks are the content ranks, and the numbers' whole units (kept
+    when not all fit) reach ``fact_content`` content steps: "teapot is 2215." whole, with 3 "number" too
+    (a unit of its own: "for" between them is a step further)."""
+    base = SharedSpans(own=1.0, fact_share=0.5, fact_order="nearest", fact_names=True, fact_rare=2,
+                       fact_names_below=True, fact_names_upto=0.5, fact_whole=3, fact_cores=True)
+    for depth in (2, 3):
+        content = replace(base, fact_content=depth)
+        ranks = content.fact_ranks(DESCRIBED)
+        assert np.array_equal(ranks, fact_ranks(DESCRIBED, names=True, sentences=True, rare=2, names_below=True,
+                                                content=True))
+        assert content.number_depth == depth and base.number_depth == 3
+        heads = blind_heads(ranks, 9, ranks > 0, seed=1)
+        shared = content.rank_group(heads, [content.head_scores(p) for p in heads])
+        assert [u.tolist() for u in shared.units] == ([list(range(5, 15))] if depth == 2 else
+                                                      [list(range(5, 15)), [3]])  # the digits' unit first
+    with pytest.raises(ValueError, match="shared-spans"):
+        replace(base, fact_content=2, fact_sentences=False)
+    with pytest.raises(ValueError, match="shared-spans"):
+        replace(base, fact_content=-1)
+
+
+def test_the_online_method_keeps_a_numbers_whole_sentence_before_any_names_core():
+    """A chat is compacted again and again, and what one compaction drops is gone: the online method
+    (kvlocal.am.ONLINE_METHOD) keeps "The special magic number for" before the core of a rare name,
+    where the document's default (cores first) keeps the name's core first."""
+    from kvlocal.am import DEFAULT_METHOD, ONLINE_METHOD, get_method
+
+    text = DESCRIBED[:15] + [" Later", " Iris", " Ivers", " sailed", " home", "."]
+    number_tail, name_core = [0, 1, 2, 3, 4], [16, 17, 18, 19]
+    for name, tail_first in ((ONLINE_METHOD, True), (DEFAULT_METHOD, False)):
+        sel = get_method(name).selector
+        ranks = sel.fact_ranks(text)
+        assert (ranks[number_tail] > 0).all() and (ranks[name_core] > 0).all()
+        heads = blind_heads(ranks, 10, ranks > 0, seed=2)
+        order = sel.rank_group(heads, [sel.head_scores(p) for p in heads]).fact_order
+        assert (order[number_tail].min() > order[name_core].max()) == tail_first, name

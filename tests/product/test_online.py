@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import TEXT
-from kvlocal.am import Compactor
+from kvlocal.am import ONLINE_METHOD, Compactor
 from kvlocal.api import CompactedSession, Compaction
 from kvlocal.engine.session import DocumentError
 from kvlocal.errors import KvlocalError
@@ -156,6 +156,7 @@ def test_a_reloaded_session_compacts_by_default_and_keeps_its_queries_bounded(lo
     settings = OnlineSettings(keep_recent=64, keep_queries=200, method="am-highest")
     with CompactedSession(str(saved), model, chat_budget=256) as s:  # the default: compact when full
         assert s.online is not None and s.online.settings == OnlineSettings()
+        assert s.online.settings.method == ONLINE_METHOD  # a chat keeps numbers' sentences before names' cores
     with CompactedSession(str(saved), model, chat_budget=256, online=settings) as s:
         _talk(s, turns=8)
         assert s.online_records and s.session.cells[0] <= s.session.n_ctx
