@@ -19,7 +19,7 @@ Part 2 - a chat longer than its context.  A transcript of ``--turns`` turns (use
 assistant: the story's next paragraph) on top of a compacted opening of the story, fed into
   full       an 8,192-cell context that holds all of it;
   online     a ``--chat-ctx``-cell conversation that compacts its older part when full
-             (``OnlineSettings`` defaults: the default method, ratio 2, the last 256 tokens kept);
+             (``OnlineSettings`` defaults: kvlocal.am.ONLINE_METHOD, ratio 2, the last 256 tokens kept);
   truncate   a ``--chat-ctx``-cell conversation that drops its oldest turns when full (the same cells);
 then scored on the next assistant turn (teacher-forced): KL and top-1 against the full history.
 

@@ -125,7 +125,8 @@ def cmd_chat(a) -> int:
     from .online import OnlineSettings
 
     online = None if a.no_compact else \
-        OnlineSettings(max_context=a.max_context, ratio=a.online_ratio, keep_recent=a.keep_recent)
+        OnlineSettings(max_context=a.max_context, ratio=a.online_ratio, keep_recent=a.keep_recent,
+                       method=a.online_method)
     if a.save:
         _check_output(a.save)
     with CompactedSession(a.session, a.model, threads=a.threads, verbose=a.verbose, online=online) as s:
@@ -253,7 +254,7 @@ def cmd_eval(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .am.methods import DEFAULT_METHOD, METHODS
+    from .am.methods import DEFAULT_METHOD, METHODS, ONLINE_METHOD
 
     ap = argparse.ArgumentParser(prog="kvlocal", description="Compact the KV cache of a local GGUF model.")
     ap.add_argument("--version", action="version", version=f"kvlocal {__version__}")
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-compact", action="store_true", help="stop when the context is full instead")
             p.add_argument("--online-ratio", type=float, default=2.0, help="ratio of those compactions (default 2)")
             p.add_argument("--keep-recent", type=int, default=256, help="last tokens never compacted (default 256)")
+            p.add_argument("--online-method", default=ONLINE_METHOD, choices=METHODS.names(), metavar="METHOD",
+                           help=f"method of those compactions (default {ONLINE_METHOD}: a number's whole sentence "
+                                "before any name's core, since what one compaction drops is gone from the next)")
             p.add_argument("--save", default=None, help="write the session (conversation included) here on exit")
         p.set_defaults(func=func)
 

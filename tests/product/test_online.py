@@ -149,6 +149,12 @@ def test_cli_chat_compacts_and_saves(tiny_dir, saved, tmp_path):
                          input=lines, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "[compacted the conversation:" in res.stderr and out.is_file()
+    assert f"{ONLINE_METHOD} at 2x" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "kvlocal", "chat", str(saved), "-m", str(model), "-n", "60",
+                          "--max-context", "384", "--keep-recent", "64", "--online-method", "am-highest"],
+                         input=lines, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "am-highest at 2x" in res.stderr and ONLINE_METHOD not in res.stderr
 
 
 def test_a_reloaded_session_compacts_by_default_and_keeps_its_queries_bounded(load_model, saved):
