@@ -123,7 +123,9 @@ class SharedSpans(GroupSelector):
     ``fact_cores``, every fact's core (``core_tiers``) comes before the rest of any sentence, and with
     ``fact_name_whole`` names whose cores do not all fit are kept as whole units too; with
     ``fact_name_units`` every name's own keys come first and then the names' neighbours one name at a
-    time, so that the names that do get their neighbours get all of them, in every layer.  Without
+    time, so that the names that do get their neighbours get all of them, in every layer; with
+    ``fact_content`` a number's sentence ranks by content words and its core (and whole unit) reaches
+    ``fact_content`` content steps (``number_depth``), so no word next to a number is cut in half.  Without
     facts (no ``facts`` on the problems) the first step keeps nothing."""
 
     agg: str = "rms"
