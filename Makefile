@@ -97,6 +97,8 @@ bench: setup
 	$(VPY) bench/online_chats.py
 	$(VPY) bench/name_needles.py --kinds name,number --methods "am-facts-omp-cores-balanced,am-facts-omp-cores-content" \
 		--out content_numbers_needles
+	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-balanced,am-facts-omp-cores-content --ratios 5,10 \
+		--sets "grid,held out" --title "A number's core in content words" --out content_cores
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,am-facts-fitted:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-niah
