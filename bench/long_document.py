@@ -123,9 +123,10 @@ def document_part(args, model, threads: int) -> list[dict]:
     return rows
 
 
-def chat_part(args, model, threads: int, story: int = 0, method: str | None = None) -> dict:
-    """The chat of Part 2 on SQuALITY dev story ``story``; ``method``: the online compactions' (None:
-    ``OnlineSettings``'s default)."""
+def chat_part(args, model, threads: int, story: int = 0, methods=(None,)) -> dict:
+    """The chat of Part 2 on SQuALITY dev story ``story``: the full history and truncation once, the
+    online conversation once per method of ``methods`` (None: ``OnlineSettings``'s default), under
+    "online" (the default) or "online METHOD"."""
     from kvlocal.api import Compaction
     from kvlocal.evaluation import tasks
     from kvlocal.online import OnlineSettings
@@ -145,7 +146,7 @@ def chat_part(args, model, threads: int, story: int = 0, method: str | None = No
                                              {"role": "assistant", "content": p})]
     out = {"turns": args.turns, "needles": len(needles)}
 
-    def run(max_context, online):
+    def run(max_context, online, method=None):
         with Compaction(model, n_ctx=8192 if max_context is None else max_context, threads=threads,
                         progress=False) as kv:
             kv.ingest(opening, system=tasks.SYSTEM)
@@ -181,8 +182,9 @@ def chat_part(args, model, threads: int, story: int = 0, method: str | None = No
                         "nll": nll, "records": [r.as_dict() for r in kv.online_records]}
 
     ref, out["full"] = run(None, False)
-    for name, online in (("online", True), ("truncate", False)):
-        lp, info = run(args.chat_ctx, online)
+    runs = [("online" if m is None else f"online {m}", True, m) for m in methods] + [("truncate", False, None)]
+    for name, online, method in runs:
+        lp, info = run(args.chat_ctx, online, method)
         out[name] = {**info, **tasks.agreement(ref, lp)}
     print(json.dumps({k: v for k, v in out.items()}, default=str)[:2000], flush=True)
     return out

@@ -42,12 +42,11 @@ def main() -> int:
     t0 = time.perf_counter()
     rows: dict = {}
     for si in stories:
+        out = chat_part(args, model, args.threads, story=si, methods=methods)  # full and truncation once
+        for name in ("full", "truncate"):
+            rows[(name, si)] = out[name]
         for m in methods:
-            out = chat_part(args, model, args.threads, story=si, method=m)
-            for name in ("full", "truncate"):
-                rows.setdefault((name, si), out[name])
-            rows[(m, si)] = out["online"]
-            o = out["online"]
+            rows[(m, si)] = o = out[f"online {m}"]
             print(f"story {si} {m}: {sum(o['hits'])} found, NLL {np.mean(o['nll']):.3f}, KL {o['kl']:.4f}", flush=True)
 
     def cell(name, si):

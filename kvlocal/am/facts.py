@@ -136,22 +136,19 @@ def fact_ranks(pieces: Sequence[str], names: bool = True, sentences: bool = Fals
     ends = np.cumsum(lengths)
     starts = ends - lengths
     text = "".join(pieces)
-    words = content_words(text, starts, ends) if content and sentences else None
+    words = content_words(text, starts, ends) if sentences and (content or name_words) else None
+    by_words = words if content else None  # a number's sentence by content words
     numbers = [m.span() for m in _NUMBER.finditer(text)]
     found = (name_spans(text, rare) if names else []) + (number_word_spans(text) if number_words else [])
     if not ((names or number_words) and names_below):
-        return _outward(text, starts, ends, _overlaps(text, starts, ends, numbers + found), sentences, words=words)
+        return _outward(text, starts, ends, _overlaps(text, starts, ends, numbers + found), sentences, words=by_words)
     number, name = _overlaps(text, starts, ends, numbers), _overlaps(text, starts, ends, found)
     anchor = number
     if names_with_numbers and sentences and number.any():
         sentence = _sentence_ids(text, ends)
         anchor = number | (name & np.isin(sentence, sentence[number]))
-    ranks = _outward(text, starts, ends, anchor, sentences, NAME_RANK + 1, words=words)
-    if name_words and sentences:
-        words = content_words(text, starts, ends) if words is None else words
-    else:
-        words = None
-    below = _outward(text, starts, ends, name, sentences, 1, NAME_RANK, words)
+    ranks = _outward(text, starts, ends, anchor, sentences, NAME_RANK + 1, words=by_words)
+    below = _outward(text, starts, ends, name, sentences, 1, NAME_RANK, words if name_words else None)
     return np.maximum(ranks, below)
 
 

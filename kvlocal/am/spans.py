@@ -98,7 +98,8 @@ def core_tiers(ranks: np.ndarray, depth: int, number_depth: int | None = None) -
     words before it says who did what; the far end of a number's sentence says less than either.
     ``number_depth``: a number's core reaches that far instead (ranks in content words)."""
     r = ranks.astype(np.int64)
-    return np.select([r >= facts.TOP_RANK - (depth if number_depth is None else number_depth), (r <= facts.NAME_RANK) & (r >= facts.NAME_RANK - depth),
+    reach = depth if number_depth is None else number_depth
+    return np.select([r >= facts.TOP_RANK - reach, (r <= facts.NAME_RANK) & (r >= facts.NAME_RANK - depth),
                       r > facts.NAME_RANK], [3, 2, 1], 0)
 
 
