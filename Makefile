@@ -99,6 +99,17 @@ bench: setup
 		--out content_numbers_needles
 	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-balanced,am-facts-omp-cores-content --ratios 5,10 \
 		--sets "grid,held out" --title "A number's core in content words" --out content_cores
+	$(VPY) bench/output_error.py --ratios 5 --out anchor_sweep --rows am-facts-omp-cores-loose@0,am-facts-omp-cores-loose@0.01,am-facts-omp-cores-loose,am-facts-omp-cores-balanced,am-facts-omp-cores-loose@10
+	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-balanced,am-facts-omp-cores-loose --ratios 5,10,20 \
+		--title "The fitted values anchored less to the kept keys' own" --out loose_values
+	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-balanced,am-facts-omp-cores-loose --ratios 50 --sets grid \
+		--title "The fitted values anchored less to the kept keys' own, 50x" --out loose_values_50
+	$(VPY) bench/name_needles.py --kinds name --methods am-facts-omp-cores-balanced,am-facts-omp-cores-loose \
+		--out loose_values_names
+	$(VPY) bench/name_needles.py --kinds name --stories 5,9 --methods am-facts-omp-cores-balanced,am-facts-omp-cores-loose \
+		--out loose_values_names_heldout
+	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-balanced,am-facts-omp-cores-loose,am-facts-omp-cores-long \
+		--ratios 10 --title "Longer self-study" --out long_self_study
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,am-facts-fitted:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-niah

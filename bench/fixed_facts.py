@@ -1,6 +1,6 @@
 """The facts' keys fixed by the document, not by the budget, at low ratios.
 
-The default (am-facts-omp-cores-balanced) lets the facts (numbers, rare names and their
+am-facts-omp-cores-balanced (the default when this was written) lets the facts (numbers, rare names and their
 sentences) take up to half of each head's budget up to 10x.  A document's facts are as many at 5x
 as at 10x, so at 5x the facts' share holds twice the keys it does at 10x: most of them the far
 ends of the facts' sentences, which the fit could spend better.  am-facts-omp-cores-fixed gives
@@ -17,8 +17,12 @@ next-token KL on the grid's needle stories (0, 1) and the held-out ones (5, 9, n
     python bench/fixed_facts.py [-m GGUF] [--ratios 5] [--sets grid,held out,second,needles] [--out fixed_facts]
                                 [--rows AM rows] [--title TITLE]
 
-(--rows am-facts-omp-cores-balanced,am-facts-omp-cores-content: the default beside numbers' cores in content words,
-bench/results/content_cores.md.)
+Other rows, the same layout:
+  --rows am-facts-omp-cores-balanced,am-facts-omp-cores-content   numbers' cores in content words
+                                                                   (bench/results/content_cores.md)
+  --rows am-facts-omp-cores-balanced,am-facts-omp-cores-loose     the fitted values anchored less, the
+                                                                   default since (loose_values*.md)
+  --rows ...,am-facts-omp-cores-long --ratios 10                  longer self-study (long_self_study.md)
 """
 
 from __future__ import annotations
@@ -29,15 +33,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from after_document import (GRID_ARTICLES, HELD_OUT_ARTICLES, HELD_OUT_SEED, HELD_OUT_STORIES, OWN,
+from after_document import (GRID_ARTICLES, HELD_OUT_ARTICLES, HELD_OUT_SEED, HELD_OUT_STORIES,
                             SECOND_ARTICLES)
 from common import machine, write_report
 
 AM_ROWS = {
-    "am-facts-omp-cores-balanced": "the default: facts up to half of each head's budget up to 10x",
+    "am-facts-omp-cores-balanced": "the default before am-facts-omp-cores-loose: facts up to half of each head's budget "
+                                   "up to 10x",
+    "am-facts-omp-cores-loose": "the default: am-facts-omp-cores-balanced with the fitted values anchored a tenth as "
+                                "hard to the kept keys' own (lambda = 0.1 trace(X^T X) / t)",
     "am-facts-omp-cores-fixed": "below 10x the facts keep as many keys as at 10x, the rest is fitted",
     "am-facts-omp-cores-fixed-tails": "every fact's core within the share as before; below 10x the rest of the "
                                       "facts' sentences only up to what the facts hold at 10x",
+    "am-facts-omp-cores-long": "am-facts-omp-cores-loose on longer self-study: answers up to 512 tokens, 2,048 in all "
+                               "(self-study-long; not 160 and 768)",
     "am-facts-omp-cores-content": "the default with a number's sentence ranked by content words from the number, "
                                   "its core too (its 3 nearest content steps: the nearest word on each side whole, then the next)",
 }
@@ -60,14 +69,15 @@ def main() -> int:
     ratios = tuple(int(r) for r in args.ratios.split(","))
     if not set(args.rows.split(",")) <= set(AM_ROWS):
         ap.error(f"--rows are among {', '.join(AM_ROWS)}, not {args.rows!r}")
-    ROWS = tuple((m, OWN, AM_ROWS[m]) for m in args.rows.split(",")) + BASELINES
-    NEEDLE_ROWS = tuple(args.rows.split(",")) + NEEDLE_BASELINES
-
+    from kvlocal.am.methods import get_method
     from kvlocal.engine import binding
     from kvlocal.evaluation.harness import EvalConfig, Evaluator
     from kvlocal.evaluation.report import collect, label
     from models.smollm2 import ensure as ensure_model
 
+    # every AM row on its own query sources (repeat + self-study but for am-facts-omp-cores-long)
+    ROWS = tuple((m, get_method(m).queries, AM_ROWS[m]) for m in args.rows.split(",")) + BASELINES
+    NEEDLE_ROWS = tuple(args.rows.split(",")) + NEEDLE_BASELINES
     t0 = time.perf_counter()
     model = binding.Model(args.model or str(ensure_model()))
     grid = replace(EvalConfig(), methods=tuple((m, q) for m, q, _ in ROWS), ratios=ratios, articles=GRID_ARTICLES)
@@ -102,8 +112,8 @@ def main() -> int:
         f"{model.path.stem}; the evaluation grid's scoring, as bench/after_document.py: retention R on QuALITY "
         "articles (8 questions each, the model's own greedy answers with the full cache as references, cut "
         "as the grid cuts them), number needles (of 16, exact match of 7 digits) and next-token KL over the next 96 "
-        "tokens on SQuALITY dev stories cut to 3,000 tokens with 8 needles each. AM rows fitted on repeat + "
-        "self-study queries, at most 4,096 per KV head, 10 % held out; every row keeps the same number of keys "
+        "tokens on SQuALITY dev stories cut to 3,000 tokens with 8 needles each. AM rows fitted on their own "
+        "queries (the row's label names them), at most 4,096 per KV head, 10 % held out; every row keeps the same number of keys "
         "per head."
         + (" The three AM rows are the same from 10x on (bench/results/after_document.md has them)."
            if {"am-facts-omp-cores-fixed", "am-facts-omp-cores-fixed-tails"} <= set(args.rows.split(",")) else "")

@@ -78,6 +78,7 @@ def variants():
         "am-facts-omp-cores-balanced": get_method("am-facts-omp-cores-balanced"),
         "am-facts-omp-cores-fixed": get_method("am-facts-omp-cores-fixed"),
         "am-facts-omp-cores-content": get_method("am-facts-omp-cores-content"),
+        "am-facts-omp-cores-loose": get_method("am-facts-omp-cores-loose"),
         "+ fixed tails": _variant(get_method("am-facts-omp-cores-fixed-tails"), "+ fixed tails"),
         "+ names beside numbers": _variant(names, "+ names beside numbers", fact_names_with_numbers=True),
         "+ numbers in words": _variant(names, "+ numbers in words", fact_number_words=True,

@@ -14,7 +14,13 @@ held-out error is measured on the set-aside rows of two kinds:
 Error: relative L2 of the block's attention output against the full cache's
 (``kvlocal.am.metrics.head_errors``), averaged over a layer's KV heads, then over layers.
 
-    python bench/output_error.py [-m MODEL.gguf] [--articles 8,1,2] [--ratios 5,10,20] [--out NAME]
+    python bench/output_error.py [-m MODEL.gguf] [--articles 8,1,2] [--ratios 5,10,20] [--rows ...] [--out NAME]
+
+A row ``METHOD@A`` is METHOD with its values fitted by AnchoredValues(A): least squares pulled toward
+the kept keys' own values with lambda = A trace(X^T X) / t (the default method anchors with 0.1):
+
+    python bench/output_error.py --ratios 5,10 --out anchor_sweep \
+        --rows am-facts-omp-cores-loose@0,am-facts-omp-cores-loose@0.01,am-facts-omp-cores-loose,...
 """
 
 from __future__ import annotations
@@ -22,14 +28,31 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from common import machine, write_report
 
-ROWS = ("truncate", "h2o", "snapkv", "am-highest", "am-facts-omp-half", "am-facts-omp-cores-balanced")
+ROWS = ("truncate", "h2o", "snapkv", "am-highest", "am-facts-omp-half", "am-facts-omp-cores-balanced",
+        "am-facts-omp-cores-loose")
 OWN_QUERIES = {"h2o": ("context",), "snapkv": ("self-study",)}  # the baselines' own query sources, as the grid's
+
+
+ANCHOR_LEGEND = ("A row METHOD@A is METHOD with its fitted values anchored by AnchoredValues(A): lambda = "
+                 "A trace(X^T X) / t (0: plain least squares); am-facts-omp-cores-loose anchors with 0.1, "
+                 "am-facts-omp-cores-balanced with 1, and the two are otherwise the same.")
+
+
+def _method(row: str):
+    """A row's method: a registered name, or ``NAME@A`` for NAME with AnchoredValues(A)."""
+    from kvlocal.am.fit import AnchoredValues
+    from kvlocal.am.methods import get_method
+
+    name, _, anchor = row.partition("@")
+    method = get_method(name)
+    return method if not anchor else replace(method, values=AnchoredValues(float(anchor)), name=row)
 
 
 def main() -> int:
@@ -46,10 +69,7 @@ def main() -> int:
     ratios = [int(r) for r in args.ratios.split(",")]
     rows = args.rows.split(",")
 
-    from dataclasses import replace
-
     from kvlocal.am import Compactor
-    from kvlocal.am.methods import get_method
     from kvlocal.am.metrics import head_errors
     from kvlocal.engine import binding
     from kvlocal.evaluation.harness import EvalConfig, Evaluator
@@ -82,7 +102,7 @@ def main() -> int:
         refs = {kind: [[problem(li, h, 1, kq) for h in range(n_head_kv)] for li in range(n_layers)]
                 for kind, kq in kinds.items()}
         for name in rows:
-            method = get_method(name)
+            method = _method(name)
             ranks = method.fact_ranks(pieces)
             for r in ratios:
                 c = Compactor(method, ratio=r, seed=cfg.seed, max_queries_per_head=cfg.max_queries)
@@ -118,6 +138,8 @@ def main() -> int:
         "over KV heads and layers, then over articles (lower is better).",
         "",
     ]
+    if any("@" in name for name in rows):
+        lines += [ANCHOR_LEGEND, ""]
     for kind, title in (("after", "Queries asked after the document (self-study)"),
                         ("reading", "Queries reading the document again (repeat)")):
         lines += [f"## {title}", "", "| row | " + " | ".join(f"{r}x" for r in ratios) + " |",

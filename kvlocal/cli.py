@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS.names(),
                    help=f"compaction method (default {DEFAULT_METHOD})")
     c.add_argument("--queries", default=None,
-                   help="query sources, comma-separated: context, repeat, self-study, recall (default: the method's)")
+                   help="query sources, comma-separated: context, repeat, self-study, self-study-long, recall "
+                        "(default: the method's)")
     c.add_argument("--budgets", default="uniform", help="uniform, sensitivity, or a JSON file of head proportions")
     c.add_argument("--recent-window", type=int, default=0, help="last tokens kept uncompacted")
     c.add_argument("--chunk-size", type=int, default=None, help="compact the document in chunks of this many tokens")

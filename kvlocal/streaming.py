@@ -42,7 +42,7 @@ from .am import DEFAULT_METHOD, CompactionReport, get_method
 from .am.budgets import chunk_budgets
 from .engine import binding
 from .engine.capture import QueryCapture
-from .engine.queries import QUERY_SOURCES, collect_queries
+from .engine.queries import QUERY_SOURCES, SelfStudy, SelfStudyLong, collect_queries
 from .engine.session import DocumentError, DocumentLayout, Session
 from .errors import KvlocalError
 from .kv.cache import CompactedCache, KVSnapshot, extend_origin, trace_origin
@@ -58,7 +58,8 @@ SOURCE_ROOM = {
     "context-prefill": lambda n: 0,
     "repeat-prefill": lambda n: n + TEMPLATE_ROOM,
     "kvzip": lambda n: min(n, 2000) + TEMPLATE_ROOM + 16,
-    "self-study": lambda n: 2 * (160 + TEMPLATE_ROOM),  # a two-turn conversation of 160-token answers
+    "self-study": lambda n: 2 * (SelfStudy.max_new_tokens + TEMPLATE_ROOM),  # a two-turn conversation
+    "self-study-long": lambda n: 2 * (SelfStudyLong.max_new_tokens + TEMPLATE_ROOM),
     "recall": lambda n: 128 + TEMPLATE_ROOM,
 }
 

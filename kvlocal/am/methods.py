@@ -43,10 +43,11 @@
                       with its 3 nearest tokens, before the rest of any sentence (SharedSpans.fact_cores);
                       more names and a lower KL, less retention at 5x (bench/results/fact_cores.md)
     am-facts-omp-cores-balanced
-                      THE DEFAULT: am-facts-omp-cores fitted on am-facts-omp-balanced's query rows: the gist
-                      fitted to what is asked after the document, every number's and rare name's core kept
-                      verbatim; more names and numbers than am-facts-omp-balanced, as much retention over
-                      nine articles (bench/results/after_document.md, cores_balanced_needles*.md)
+                      am-facts-omp-cores fitted on am-facts-omp-balanced's query rows: the gist fitted to
+                      what is asked after the document, every number's and rare name's core kept verbatim;
+                      more names and numbers than am-facts-omp-balanced, as much retention over nine
+                      articles (bench/results/after_document.md, cores_balanced_needles*.md) (the default
+                      before am-facts-omp-cores-loose)
     am-facts-omp-cores-fixed
                       am-facts-omp-cores-balanced with the facts keeping below 10x as many keys as at
                       10x (SharedSpans.fact_fixed), the rest fitted; the same method from 10x on.  At
@@ -63,6 +64,15 @@
                       teapot is 2215279.", where 3 tokens cut "teapot" in half).  As many number needles,
                       fewer name needles (3/1/0 against 6/2/0 at 5/10/20x), better answers in self-compacting
                       chats (bench/results/content_numbers_needles.md, online_chats.md); not adopted
+    am-facts-omp-cores-loose
+                      THE DEFAULT: am-facts-omp-cores-balanced with the fitted keys' values anchored a tenth
+                      as hard to their own (AnchoredValues(0.1): lambda = 0.1 trace(X^T X) / t, not 1.0; the
+                      facts stay verbatim, so the anchor only holds back the fit): the same keys and beta,
+                      a lower held-out attention error, more retention at 10x and 20x on nine articles, as
+                      many or more number needles, a lower KL at 10x-20x (bench/results/loose_values*.md)
+    am-facts-omp-cores-long
+                      am-facts-omp-cores-loose on repeat + self-study-long queries: self-study answers
+                      up to 512 tokens, 2,048 in all (not 160 and 768)
     am-facts-omp      am-facts with each head's other keys chosen by OMP (4 keys per step) on the mass the
                       facts leave; beta and values fitted around the facts as in am-facts; designed for
                       repeat + self-study queries (the default before am-facts-omp-near)
@@ -106,7 +116,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
-DEFAULT_METHOD = "am-facts-omp-cores-balanced"  # what `kvlocal compact` and Compaction.compact use without --method
+DEFAULT_METHOD = "am-facts-omp-cores-loose"  # what `kvlocal compact` and Compaction.compact use without --method
 # what a chat that compacts itself uses (kvlocal.online.OnlineSettings): a conversation is compacted again and again, and
 # a number's sentence whose far end gave way to the names' cores once ("The special magic number for" of "... teapot
 # is 2215279.") is gone from every later compaction; without cores first the numbers' sentences come before any name
@@ -245,12 +255,12 @@ def _facts(share: float = 1.0, window: int | None = None, until: float | None = 
 
 
 def _facts_omp(share: float = 1.0, until: float = 5.0, stages: int = 1, query_after: float | None = None,
-               **facts) -> Method:
+               anchor: float = 1.0, queries: tuple[str, ...] = ("repeat", "self-study"), **facts) -> Method:
     """am-facts-omp and the methods built on it: ``_facts`` with each head's other keys chosen by OMP
     (4 keys per step, refit every 2nd), the facts verbatim, the rest fitted around them (box NNLS,
-    values anchored to V[S]); repeat + self-study queries."""
+    values anchored to V[S] with AnchoredValues' ``anchor``); ``queries``: repeat + self-study."""
     return Method(_facts(share, until=until, omp=OMP(k_choice=4, refit_interval=2), **facts), BoxNNLS(),
-                  AnchoredValues(), ("repeat", "self-study"), verbatim_facts=True, stages=stages,
+                  AnchoredValues(anchor), queries, verbatim_facts=True, stages=stages,
                   query_after=query_after)
 
 
@@ -288,6 +298,11 @@ _FACTORIES = {
                                                          whole=3, cores=True, query_after=0.5, fixed="tails"),
     "am-facts-omp-cores-content": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
                                                      whole=3, cores=True, query_after=0.5, content=3),
+    "am-facts-omp-cores-loose": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
+                                                   whole=3, cores=True, query_after=0.5, anchor=0.1),
+    "am-facts-omp-cores-long": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
+                                                  whole=3, cores=True, query_after=0.5, anchor=0.1,
+                                                  queries=("repeat", "self-study-long")),
     "am-facts-omp": lambda: _facts_omp(),
     "am-facts-omp-onpolicy": lambda: _facts_omp(stages=3),
     "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,

@@ -956,3 +956,35 @@ def test_the_online_method_keeps_a_numbers_whole_sentence_before_any_names_core(
         heads = blind_heads(ranks, 10, ranks > 0, seed=2)
         order = sel.rank_group(heads, [sel.head_scores(p) for p in heads]).fact_order
         assert (order[number_tail].min() > order[name_core].max()) == tail_first, name
+
+
+def test_loose_anchoring_fits_the_free_values_closer_and_leaves_the_rest_alone():
+    """am-facts-omp-cores-loose (the default) is am-facts-omp-cores-balanced (the default before) but for
+    the anchor of its fitted values (0.1, not 1):
+    the same keys and beta, the same verbatim facts, the free values nearer least squares (a lower
+    fit error on the queries, farther from V[S]); am-facts-omp-cores-long is it on longer self-study."""
+    from kvlocal.am import DEFAULT_METHOD, get_method
+    from kvlocal.am.fit import compacted_attention
+
+    rng = np.random.default_rng(9)
+    T, d, n = 120, 12, 400
+    facts = np.zeros(T, bool)
+    facts[[5, 6, 7, 70]] = True
+    p = HeadProblem(rng.normal(size=(T, d)) * 2, rng.normal(size=(T, d)), rng.normal(size=(n, d)) * 2, 24,
+                    facts=facts)
+    assert DEFAULT_METHOD == "am-facts-omp-cores-loose"
+    before, loose = get_method("am-facts-omp-cores-balanced"), get_method(DEFAULT_METHOD)
+    assert (before.values.rel, loose.values.rel) == (1.0, 0.1)
+    a, b = before.fit(p), loose.fit(p)
+    assert np.array_equal(a.indices, b.indices) and np.array_equal(a.beta, b.beta)
+    fixed = facts[a.indices]
+    assert fixed.sum() == 4
+    for res in (a, b):
+        assert np.array_equal(res.values[fixed], p.values[res.indices[fixed]])
+    X = compacted_attention(p, a.indices, a.beta)
+    Y, V = p.stats().outputs, p.values[a.indices]
+    assert np.linalg.norm(X @ b.values - Y) < np.linalg.norm(X @ a.values - Y)
+    assert np.linalg.norm(b.values[~fixed] - V[~fixed]) > np.linalg.norm(a.values[~fixed] - V[~fixed])
+    long = get_method("am-facts-omp-cores-long")
+    assert long.queries == ("repeat", "self-study-long") and before.queries == ("repeat", "self-study")
+    assert long.selector == loose.selector and long.values == loose.values and long.query_after == 0.5

@@ -270,9 +270,21 @@ def test_a_baseline_without_queries_saves_and_reloads(load_model, tmp_path):
         assert s.meta["compaction.queries"] == "none" and s.ask(QUESTION, max_tokens=6) == answer
 
 
+def test_every_query_source_has_its_room_planned():
+    """A chunk's plan reserves each source's scratch cells; a source without an entry could not stream,
+    and a self-study that answers at more length needs more of them."""
+    from kvlocal.engine.queries import QUERY_SOURCES, SelfStudy, SelfStudyLong
+    from kvlocal.streaming import SOURCE_ROOM, source_room
+
+    assert {QUERY_SOURCES.get(n).name for n in QUERY_SOURCES.names()} == set(SOURCE_ROOM)
+    assert source_room(["self-study-long"], 1000) > source_room(["self-study"], 1000)
+    assert source_room(["self-study-long"], 1000) >= 2 * SelfStudyLong.max_new_tokens > 2 * SelfStudy.max_new_tokens
+
+
 @settings(max_examples=60, deadline=None)
 @given(n_doc=st.integers(1, 40000), n_ctx=st.integers(256, 16384), ratio=st.floats(1.5, 64),
-       sources=st.sampled_from([(), ("repeat",), ("repeat", "self-study"), ("self-study",)]),
+       sources=st.sampled_from([(), ("repeat",), ("repeat", "self-study"), ("self-study",),
+                                ("repeat", "self-study-long")]),
        window=st.integers(0, 300), fact_seed=st.one_of(st.none(), st.integers(0, 2 ** 16)))
 def test_any_plan_fits_and_is_the_fewest_or_the_refusal_helps(n_doc, n_ctx, ratio, sources, window, fact_seed):
     facts = None
