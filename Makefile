@@ -110,6 +110,8 @@ bench: setup
 		--out loose_values_names_heldout
 	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-balanced,am-facts-omp-cores-loose,am-facts-omp-cores-long \
 		--ratios 10 --title "Longer self-study" --out long_self_study
+	$(VPY) bench/fixed_facts.py -m "$$($(VPY) -m models.gemma3)" --rows am-facts-omp-cores-balanced,am-facts-omp-cores-loose \
+		--ratios 5,10 --title "The fitted values anchored less to the kept keys' own (gemma3)" --out loose_values-gemma3
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,am-facts-fitted:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-niah
