@@ -34,9 +34,6 @@
                       fifth were self-study); more retention on held-out articles at 10-20x, lower KL at 5-20x,
                       fewer name needles at 10x (bench/results/after_document.md) (the default before
                       am-facts-omp-cores-balanced; a chat's default, ONLINE_METHOD)
-    am-facts-omp-balanced-loose
-                      am-facts-omp-balanced with the fitted values anchored as the default anchors them
-                      (AnchoredValues(0.1)); for chats that compact themselves (bench/results/online_chats.md)
     am-facts-omp-recent
                       am-facts-omp-half with a tenth of each head's budget on the region's last keys (after
                       the facts): more retention on the grid's articles, not on held-out ones (measured, not
@@ -291,8 +288,6 @@ _FACTORIES = {
                                               recent=0.1),
     "am-facts-omp-balanced": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
                                                 whole=3, query_after=0.5),
-    "am-facts-omp-balanced-loose": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
-                                                      whole=3, query_after=0.5, anchor=0.1),
     "am-facts-omp-cores": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3,
                                              cores=True),
     "am-facts-omp-cores-balanced": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
