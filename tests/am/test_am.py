@@ -377,10 +377,12 @@ def test_the_compactor_draws_the_methods_share_of_late_queries(tiny_doc, monkeyp
 
     monkeypatch.setattr(QuerySet, "subsample", spy)
     assert get_method("am-facts-omp-balanced").query_after == 0.5
-    # the default is cores first (am-facts-omp-cores) on the balanced rows, every other part alike
+    # the default is cores first (am-facts-omp-cores) on the balanced rows with its values anchored less
+    # (AnchoredValues(0.1), not 1.0), every other part alike
     default, cores = get_method(DEFAULT_METHOD), get_method("am-facts-omp-cores")
-    assert default.query_after == 0.5 and default.selector.fact_cores
-    assert replace(default, query_after=None, name=cores.name) == cores
+    assert default.query_after == 0.5 and default.selector.fact_cores and default.values.rel == 0.1
+    assert default != replace(cores, name=default.name)
+    assert replace(default, query_after=None, values=cores.values, name=cores.name) == cores
     for method, share in (("am-facts-omp-balanced", 0.5), ("am-facts-omp-half", None)):
         Compactor(method=method, ratio=8, max_queries_per_head=64).compact(snap, layout.doc_start, layout.doc_end,
                                                                             queries)
