@@ -47,7 +47,7 @@ AM_ROWS = {
                                       "facts' sentences only up to what the facts hold at 10x",
     "am-facts-omp-cores-long": "am-facts-omp-cores-loose on longer self-study: answers up to 512 tokens, 2,048 in all "
                                "(self-study-long; not 160 and 768)",
-    "am-facts-omp-cores-content": "the default with a number's sentence ranked by content words from the number, "
+    "am-facts-omp-cores-content": "am-facts-omp-cores-balanced with a number's sentence ranked by content words from the number, "
                                   "its core too (its 3 nearest content steps: the nearest word on each side whole, then the next)",
 }
 BASELINES = (("truncate", (), "baseline"), ("h2o", ("context",), "baseline"), ("snapkv", ("self-study",), "baseline"))

@@ -264,6 +264,13 @@ def _facts_omp(share: float = 1.0, until: float = 5.0, stages: int = 1, query_af
                   query_after=query_after)
 
 
+def _half(**changes) -> Method:
+    """am-facts-omp-half (facts up to half of a head's budget up to 10x, 0.5 sqrt(10/ratio) beyond;
+    numbers nearest first, whole when not all fit; rare names after them) with ``changes`` to its
+    ``_facts_omp`` settings: the methods built on it say only what they change."""
+    return _facts_omp(**{**dict(share=0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3), **changes})
+
+
 _FACTORIES = {
     "am-highest": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(), LeastSquaresValues()),
     "am-highest-exact": lambda: Method(HighestAttnKeys("rms"), BoxNNLS(method="exact"), LeastSquaresValues()),
@@ -283,26 +290,17 @@ _FACTORIES = {
     "am-facts-omp-near": lambda: _facts_omp(order="nearest"),
     "am-facts-omp-names": lambda: _facts_omp(order="nearest", rare_names=2),
     "am-facts-omp-whole": lambda: _facts_omp(order="nearest", rare_names=2, whole=3),
-    "am-facts-omp-half": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3),
-    "am-facts-omp-recent": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3,
-                                              recent=0.1),
-    "am-facts-omp-balanced": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
-                                                whole=3, query_after=0.5),
-    "am-facts-omp-cores": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2, whole=3,
-                                             cores=True),
-    "am-facts-omp-cores-balanced": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
-                                                      whole=3, cores=True, query_after=0.5),
-    "am-facts-omp-cores-fixed": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
-                                                   whole=3, cores=True, query_after=0.5, fixed="all"),
-    "am-facts-omp-cores-fixed-tails": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
-                                                         whole=3, cores=True, query_after=0.5, fixed="tails"),
-    "am-facts-omp-cores-content": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
-                                                     whole=3, cores=True, query_after=0.5, content=3),
-    "am-facts-omp-cores-loose": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
-                                                   whole=3, cores=True, query_after=0.5, anchor=0.1),
-    "am-facts-omp-cores-long": lambda: _facts_omp(0.5, until=10.0, falloff=0.5, order="nearest", rare_names=2,
-                                                  whole=3, cores=True, query_after=0.5, anchor=0.1,
-                                                  queries=("repeat", "self-study-long")),
+    "am-facts-omp-half": lambda: _half(),
+    "am-facts-omp-recent": lambda: _half(recent=0.1),
+    "am-facts-omp-balanced": lambda: _half(query_after=0.5),
+    "am-facts-omp-cores": lambda: _half(cores=True),
+    "am-facts-omp-cores-balanced": lambda: _half(cores=True, query_after=0.5),
+    "am-facts-omp-cores-fixed": lambda: _half(cores=True, query_after=0.5, fixed="all"),
+    "am-facts-omp-cores-fixed-tails": lambda: _half(cores=True, query_after=0.5, fixed="tails"),
+    "am-facts-omp-cores-content": lambda: _half(cores=True, query_after=0.5, content=3),
+    "am-facts-omp-cores-loose": lambda: _half(cores=True, query_after=0.5, anchor=0.1),
+    "am-facts-omp-cores-long": lambda: _half(cores=True, query_after=0.5, anchor=0.1,
+                                             queries=("repeat", "self-study-long")),
     "am-facts-omp": lambda: _facts_omp(),
     "am-facts-omp-onpolicy": lambda: _facts_omp(stages=3),
     "am-facts-onpolicy": lambda: Method(_facts(until=5.0), BoxNNLS(), AnchoredValues(), verbatim_facts=True,

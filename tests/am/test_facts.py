@@ -668,17 +668,22 @@ def test_recall_probes_tag_their_rows(load_model):
     assert BoxNNLS  # imported for the compositions above
 
 
+def fact_problem(T, n, t, at, seed, d=12):
+    """One head of T random keys (d = 12) and n queries, keeping t, with facts at the positions ``at``."""
+    rng = np.random.default_rng(seed)
+    facts = np.zeros(T, bool)
+    facts[at] = True
+    return HeadProblem(rng.normal(size=(T, d)) * 2, rng.normal(size=(T, d)), rng.normal(size=(n, d)) * 2, t,
+                       facts=facts)
+
+
 def test_verbatim_facts_keep_their_keys_exactly_and_fit_the_rest_around_them():
     from kvlocal.am import AnchoredValues, LeastSquaresValues, get_method
     from kvlocal.am.fit import compacted_attention
     from kvlocal.am.methods import Method
 
-    rng = np.random.default_rng(4)
-    T, d, n = 90, 12, 300
-    facts = np.zeros(T, bool)
-    facts[[10, 11, 12, 50]] = True
-    p = HeadProblem(rng.normal(size=(T, d)) * 2, rng.normal(size=(T, d)), rng.normal(size=(n, d)) * 2, 20,
-                    facts=facts)
+    p = fact_problem(T=90, n=300, t=20, at=[10, 11, 12, 50], seed=4)
+    T, facts = p.T, p.fact_mask
     for values in (AnchoredValues(), LeastSquaresValues()):
         verbatim = Method(SharedSpans(own=1.0, fact_share=1.0), BoxNNLS(), values, verbatim_facts=True).fit(p)
         fitted = Method(SharedSpans(own=1.0, fact_share=1.0), BoxNNLS(), values).fit(p)
@@ -966,12 +971,8 @@ def test_loose_anchoring_fits_the_free_values_closer_and_leaves_the_rest_alone()
     from kvlocal.am import DEFAULT_METHOD, get_method
     from kvlocal.am.fit import compacted_attention
 
-    rng = np.random.default_rng(9)
-    T, d, n = 120, 12, 400
-    facts = np.zeros(T, bool)
-    facts[[5, 6, 7, 70]] = True
-    p = HeadProblem(rng.normal(size=(T, d)) * 2, rng.normal(size=(T, d)), rng.normal(size=(n, d)) * 2, 24,
-                    facts=facts)
+    p = fact_problem(T=120, n=400, t=24, at=[5, 6, 7, 70], seed=9)
+    facts = p.fact_mask
     assert DEFAULT_METHOD == "am-facts-omp-cores-loose"
     before, loose = get_method("am-facts-omp-cores-balanced"), get_method(DEFAULT_METHOD)
     assert (before.values.rel, loose.values.rel) == (1.0, 0.1)
