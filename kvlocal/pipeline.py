@@ -14,8 +14,10 @@ queries it will actually see after compaction.  The paper re-extracts queries on
 That is one query pass per layer (30 on SmolLM2), so kvlocal does it in ``stages`` groups of
 consecutive layers: stage 0 is fitted on queries of the original cache; before stage s, the cache
 holding stages 0..s-1 compacted and the other layers whole (``Compactor.compact(whole_layers=...)``)
-is injected and the query sources run again through it.  Each stage costs one more pass of the
-query sources.
+is injected and the query sources run again through it: repeat-prefill as before, the sampling
+sources (self-study) on the very tokens they sampled for stage 0, teacher-forced
+(``QuerySource.replay``), as the paper's code prefills its stored self-study sequences again.
+Each stage costs one more prefill of the query sources' tokens, not a new generation.
 """
 
 from __future__ import annotations
@@ -255,7 +257,11 @@ def compact_on_policy(session: Session, layout: DocumentLayout, snap: KVSnapshot
     cache = report = None
     for i, group in enumerate(groups):
         t0 = time.perf_counter()
-        queries = first if (i == 0 and first is not None) else collect_queries(session, layout, sources)
+        if i == 0:
+            queries = first if first is not None else collect_queries(session, layout, sources)
+            first = queries
+        else:  # the same tokens again, through the stages below: row i stays the same token
+            queries = collect_queries(session, layout, sources, replay=first)
         query_s += time.perf_counter() - t0
         later = [li for g in groups[i + 1:] for li in g]
         cache, report = compactor.compact(snap, layout.doc_start, layout.doc_end, queries, bias=bias, facts=facts,

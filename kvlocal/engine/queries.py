@@ -11,6 +11,11 @@
 
 Repeat-prefill and self-study run in the session's scratch sequence: the document's cache is
 shared, not copied, and sequence 0 is left as it was.
+
+On-policy stages (kvlocal.pipeline) take the same queries again through a compacted cache
+(``QuerySource.replay``): sources whose tokens the document fixes run again; sources that sample
+(self-study, recall probes) decode the token streams they decoded the first time
+(``QuerySet.streams``), teacher-forced, so every row is the same token at the same position.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ class QuerySource:
 
     def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:
         raise NotImplementedError
+
+    def replay(self, session: Session, layout: DocumentLayout, first: QuerySet) -> QuerySet:
+        """The queries ``collect`` took (``first``), taken again through the session's cache as it
+        is now.  Sources whose tokens the document fixes simply run again."""
+        return self.collect(session, layout)
 
     def _capture(self, session: Session) -> QueryCapture:
         return QueryCapture(session.info, dtype=self.dtype, source=self.name)
@@ -169,10 +179,12 @@ class SelfStudy(QuerySource):
         capture = self._capture(session)
         left = self.budget
         bar = tqdm(total=self.budget, desc="self-study", unit="tok", disable=not session.progress, leave=False)
+        streams = []
         with bar, session.capturing(capture):
             for turns in self.prompts:
                 if left <= 0:
                     break
+                decoded = []
                 with session.fork() as seq:
                     for i, user in enumerate(turns):
                         if left <= 0:
@@ -182,10 +194,17 @@ class SelfStudy(QuerySource):
                             prompt = np.concatenate([end_of_answer, prompt])
                         n_new = min(self.max_new_tokens, left)
                         self._check_room(session, len(prompt) + n_new, "self-study")
-                        n_out = len(session.generate(prompt, max_tokens=n_new, sampler=sampler, seq_id=seq))
-                        left -= n_out
-                        bar.update(n_out)
-        return capture.result()
+                        out = session.generate(prompt, max_tokens=n_new, sampler=sampler, seq_id=seq)
+                        decoded += [prompt, _decoded_part(out, n_new)]
+                        left -= len(out)
+                        bar.update(len(out))
+                streams.append(np.concatenate(decoded).astype(np.int32))
+        queries = capture.result()
+        queries.streams = {self.name: tuple(streams)}
+        return queries
+
+    def replay(self, session: Session, layout: DocumentLayout, first: QuerySet) -> QuerySet:
+        return replay_streams(session, first, self.name, self._capture(session))
 
 
 @QUERY_SOURCES.register("self-study-long")
@@ -228,25 +247,57 @@ class RecallProbes(QuerySource):
         capture = self._capture(session)
         bar = tqdm(total=len(self.prompts) * self.max_new_tokens, desc="recall", unit="tok",
                    disable=not session.progress, leave=False)
+        streams = []
         with bar, session.capturing(capture):
             for user in self.prompts:
                 prompt = session.chat_tokens([{"role": "user", "content": user}])
                 self._check_room(session, len(prompt) + self.max_new_tokens, "recall probes")
                 with session.fork() as seq:
-                    session.generate(prompt, max_tokens=self.max_new_tokens, seq_id=seq)
+                    out = session.generate(prompt, max_tokens=self.max_new_tokens, seq_id=seq)
+                streams.append(np.concatenate([prompt, _decoded_part(out, self.max_new_tokens)]).astype(np.int32))
                 bar.update(self.max_new_tokens)
         queries = capture.result()
+        queries.anchors[:] = RECALL
+        queries.streams = {self.name: tuple(streams)}
+        return queries
+
+    def replay(self, session: Session, layout: DocumentLayout, first: QuerySet) -> QuerySet:
+        queries = replay_streams(session, first, self.name, self._capture(session))
         queries.anchors[:] = RECALL
         return queries
 
 
+def _decoded_part(out: Sequence[int], max_tokens: int) -> np.ndarray:
+    """The part of ``Session.generate``'s output it decoded: all of it when it stopped at an
+    end-of-generation token, all but the last token when it stopped at ``max_tokens``."""
+    n = len(out) - 1 if len(out) >= max_tokens else len(out)
+    return np.asarray(out[:max(n, 0)], np.int32)
+
+
+def replay_streams(session: Session, first: QuerySet, name: str, capture: QueryCapture) -> QuerySet:
+    """Decode the token streams source ``name`` decoded for ``first`` again, teacher-forced, each in
+    the scratch sequence as before: the same tokens at the same positions, through the session's
+    cache as it is now."""
+    streams = first.streams.get(name)
+    if streams is None:
+        raise KvlocalError(f"these queries carry no decoded streams of {name!r} to replay")
+    with session.capturing(capture):
+        for tokens in streams:
+            with session.fork() as seq:
+                session.ingest(tokens, seq_id=seq, desc=f"{name} replay")
+    queries = capture.result()
+    queries.streams = {name: streams}
+    return queries
+
+
 def collect_queries(session: Session, layout: DocumentLayout, sources: Sequence[str | QuerySource], *,
-                    max_per_kv_head: int | None = None, seed: int = 0) -> QuerySet:
-    """Queries of several sources, concatenated, optionally subsampled to a per-KV-head budget."""
+                    max_per_kv_head: int | None = None, seed: int = 0, replay: QuerySet | None = None) -> QuerySet:
+    """Queries of several sources, concatenated, optionally subsampled to a per-KV-head budget.
+    ``replay``: queries these sources gave before; the sources take them again (``QuerySource.replay``)."""
     parts = []
     for src in sources:
         source = QUERY_SOURCES.create(src) if isinstance(src, str) else src
-        parts.append(source.collect(session, layout))
+        parts.append(source.collect(session, layout) if replay is None else source.replay(session, layout, replay))
     queries = QuerySet.concat(parts)
     if max_per_kv_head is not None:
         queries = queries.subsample(max_per_kv_head, session.info.n_rep, seed)

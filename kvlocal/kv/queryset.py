@@ -8,7 +8,10 @@ tokens about the whole document, ``RECALL`` (-2) for recall probes: tokens writt
 recalls specific content (numbers, names) from anywhere in it.  Rows are the same tokens in every
 layer.  A source that measures key importance in the engine itself (KVzip) adds ``key_scores``:
 per layer ``[n_head_kv, n_positions]``, one score per KV head and document position; they travel
-with the rows (taking rows keeps them, concatenating takes the larger score).
+with the rows (taking rows keeps them, concatenating takes the larger score).  A source that samples
+what it says (self-study, recall probes) keeps the token streams it decoded in ``streams`` (per
+source name, one stream per scratch conversation), so that on-policy stages can decode the same
+tokens again through a compacted cache and row i stays the same token.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class QuerySet:
     sources: list[str] = field(default_factory=list)
     anchors: np.ndarray | None = None  # int32 [n_tokens], -1: no particular document position
     key_scores: dict[int, np.ndarray] | None = None  # il -> float32 [n_head_kv, n_positions]
+    streams: dict[str, tuple[np.ndarray, ...]] = field(default_factory=dict)  # source -> decoded token streams
 
     def __post_init__(self):
         if self.anchors is None:
@@ -53,7 +57,7 @@ class QuerySet:
     def take(self, rows) -> QuerySet:
         rows = np.asarray(rows, dtype=np.intp)
         return QuerySet({il: q[rows] for il, q in self.layers.items()}, self.positions[rows], list(self.sources),
-                        self.anchors[rows], self.key_scores)
+                        self.anchors[rows], self.key_scores, dict(self.streams))
 
     def recall_rows(self) -> QuerySet | None:
         """The recall-probe rows, or None if there are none."""
@@ -96,10 +100,21 @@ class QuerySet:
             raise ValueError("query sets cover different layers")
         return QuerySet({il: np.concatenate([p.layers[il] for p in parts]) for il in sorted(layers)},
                         np.concatenate([p.positions for p in parts]), [s for p in parts for s in p.sources],
-                        np.concatenate([p.anchors for p in parts]), _merge_scores(parts))
+                        np.concatenate([p.anchors for p in parts]), _merge_scores(parts), _merge_streams(parts))
 
     def nbytes(self) -> int:
         return sum(q.nbytes for q in self.layers.values())
+
+
+def _merge_streams(parts: list[QuerySet]) -> dict[str, tuple[np.ndarray, ...]]:
+    """The decoded streams of several sets: one source's streams appear in one part only."""
+    out: dict[str, tuple[np.ndarray, ...]] = {}
+    for p in parts:
+        for name, streams in p.streams.items():
+            if name in out:
+                raise ValueError(f"two query sets carry the decoded streams of {name!r}")
+            out[name] = streams
+    return out
 
 
 def _merge_scores(parts: list[QuerySet]) -> dict[int, np.ndarray] | None:

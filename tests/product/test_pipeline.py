@@ -181,3 +181,76 @@ def test_a_model_given_as_a_path_object_is_opened(load_model, tmp_path):
     assert isinstance(ev.model, binding.Model) and ev.model.path == path
     with pytest.raises(KvlocalError, match="GGUF path or a loaded"):
         binding.borrow_or_open(42)
+
+
+# ---------------------------------------------------------------------------------------------
+# on-policy stages take the sampled sources' own tokens again (QuerySource.replay)
+
+
+def _rel(a, b) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+@pytest.mark.parametrize("source", ["self-study", "recall"])
+def test_sampled_sources_keep_their_tokens_and_replay_them(doc, source):
+    """Self-study and recall probes keep the streams they decoded; replayed through the same cache,
+    teacher-forced in one batch, they give the same rows (positions, anchors) and the same queries
+    up to the engine's batch-shape noise: far closer than the next token's queries are (a replay
+    off by one row, the planted error)."""
+    from kvlocal.engine.queries import QUERY_SOURCES
+
+    s, layout, snap, blob = doc
+    s.restore(blob)
+    src = QUERY_SOURCES.create(source)
+    if source == "self-study":
+        src.budget, src.max_new_tokens = 48, 20
+    else:
+        src.max_new_tokens = 12
+    first = src.collect(s, layout)
+    streams = first.streams[src.name]
+    assert len(streams) >= 1 and sum(len(t) for t in streams) == first.n_tokens
+    again = src.replay(s, layout, first)
+    assert np.array_equal(again.positions, first.positions) and np.array_equal(again.anchors, first.anchors)
+    assert again.streams == {src.name: streams}
+    for il, q in first.layers.items():
+        same = _rel(q, again.layers[il])
+        shifted = _rel(q[1:], again.layers[il][:-1])
+        assert same < 0.1 * shifted, (il, same, shifted)
+    with pytest.raises(KvlocalError, match="no decoded streams"):
+        src.replay(s, layout, collect_queries(s, layout, ["repeat"]))
+
+
+def test_on_policy_stages_replay_self_study_instead_of_sampling_again(doc, monkeypatch):
+    """Stage 0 samples self-study once; the later stages decode the same tokens (no generation),
+    so every stage's rows are the same tokens at the same positions."""
+    from kvlocal.engine import queries as qmod
+    from kvlocal.engine.queries import QUERY_SOURCES
+
+    s, layout, snap, blob = doc
+    s.restore(blob)
+    src = QUERY_SOURCES.create("self-study")
+    src.budget, src.max_new_tokens = 48, 20
+    first = collect_queries(s, layout, ["repeat", src])
+    assert set(first.streams) == {"self-study"}
+    seen = []
+    real = qmod.collect_queries
+
+    def spy(session, lay, sources, **kw):
+        got = real(session, lay, sources, **kw)
+        seen.append(got)
+        return got
+
+    monkeypatch.setattr(qmod.Session, "generate", lambda *a, **k: pytest.fail("a later stage sampled again"))
+    monkeypatch.setattr("kvlocal.pipeline.collect_queries", spy)
+    n = len(snap.keys)
+    cache, report, _ = compact_on_policy(s, layout, snap, Compactor(get_method("am-highest-onpolicy"), ratio=4),
+                                         ["repeat", src], stages=n, first=first)
+    assert len(seen) == n - 1 and report.notes["on-policy stages"] == n
+    for got in seen:
+        assert np.array_equal(got.positions, first.positions) and np.array_equal(got.anchors, first.anchors)
+    # the top layer's queries went through compacted layers below: not the stage-0 queries
+    top = n - 1
+    il = sorted(first.layers)[top]
+    assert _rel(first.layers[il], seen[-1].layers[il]) > 0
+    s.restore(blob)
