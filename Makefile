@@ -95,6 +95,7 @@ bench: setup
 	$(VPY) bench/long_document.py
 	$(VPY) bench/streaming_control.py
 	$(VPY) bench/online_chats.py
+	$(VPY) bench/online_chats.py --methods am-facts-omp-balanced,am-facts-omp-balanced-loose --out online_chats_loose
 	$(VPY) bench/name_needles.py --kinds name,number --methods "am-facts-omp-cores-balanced,am-facts-omp-cores-content" \
 		--out content_numbers_needles
 	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-balanced,am-facts-omp-cores-content --ratios 5,10 \
@@ -112,6 +113,11 @@ bench: setup
 		--ratios 10 --title "Longer self-study" --out long_self_study
 	$(VPY) bench/fixed_facts.py -m "$$($(VPY) -m models.gemma3)" --rows am-facts-omp-cores-balanced,am-facts-omp-cores-loose \
 		--ratios 5,10 --title "The fitted values anchored less to the kept keys' own (gemma3)" --out loose_values-gemma3
+	$(VPY) bench/fixed_facts.py -m "$$($(VPY) -m models.gemma3)" --rows am-facts-omp-cores-balanced,am-facts-omp-cores-loose \
+		--ratios 20,50 --sets grid,needles --title "The fitted values anchored less to the kept keys' own (gemma3, 20x and 50x)" \
+		--out loose_values-gemma3-high
+	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-loose,am-facts-omp-cores-onpolicy --ratios 5,10,20 \
+		--sets grid,needles --title "On-policy stages on the default, the same query tokens replayed" --out onpolicy_stages
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,am-facts-fitted:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-niah

@@ -57,7 +57,7 @@ ROWS = (  # (method, queries, what it is)
     ("snapkv", ("self-study",), "baseline"),
 )
 NEEDLE_ROWS = ("am-facts-omp-half", "am-facts-omp-balanced", "am-facts-omp-cores", "am-facts-omp-cores-balanced",
-               "am-facts-omp-cores-loose", "truncate", "snapkv")
+               "am-facts-omp-cores-loose", "truncate", "h2o", "snapkv")
 RATIOS, HELD_OUT_RATIOS = (5, 10, 20, 50), (5, 10, 20)
 GRID_ARTICLES, HELD_OUT_ARTICLES = (8, 1, 2), (0, 7, 5)
 # a second held-out set, run after the first had been read (the next unused articles in index order), for

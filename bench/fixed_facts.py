@@ -23,6 +23,7 @@ Other rows, the same layout:
   --rows am-facts-omp-cores-balanced,am-facts-omp-cores-loose     the fitted values anchored less, the
                                                                    default since (loose_values*.md)
   --rows ...,am-facts-omp-cores-long --ratios 10                  longer self-study (long_self_study.md)
+  --rows am-facts-omp-cores-loose,am-facts-omp-cores-onpolicy     on-policy stages (onpolicy_stages*.md)
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ AM_ROWS = {
                                       "facts' sentences only up to what the facts hold at 10x",
     "am-facts-omp-cores-long": "am-facts-omp-cores-loose on longer self-study: answers up to 512 tokens, 2,048 in all "
                                "(self-study-long; not 160 and 768)",
+    "am-facts-omp-cores-onpolicy": "am-facts-omp-cores-loose with the paper's on-policy queries: 3 stages of layers, "
+                                   "each fitted on the same query tokens taken through the compacted stages below",
     "am-facts-omp-cores-content": "am-facts-omp-cores-balanced with a number's sentence ranked by content words from the number, "
                                   "its core too (its 3 nearest content steps: the nearest word on each side whole, then the next)",
 }
 BASELINES = (("truncate", (), "baseline"), ("h2o", ("context",), "baseline"), ("snapkv", ("self-study",), "baseline"))
-NEEDLE_BASELINES = ("truncate", "snapkv")
+NEEDLE_BASELINES = ("truncate", "h2o", "snapkv")
 
 
 def main() -> int:
@@ -102,7 +105,8 @@ def main() -> int:
                ("second", "R", "R, articles " + ", ".join(map(str, SECOND_ARTICLES))),
                ("grid", "niah", "needles, stories 0, 1"), ("grid", "kl", "KL, stories 0, 1"),
                ("needles", "niah", f"needles, stories {HELD_OUT_STORIES[0]}, {HELD_OUT_STORIES[1]}"),
-               ("needles", "kl", f"KL, stories {HELD_OUT_STORIES[0]}, {HELD_OUT_STORIES[1]}"))
+               ("needles", "kl", f"KL, stories {HELD_OUT_STORIES[0]}, {HELD_OUT_STORIES[1]}"),
+               ("grid", "time_vs_ingest", "(queries + fit) / ingestion, grid"))
     lines = [
         f"# {args.title}",
         "",
@@ -114,7 +118,8 @@ def main() -> int:
         "as the grid cuts them), number needles (of 16, exact match of 7 digits) and next-token KL over the next 96 "
         "tokens on SQuALITY dev stories cut to 3,000 tokens with 8 needles each. AM rows fitted on their own "
         "queries (the row's label names them), at most 4,096 per KV head, 10 % held out; every row keeps the same number of keys "
-        "per head."
+        "per head. Time: the compaction's query passes and fit over the document's ingestion, mean over the grid's "
+        "cells (measured when each cell was computed; one job at a time on this machine)."
         + (" The three AM rows are the same from 10x on (bench/results/after_document.md has them)."
            if {"am-facts-omp-cores-fixed", "am-facts-omp-cores-fixed-tails"} <= set(args.rows.split(",")) else "")
         + ("" if len(sets) == 4 else f" Sets run: {', '.join(sets)}; '–' where a set was not run."),
@@ -130,7 +135,8 @@ def main() -> int:
             cells = []
             for part, key, _ in columns:
                 v = got.get(part, {}).get((label(m, q), r), {}).get(key)
-                cells.append("–" if v is None else str(round(v * n)) if key == "niah" else f"{v:.3f}")
+                cells.append("–" if v is None or v != v else str(round(v * n)) if key == "niah"
+                             else f"{v:.1f}" if key == "time_vs_ingest" else f"{v:.3f}")
             cells.append("–" if None in rs else f"{sum(rs) / 3:.3f}")
             lines.append(f"| {label(m, q)} | " + " | ".join(cells) + " |")
     write_report(args.out, lines)

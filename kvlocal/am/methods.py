@@ -34,6 +34,9 @@
                       fifth were self-study); more retention on held-out articles at 10-20x, lower KL at 5-20x,
                       fewer name needles at 10x (bench/results/after_document.md) (the default before
                       am-facts-omp-cores-balanced; a chat's default, ONLINE_METHOD)
+    am-facts-omp-balanced-loose
+                      am-facts-omp-balanced with the default's AnchoredValues(0.1): ties it in chats that
+                      compact themselves (bench/results/online_chats_loose.md); not adopted
     am-facts-omp-recent
                       am-facts-omp-half with a tenth of each head's budget on the region's last keys (after
                       the facts): more retention on the grid's articles, not on held-out ones (measured, not
@@ -70,6 +73,9 @@
                       facts stay verbatim, so the anchor only holds back the fit): the same keys and beta,
                       a lower held-out attention error, more retention at 10x and 20x on nine articles, as
                       many or more number needles, a lower KL at 10x-20x (bench/results/loose_values*.md)
+    am-facts-omp-cores-onpolicy
+                      am-facts-omp-cores-loose with on-policy queries in 3 stages of layers (below): the
+                      same query tokens (self-study's sampled ones replayed) through the compacted stages
     am-facts-omp-cores-long
                       am-facts-omp-cores-loose on repeat + self-study-long queries: self-study answers
                       up to 512 tokens, 2,048 in all (not 160 and 768)
@@ -78,7 +84,7 @@
                       repeat + self-study queries (the default before am-facts-omp-near)
     am-facts-onpolicy, am-highest-onpolicy, am-facts-omp-onpolicy
                       on-policy queries in 3 stages of layers: each stage is fitted on queries taken with the
-                      stages below it compacted (kvlocal.pipeline)
+                      stages below it compacted, the same tokens as stage 0's (kvlocal.pipeline)
     am-facts-full     facts up to the whole budget at every ratio
     am-facts-half     facts capped at half of each head's budget
     am-facts-window   numbers +-6 tokens instead of their sentences (-half: capped at half the budget)
@@ -293,12 +299,14 @@ _FACTORIES = {
     "am-facts-omp-half": lambda: _half(),
     "am-facts-omp-recent": lambda: _half(recent=0.1),
     "am-facts-omp-balanced": lambda: _half(query_after=0.5),
+    "am-facts-omp-balanced-loose": lambda: _half(query_after=0.5, anchor=0.1),
     "am-facts-omp-cores": lambda: _half(cores=True),
     "am-facts-omp-cores-balanced": lambda: _half(cores=True, query_after=0.5),
     "am-facts-omp-cores-fixed": lambda: _half(cores=True, query_after=0.5, fixed="all"),
     "am-facts-omp-cores-fixed-tails": lambda: _half(cores=True, query_after=0.5, fixed="tails"),
     "am-facts-omp-cores-content": lambda: _half(cores=True, query_after=0.5, content=3),
     "am-facts-omp-cores-loose": lambda: _half(cores=True, query_after=0.5, anchor=0.1),
+    "am-facts-omp-cores-onpolicy": lambda: _half(cores=True, query_after=0.5, anchor=0.1, stages=3),
     "am-facts-omp-cores-long": lambda: _half(cores=True, query_after=0.5, anchor=0.1,
                                              queries=("repeat", "self-study-long")),
     "am-facts-omp": lambda: _facts_omp(),

@@ -989,3 +989,9 @@ def test_loose_anchoring_fits_the_free_values_closer_and_leaves_the_rest_alone()
     long = get_method("am-facts-omp-cores-long")
     assert long.queries == ("repeat", "self-study-long") and before.queries == ("repeat", "self-study")
     assert long.selector == loose.selector and long.values == loose.values and long.query_after == 0.5
+    onpolicy = get_method("am-facts-omp-cores-onpolicy")  # the default, staged on-policy
+    assert (onpolicy.stages, loose.stages) == (3, 1) and onpolicy.queries == loose.queries
+    assert onpolicy.selector == loose.selector and onpolicy.values == loose.values and onpolicy.query_after == 0.5
+    chat = get_method("am-facts-omp-balanced-loose")  # the chat default with the document default's anchor
+    base = get_method("am-facts-omp-balanced")
+    assert chat.selector == base.selector and (base.values.rel, chat.values.rel) == (1.0, 0.1)
