@@ -81,8 +81,10 @@ class CompactionSettings:
         elif self.queries is not None:
             object.__setattr__(self, "queries", tuple(self.queries))
         self.compactor()  # the compactor checks method, ratio, budgets, windows and hold-out
-        for src in self.sources:
-            QUERY_SOURCES.get(src)
+        names = [QUERY_SOURCES.get(src).name for src in self.sources]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise KvlocalError(f"query source {', '.join(twice)} named twice in {','.join(self.sources)}")
 
     @property
     def sources(self) -> tuple[str, ...]:

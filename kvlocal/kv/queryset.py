@@ -107,12 +107,13 @@ class QuerySet:
 
 
 def _merge_streams(parts: list[QuerySet]) -> dict[str, tuple[np.ndarray, ...]]:
-    """The decoded streams of several sets: one source's streams appear in one part only."""
+    """The decoded streams of several sets; one source's streams may come twice only if equal."""
     out: dict[str, tuple[np.ndarray, ...]] = {}
     for p in parts:
         for name, streams in p.streams.items():
-            if name in out:
-                raise ValueError(f"two query sets carry the decoded streams of {name!r}")
+            if name in out and not (len(out[name]) == len(streams)
+                                    and all(np.array_equal(a, b) for a, b in zip(out[name], streams))):
+                raise ValueError(f"two query sets carry different decoded streams of {name!r}")
             out[name] = streams
     return out
 

@@ -68,3 +68,17 @@ def test_concat_keeps_order_and_sources():
     assert np.array_equal(c.layers[0][3:], b.layers[0])
     with pytest.raises(ValueError):
         QuerySet.concat([a, make(layers=(1,))])
+
+
+def test_decoded_streams_travel_with_taking_subsampling_and_concatenation():
+    a, b = make(n=30), make(n=4, seed=1)
+    s1 = (np.arange(5, dtype=np.int32), np.arange(7, dtype=np.int32))
+    a.streams = {"self-study": s1}
+    for got in (a.take([0, 2]), a.subsample(6, n_rep=3), QuerySet.concat([b, a])):
+        assert got.streams["self-study"] is s1
+    assert QuerySet.concat([a, a]).streams == {"self-study": s1}  # the same source twice: equal streams
+    other = make(n=2)
+    other.streams = {"self-study": (np.arange(6, dtype=np.int32),)}
+    with pytest.raises(ValueError, match="different decoded streams"):
+        QuerySet.concat([a, other])
+    assert b.streams == {} and QuerySet.concat([b, b]).streams == {}

@@ -126,7 +126,8 @@ def test_settings_are_checked_when_made():
 
     for kw, message in (({"method": "nope"}, "unknown compaction method"), ({"queries": "telepathy"},
                         "unknown query source"), ({"ratio": 1.0}, "must be > 1"),
-                        ({"budgets": "/no/such.json"}, "budgets must be"), ({"holdout": 1.5}, "holdout")):
+                        ({"budgets": "/no/such.json"}, "budgets must be"), ({"holdout": 1.5}, "holdout"),
+                        ({"queries": "repeat,self-study,repeat-prefill"}, "repeat-prefill named twice")):
         with pytest.raises(KvlocalError, match=message):
             CompactionSettings(**kw)
     s = CompactionSettings(ratio=8, method="am-highest", queries="repeat,self-study")
