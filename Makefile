@@ -116,6 +116,9 @@ bench: setup
 	$(VPY) bench/fixed_facts.py -m "$$($(VPY) -m models.gemma3)" --rows am-facts-omp-cores-balanced,am-facts-omp-cores-loose \
 		--ratios 20,50 --sets grid,needles --title "The fitted values anchored less to the kept keys' own (gemma3, 20x and 50x)" \
 		--out loose_values-gemma3-high
+	$(VPY) bench/fixed_facts.py -m "$$($(VPY) -m models.gemma3)" --rows am-facts-omp-cores-balanced,am-facts-omp-cores-loose \
+		--ratios 20 --sets "held out,second" --out loose_values-gemma3-heldout20 \
+		--title "The fitted values anchored less to the kept keys' own (gemma3, held-out articles at 20x)"
 	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-loose,am-facts-omp-cores-onpolicy --ratios 5,10,20 \
 		--sets grid,needles --title "On-policy stages on the default, the same query tokens replayed" --out onpolicy_stages
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
