@@ -42,7 +42,7 @@ from .am import DEFAULT_METHOD, CompactionReport, get_method
 from .am.budgets import chunk_budgets
 from .engine import binding
 from .engine.capture import QueryCapture
-from .engine.queries import QUERY_SOURCES, SelfStudy, SelfStudyLong, collect_queries
+from .engine.queries import QUERY_SOURCES, SelfStudy, SelfStudyLong, collect_queries, prompt_room
 from .engine.session import DocumentError, DocumentLayout, Session
 from .errors import KvlocalError
 from .kv.cache import CompactedCache, KVSnapshot, extend_origin, trace_origin
@@ -54,13 +54,15 @@ TEMPLATE_ROOM = 64  # a second pass's prompt around the chunk (chat template, in
 STREAM_CONTEXT = 8192  # the context a long document streams into when none is given (or the training one if smaller)
 
 # cells a query source needs beyond the cache while it runs (in the scratch sequence), for a chunk of n tokens
+# and turns of at most t cells (the longest user turn the sources write, templated: ``prompt_room``; a
+# model whose tokenizer or template makes them longer than TEMPLATE_ROOM gets its own t)
 SOURCE_ROOM = {
-    "context-prefill": lambda n: 0,
-    "repeat-prefill": lambda n: n + TEMPLATE_ROOM,
-    "kvzip": lambda n: min(n, 2000) + TEMPLATE_ROOM + 16,
-    "self-study": lambda n: 2 * (SelfStudy.max_new_tokens + TEMPLATE_ROOM),  # a two-turn conversation
-    "self-study-long": lambda n: 2 * (SelfStudyLong.max_new_tokens + TEMPLATE_ROOM),
-    "recall": lambda n: 128 + TEMPLATE_ROOM,
+    "context-prefill": lambda n, t: 0,
+    "repeat-prefill": lambda n, t: n + t,
+    "kvzip": lambda n, t: min(n, 2000) + t + 16,
+    "self-study": lambda n, t: 2 * (SelfStudy.max_new_tokens + t),  # a two-turn conversation
+    "self-study-long": lambda n, t: 2 * (SelfStudyLong.max_new_tokens + t),
+    "recall": lambda n, t: 128 + t,
 }
 
 
@@ -68,9 +70,16 @@ class LongContextWarning(UserWarning):
     """The document takes positions beyond the model's training context."""
 
 
-def source_room(sources, n: int) -> int:
-    """Scratch cells the query ``sources`` need for a chunk of ``n`` tokens (they run one after another)."""
-    return max([0] + [SOURCE_ROOM[QUERY_SOURCES.get(src).name](n) for src in sources])
+def source_room(sources, n: int, turn: int = TEMPLATE_ROOM) -> int:
+    """Scratch cells the query ``sources`` need for a chunk of ``n`` tokens (they run one after
+    another), their user turns taking at most ``turn`` cells each."""
+    return max([0] + [SOURCE_ROOM[QUERY_SOURCES.get(src).name](n, turn) for src in sources])
+
+
+def turn_room(session: Session, sources) -> int:
+    """The cells a plan leaves per user turn of ``sources`` in ``session``: TEMPLATE_ROOM, or more
+    where this model's template and tokenizer make a turn longer."""
+    return max(TEMPLATE_ROOM, prompt_room(session, sources))
 
 
 def kept_cells(n: int, ratio: float) -> int:
@@ -95,7 +104,7 @@ class ChunkPlan:
 
 
 def _try(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: float, sources, m: int,
-         recent_window: int, facts: DocumentFacts | None = None) -> ChunkPlan | None:
+         recent_window: int, facts: DocumentFacts | None = None, turn: int = TEMPLATE_ROOM) -> ChunkPlan | None:
     edges = np.linspace(0, n_doc, m + 1).round().astype(int)
     bounds = tuple((int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True))
     if any(hi - lo < min(MIN_CHUNK, n_doc) for lo, hi in bounds):
@@ -110,7 +119,7 @@ def _try(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: float, sou
     for i, ((lo, hi), k) in enumerate(zip(bounds, keys, strict=True)):
         last = i == m - 1
         fresh = hi - lo + (n_suffix if last else 0)
-        peak = max(peak, held + fresh + source_room(sources, hi - lo))
+        peak = max(peak, held + fresh + source_room(sources, hi - lo, turn))
         held += k + (whole if last else 0)
     if peak > n_ctx:
         return None
@@ -141,19 +150,23 @@ class DocumentFacts:
 
 
 def plan_chunks(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: float, sources=(),
-                recent_window: int = 0, facts: DocumentFacts | None = None) -> ChunkPlan:
+                recent_window: int = 0, facts: DocumentFacts | None = None, turn: int = TEMPLATE_ROOM) -> ChunkPlan:
     """The fewest equal chunks that stream the document through ``n_ctx`` cells at ``ratio``, or a
-    ``DocumentError`` naming the smallest ratio (and context) that would work."""
+    ``DocumentError`` naming the smallest ratio (and context) that would work.  ``turn``: the
+    cells one user turn of the query sources takes (``turn_room``)."""
     if n_doc < 1:
         raise DocumentError("the document is empty")
-    plan = _fewest(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window, facts)
+
+    def fewest(c, r):
+        return _fewest(n_prefix, n_doc, n_suffix, c, r, sources, recent_window, facts, turn)
+
+    plan = fewest(n_ctx, ratio)
     if plan is not None:
         return plan
     # what would work: the smallest ratio in this context, the smallest context at this ratio
-    need_ratio = _smallest(lambda r: _fewest(n_prefix, n_doc, n_suffix, n_ctx, r, sources, recent_window, facts)
-                           is not None, ratio, float(n_doc))
-    need_ctx = _smallest(lambda c: _fewest(n_prefix, n_doc, n_suffix, int(c), ratio, sources, recent_window, facts)
-                         is not None, n_ctx, float(n_prefix + n_doc + n_suffix + source_room(sources, n_doc) + 1))
+    need_ratio = _smallest(lambda r: fewest(n_ctx, r) is not None, ratio, float(n_doc))
+    need_ctx = _smallest(lambda c: fewest(int(c), ratio) is not None, n_ctx,
+                         float(n_prefix + n_doc + n_suffix + source_room(sources, n_doc, turn) + 1))
     hint = [f"a ratio of at least {math.ceil(need_ratio * 10) / 10:g}" if need_ratio is not None else None,
             f"a context of at least {math.ceil(need_ctx)} cells" if need_ctx is not None else None]
     raise DocumentError(f"a {n_doc}-token document does not fit a {n_ctx}-cell context at ratio {ratio:g} "
@@ -162,11 +175,12 @@ def plan_chunks(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: flo
                         + " or ".join(h for h in hint if h))
 
 
-def _fewest(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window, facts=None) -> ChunkPlan | None:
+def _fewest(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window, facts=None,
+            turn: int = TEMPLATE_ROOM) -> ChunkPlan | None:
     """The plan with the fewest chunks that fits, searched by doubling then bisection over the
     chunk count (fewer, larger chunks need more room at once), O(m log m) for m chunks."""
     def attempt(m):
-        return _try(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, m, recent_window, facts)
+        return _try(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, m, recent_window, facts, turn)
 
     m_max = max(1, n_doc // MIN_CHUNK)
     lo, hi = 0, 1  # attempt(lo) does not fit (0: none tried), attempt(hi) is the candidate
@@ -207,7 +221,9 @@ def streams(model: binding.Model, n_doc: int, n_ctx: int | None) -> bool:
 
 def one_shot_fits(doc: IngestedDocument, settings: CompactionSettings) -> bool:
     """Do the query passes ``settings`` need fit beside the document ingested whole?"""
-    return doc.layout.length + source_room(settings.fit_sources, doc.layout.n_doc) <= doc.session.n_ctx
+    sources = settings.fit_sources
+    return doc.layout.length + source_room(sources, doc.layout.n_doc, turn_room(doc.session, sources)) \
+        <= doc.session.n_ctx
 
 
 def stream_context(model: binding.Model, n_ctx: int | None) -> int:
@@ -263,7 +279,8 @@ class StreamedDocument:
             facts = DocumentFacts(np.concatenate([[0], np.cumsum(numbers)]), method.fact_budget_share,
                                   np.concatenate([[0], np.cumsum((ranks > 0) & ~numbers)]))
         return plan_chunks(len(prefix), len(doc), len(suffix), self.session.n_ctx, settings.ratio,
-                           settings.fit_sources, settings.recent_window, facts)
+                           settings.fit_sources, settings.recent_window, facts,
+                           turn_room(self.session, settings.fit_sources))
 
     def fact_ranks(self, method) -> np.ndarray:
         """The method's fact ranks over every position (prefix, document, suffix), computed once."""

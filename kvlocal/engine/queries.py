@@ -48,12 +48,17 @@ class QuerySource:
         is now.  Sources whose tokens the document fixes simply run again."""
         return self.collect(session, layout)
 
+    def prompt_texts(self) -> tuple[str, ...]:
+        """The user turns this source writes (their templated length is model-dependent)."""
+        return ()
+
     def _capture(self, session: Session) -> QueryCapture:
         return QueryCapture(session.info, dtype=self.dtype, source=self.name)
 
     @staticmethod
     def _check_room(session: Session, n_tokens: int, what: str) -> None:
-        need = session.cells[0] + n_tokens  # cells, not positions: a compacted past holds fewer
+        # cells, not positions (a compacted past holds fewer); the scratch sequence's own so far too
+        need = sum(session.cells) + n_tokens
         if need > session.n_ctx:
             raise KvlocalError(f"{what} needs {need} cells of context (the document and {n_tokens} more) but "
                                f"the session holds {session.n_ctx}; open it with n_ctx >= {need}")
@@ -83,6 +88,9 @@ class ContextPrefill(QuerySource):
 class RepeatPrefill(QuerySource):
     prompt: str = "Repeat the previous context verbatim."
 
+    def prompt_texts(self) -> tuple[str, ...]:
+        return (self.prompt,)
+
     def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:
         doc = np.asarray(session.tokens[layout.doc_start:layout.doc_end], np.int32)
         tokens, n_before = teacher_forced(session, self.prompt, doc)
@@ -111,6 +119,9 @@ class KVzipRepeat(QuerySource):
     overlap: int = 8
     prompt: str = "Repeat the previous context exactly."
     prompt_next: str = "Repeat the part of the previous context exactly, starting with"
+
+    def prompt_texts(self) -> tuple[str, ...]:
+        return (self.prompt, self.prompt_next)
 
     def chunks(self, session: Session, layout: DocumentLayout) -> list[tuple[int, int, np.ndarray, int]]:
         """The repeat prompts: (lo, hi, tokens, n_before) per chunk ``[lo, hi)`` of the document
@@ -170,6 +181,9 @@ class SelfStudy(QuerySource):
     top_p: float = 0.8
     seed: int = 0
     prompts: tuple[tuple[str, ...], ...] = SELF_STUDY_PROMPTS
+
+    def prompt_texts(self) -> tuple[str, ...]:
+        return tuple(user for turns in self.prompts for user in turns)
 
     def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:
         if self.budget < 1 or self.max_new_tokens < 1:
@@ -241,6 +255,9 @@ class RecallProbes(QuerySource):
     max_new_tokens: int = 128  # per prompt
     prompts: tuple[str, ...] = RECALL_PROMPTS
 
+    def prompt_texts(self) -> tuple[str, ...]:
+        return self.prompts
+
     def collect(self, session: Session, layout: DocumentLayout) -> QuerySet:
         if self.max_new_tokens < 1 or not self.prompts:
             raise KvlocalError("recall probes need prompts and a positive token budget")
@@ -288,6 +305,19 @@ def replay_streams(session: Session, first: QuerySet, name: str, capture: QueryC
     queries = capture.result()
     queries.streams = {name: streams}
     return queries
+
+
+def prompt_room(session: Session, sources: Sequence[str | QuerySource]) -> int:
+    """The most cells one user turn of ``sources`` takes with this model's template and tokenizer
+    (the turn before it closed, the assistant's turn opened): what a plan must leave per turn
+    beside the tokens the sources generate or copy."""
+    room = 0
+    for src in sources:
+        source = QUERY_SOURCES.create(src) if isinstance(src, str) else src
+        for text in source.prompt_texts():
+            turn = session.chat_tokens([{"role": "user", "content": text}])
+            room = max(room, len(turn) + len(session.turn_end()))
+    return room
 
 
 def collect_queries(session: Session, layout: DocumentLayout, sources: Sequence[str | QuerySource], *,

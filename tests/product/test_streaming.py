@@ -162,6 +162,77 @@ def test_each_chunk_is_fitted_on_top_of_the_compacted_past(load_model, monkeypat
         kv.close()
 
 
+def test_on_policy_chunks_replay_their_own_self_study(load_model, monkeypatch):
+    """A streamed on-policy compaction samples self-study once per chunk and decodes those very
+    tokens again in each later stage of that chunk (QuerySource.replay), never another chunk's."""
+    from kvlocal.engine import queries as qmod
+    from kvlocal.pipeline import stage_layers
+
+    model = load_model("llama-gqa")
+    sampled, replayed = [], []
+    real_collect, real_replay = qmod.SelfStudy.collect, qmod.replay_streams
+
+    def collect(self, session, layout):
+        got = real_collect(self, session, layout)
+        sampled.append(got.streams["self-study"])
+        return got
+
+    def replay(session, first, name, capture):
+        replayed.append(first.streams[name])
+        return real_replay(session, first, name, capture)
+
+    monkeypatch.setattr(qmod.SelfStudy, "collect", collect)
+    monkeypatch.setattr(qmod, "replay_streams", replay)
+    kv = _stream(model, ratio=10.0, method="am-highest-onpolicy", queries="repeat,self-study")
+    try:
+        n_stages = len(stage_layers(model.n_layer, get_method("am-highest-onpolicy").stages))
+        assert n_stages >= 2 and len(sampled) == kv.report.chunks >= 3
+        assert len(replayed) == kv.report.chunks * (n_stages - 1)
+        for i, streams in enumerate(sampled):  # each chunk's later stages replay its own tokens
+            assert all(r is streams for r in replayed[i * (n_stages - 1):(i + 1) * (n_stages - 1)])
+        assert kv.ask(QUESTION, max_tokens=4) is not None
+    finally:
+        kv.close()
+
+
+def test_the_plan_leaves_room_for_this_models_own_turns(load_model, monkeypatch):
+    """The tiny models' tokenizer makes self-study's prompts longer than TEMPLATE_ROOM: the plan
+    measures them, so a streamed compaction with self-study either is refused up front (one clear
+    error, nothing lost) or runs without the context filling; planned with TEMPLATE_ROOM, the
+    same compaction runs out of room in its self-study pass (the planted error; its room check,
+    which counts the scratch conversation's own cells, says so before llama.cpp would)."""
+    from kvlocal import streaming
+    from kvlocal.engine.queries import prompt_room
+    from kvlocal.engine.session import ContextFull
+
+    model = load_model("llama-gqa")
+    probe = Session(model, n_ctx=256, progress=False)
+    try:
+        turn = prompt_room(probe, ["repeat", "self-study"])
+    finally:
+        probe.close()
+    assert turn > streaming.TEMPLATE_ROOM  # the premise: this model's turns are long
+    assert streaming.source_room(["self-study"], 500, turn) - streaming.source_room(["self-study"], 500) == \
+        2 * (turn - streaming.TEMPLATE_ROOM)
+    outcomes = {}
+    for ratio in (8.0, 10.0):
+        try:
+            _stream(model, ratio=ratio, method="am-highest", queries="repeat,self-study").close()
+            outcomes[ratio] = "ran"
+        except ContextFull:
+            outcomes[ratio] = "full"
+        except DocumentError as e:
+            assert "does not fit" in str(e) and "use a ratio of at least" in str(e)
+            outcomes[ratio] = "refused"
+        except KvlocalError as e:  # a query pass that found no room when it ran
+            assert "cells of context" in str(e)
+            outcomes[ratio] = "full"
+    assert "full" not in outcomes.values() and "ran" in outcomes.values(), outcomes
+    monkeypatch.setattr(streaming, "turn_room", lambda session, sources: streaming.TEMPLATE_ROOM)
+    with pytest.raises(KvlocalError, match="self-study needs .* cells of context"):
+        _stream(model, ratio=8.0, method="am-highest", queries="repeat,self-study")
+
+
 def test_positions_past_the_training_context_warn_and_decoding_goes_on(load_model, tmp_path):
     model = load_model("llama-gqa")
     with Compaction(model, n_ctx=1024, progress=False) as kv:
