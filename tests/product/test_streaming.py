@@ -199,8 +199,7 @@ def test_the_plan_leaves_room_for_this_models_own_turns(load_model, monkeypatch)
     """The tiny models' tokenizer makes self-study's prompts longer than TEMPLATE_ROOM: the plan
     measures them, so a streamed compaction with self-study either is refused up front (one clear
     error, nothing lost) or runs without the context filling; planned with TEMPLATE_ROOM, the
-    same compaction runs out of room in its self-study pass (the planted error; its room check,
-    which counts the scratch conversation's own cells, says so before llama.cpp would)."""
+    same chunks would not fit this model's turns (the planted error)."""
     from kvlocal import streaming
     from kvlocal.engine.queries import prompt_room
     from kvlocal.engine.session import ContextFull
@@ -228,9 +227,45 @@ def test_the_plan_leaves_room_for_this_models_own_turns(load_model, monkeypatch)
             assert "cells of context" in str(e)
             outcomes[ratio] = "full"
     assert "full" not in outcomes.values() and "ran" in outcomes.values(), outcomes
-    monkeypatch.setattr(streaming, "turn_room", lambda session, sources: streaming.TEMPLATE_ROOM)
-    with pytest.raises(KvlocalError, match="self-study needs .* cells of context"):
-        _stream(model, ratio=8.0, method="am-highest", queries="repeat,self-study")
+    # the planted error, decided by token counts alone (not by what the random model samples): the
+    # plan made with TEMPLATE_ROOM a turn accepts ratio 8, and at its peak the query passes then
+    # need more cells than the context holds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LongContextWarning)
+        doc = streaming.StreamedDocument.open(model, LONG, n_ctx=1024, progress=False)
+    try:
+        settings = CompactionSettings(ratio=8.0, method="am-highest", queries="repeat,self-study")
+        with pytest.raises(DocumentError, match="does not fit"):
+            doc.plan(settings)
+        monkeypatch.setattr(streaming, "turn_room", lambda session, sources: streaming.TEMPLATE_ROOM)
+        old = doc.plan(settings)
+        (prefix, body, suffix), sources = doc.tokens, settings.fit_sources
+        assert streaming._try(len(prefix), len(body), len(suffix), old.n_ctx, 8.0, sources, old.n_chunks, 0,
+                              turn=streaming.TEMPLATE_ROOM) == old
+        assert streaming._try(len(prefix), len(body), len(suffix), old.n_ctx, 8.0, sources, old.n_chunks, 0,
+                              turn=turn) is None  # its chunks do not fit with this model's turns
+    finally:
+        doc.session.close()
+
+
+def test_a_query_pass_counts_its_own_scratch_cells_before_it_decodes(load_model):
+    """A second turn of a scratch conversation needs the cells the first one took too: the room
+    check says so, clearly, before llama.cpp would."""
+    from kvlocal.engine.queries import QuerySource
+
+    s = Session(load_model("llama-gqa"), n_ctx=512, progress=False)
+    try:
+        s.ingest_document(TEXT)
+        free = s.n_ctx - s.cells[0]
+        QuerySource._check_room(s, free, "a pass")  # fits an empty scratch sequence exactly
+        with s.fork() as seq:
+            s.decode(s.chat_tokens([{"role": "user", "content": "Hello."}]), seq_id=seq)
+            assert s.cells[1] > 0
+            with pytest.raises(KvlocalError, match=f"a pass needs {s.n_ctx + s.cells[1]} cells of context"):
+                QuerySource._check_room(s, free, "a pass")
+            QuerySource._check_room(s, free - s.cells[1], "a pass")
+    finally:
+        s.close()
 
 
 def test_positions_past_the_training_context_warn_and_decoding_goes_on(load_model, tmp_path):
