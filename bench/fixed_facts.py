@@ -24,6 +24,9 @@ Other rows, the same layout:
                                                                    default since (loose_values*.md)
   --rows ...,am-facts-omp-cores-long --ratios 10                  longer self-study (long_self_study.md)
   --rows am-facts-omp-cores-loose,am-facts-omp-cores-onpolicy     on-policy stages (onpolicy_stages*.md)
+  --rows am-facts-omp-cores-loose,am-facts-omp-cores-late         every row asked after the document in
+                                                                   the fit (late_queries*.md; the default
+                                                                   am-facts-omp-cores-late5 is it up to 5x)
 """
 
 from __future__ import annotations
@@ -41,13 +44,15 @@ from common import machine, write_report
 AM_ROWS = {
     "am-facts-omp-cores-balanced": "the default before am-facts-omp-cores-loose: facts up to half of each head's budget "
                                    "up to 10x",
-    "am-facts-omp-cores-loose": "the default: am-facts-omp-cores-balanced with the fitted values anchored a tenth as "
+    "am-facts-omp-cores-loose": "the default before am-facts-omp-cores-late5 (and its fit beyond 5x): am-facts-omp-cores-balanced with the fitted values anchored a tenth as "
                                 "hard to the kept keys' own (lambda = 0.1 trace(X^T X) / t)",
     "am-facts-omp-cores-fixed": "below 10x the facts keep as many keys as at 10x, the rest is fitted",
     "am-facts-omp-cores-fixed-tails": "every fact's core within the share as before; below 10x the rest of the "
                                       "facts' sentences only up to what the facts hold at 10x",
     "am-facts-omp-cores-long": "am-facts-omp-cores-loose on longer self-study: answers up to 512 tokens, 2,048 in all "
                                "(self-study-long; not 160 and 768)",
+    "am-facts-omp-cores-late": "am-facts-omp-cores-loose fitted on every query row asked after the document (self-study), "
+                               "the rest of its rows repeat rows (after=1.0, not 0.5)",
     "am-facts-omp-cores-onpolicy": "am-facts-omp-cores-loose with the paper's on-policy queries: 3 stages of layers, "
                                    "each fitted on the same query tokens taken through the compacted stages below",
     "am-facts-omp-cores-content": "am-facts-omp-cores-balanced with a number's sentence ranked by content words from the number, "

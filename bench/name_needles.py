@@ -79,6 +79,8 @@ def variants():
         "am-facts-omp-cores-fixed": get_method("am-facts-omp-cores-fixed"),
         "am-facts-omp-cores-content": get_method("am-facts-omp-cores-content"),
         "am-facts-omp-cores-loose": get_method("am-facts-omp-cores-loose"),
+        "am-facts-omp-cores-late": get_method("am-facts-omp-cores-late"),
+        "am-facts-omp-cores-late5": get_method("am-facts-omp-cores-late5"),
         "+ fixed tails": _variant(get_method("am-facts-omp-cores-fixed-tails"), "+ fixed tails"),
         "+ names beside numbers": _variant(names, "+ names beside numbers", fact_names_with_numbers=True),
         "+ numbers in words": _variant(names, "+ numbers in words", fact_number_words=True,
@@ -147,12 +149,12 @@ def main() -> int:
             pieces = s.token_texts(doc.layout.length)
             for name, method in methods.items():
                 qs = doc.queries(method.queries) if method.needs_queries else None
-                train = None if qs is None else Compactor(method, max_queries_per_head=cfg.max_queries, holdout=0.1,
-                                                          seed=cfg.seed)._split(qs, n_head_kv)[0]
                 ranks = method.fact_ranks(pieces)
                 if ranks is not None:
                     shares[(kind, si, name)] = float((ranks[lo:hi] > 0).mean())
-                for r in ratios:
+                for r in ratios:  # the rows a method fits on may depend on the ratio (Method.after_share)
+                    train = None if qs is None else Compactor(method, ratio=r, max_queries_per_head=cfg.max_queries,
+                                                              holdout=0.1, seed=cfg.seed)._split(qs, n_head_kv)[0]
                     doc.restore()
                     cache, _ = Compactor(method, ratio=r, seed=cfg.seed).compact(snap, lo, hi, train, facts=ranks)
                     s.inject(cache, snap)

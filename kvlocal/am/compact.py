@@ -369,7 +369,8 @@ class Compactor:
             return None, None
         if self.max_queries_per_head is not None:
             n_rep = next(iter(queries.layers.values())).shape[1] // n_head_kv
-            queries = queries.subsample(self.max_queries_per_head, n_rep, self.seed, after=self.method.query_after)
+            queries = queries.subsample(self.max_queries_per_head, n_rep, self.seed,
+                                        after=self.method.after_share(self.ratio))
         if not self.holdout:
             return queries, None
         rng = np.random.default_rng(self.seed + 1)

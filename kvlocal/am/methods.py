@@ -68,11 +68,20 @@
                       fewer name needles (3/1/0 against 6/2/0 at 5/10/20x), better answers in self-compacting
                       chats (bench/results/content_numbers_needles.md, online_chats.md); not adopted
     am-facts-omp-cores-loose
-                      THE DEFAULT: am-facts-omp-cores-balanced with the fitted keys' values anchored a tenth
+                      the default before am-facts-omp-cores-late5: am-facts-omp-cores-balanced with the fitted keys' values anchored a tenth
                       as hard to their own (AnchoredValues(0.1): lambda = 0.1 trace(X^T X) / t, not 1.0; the
                       facts stay verbatim, so the anchor only holds back the fit): the same keys and beta,
                       a lower held-out attention error, more retention at 10x and 20x on nine articles, as
                       many or more number needles, a lower KL at 10x-20x (bench/results/loose_values*.md)
+    am-facts-omp-cores-late
+                      am-facts-omp-cores-loose fitted on every query row asked after the document (all of
+                      self-study's, as far as the 4,096 per KV head go), the rest repeat rows (after=1.0):
+                      at 5x more retention on all three article sets, as many needles, a lower KL; at 10x
+                      less retention, a needle fewer, a higher KL (bench/results/late_queries.md)
+    am-facts-omp-cores-late5
+                      THE DEFAULT: am-facts-omp-cores-late up to 5x, am-facts-omp-cores-loose beyond
+                      (Method.late_until): each where it was measured better; between 5x and 10x as
+                      am-facts-omp-cores-loose, the default before
     am-facts-omp-cores-onpolicy
                       am-facts-omp-cores-loose with on-policy queries in 3 stages of layers (below): the
                       same query tokens (self-study's sampled ones replayed) through the compacted stages
@@ -122,7 +131,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
-DEFAULT_METHOD = "am-facts-omp-cores-loose"  # what `kvlocal compact` and Compaction.compact use without --method
+DEFAULT_METHOD = "am-facts-omp-cores-late5"  # what `kvlocal compact` and Compaction.compact use without --method
 # what a chat that compacts itself uses (kvlocal.online.OnlineSettings): a conversation is compacted again and again, and
 # a number's sentence whose far end gave way to the names' cores once ("The special magic number for" of "... teapot
 # is 2215279.") is gone from every later compaction; without cores first the numbers' sentences come before any name
@@ -142,6 +151,11 @@ class Method:
     stages: int = 1  # > 1: on-policy queries, re-collected through the compacted lower layers (kvlocal.pipeline)
     query_after: float | None = None  # this share of the fit's query rows from the queries asked after the
     #                                   document (QuerySet.subsample); None: drawn alike from every row
+    late_until: float | None = None  # at ratios up to this, every query row asked after the document (share 1.0)
+
+    def after_share(self, ratio: float) -> float | None:
+        """The share of the fit's query rows drawn from the queries asked after the document at ``ratio``."""
+        return 1.0 if self.late_until is not None and ratio <= self.late_until else self.query_after
 
     @property
     def group_selector(self) -> GroupSelector | None:
@@ -261,13 +275,14 @@ def _facts(share: float = 1.0, window: int | None = None, until: float | None = 
 
 
 def _facts_omp(share: float = 1.0, until: float = 5.0, stages: int = 1, query_after: float | None = None,
+               late_until: float | None = None,
                anchor: float = 1.0, queries: tuple[str, ...] = ("repeat", "self-study"), **facts) -> Method:
     """am-facts-omp and the methods built on it: ``_facts`` with each head's other keys chosen by OMP
     (4 keys per step, refit every 2nd), the facts verbatim, the rest fitted around them (box NNLS,
     values anchored to V[S] with AnchoredValues' ``anchor``); ``queries``: repeat + self-study."""
     return Method(_facts(share, until=until, omp=OMP(k_choice=4, refit_interval=2), **facts), BoxNNLS(),
                   AnchoredValues(anchor), queries, verbatim_facts=True, stages=stages,
-                  query_after=query_after)
+                  query_after=query_after, late_until=late_until)
 
 
 def _half(**changes) -> Method:
@@ -306,6 +321,8 @@ _FACTORIES = {
     "am-facts-omp-cores-fixed-tails": lambda: _half(cores=True, query_after=0.5, fixed="tails"),
     "am-facts-omp-cores-content": lambda: _half(cores=True, query_after=0.5, content=3),
     "am-facts-omp-cores-loose": lambda: _half(cores=True, query_after=0.5, anchor=0.1),
+    "am-facts-omp-cores-late": lambda: _half(cores=True, query_after=1.0, anchor=0.1),
+    "am-facts-omp-cores-late5": lambda: _half(cores=True, query_after=0.5, anchor=0.1, late_until=5.0),
     "am-facts-omp-cores-onpolicy": lambda: _half(cores=True, query_after=0.5, anchor=0.1, stages=3),
     "am-facts-omp-cores-long": lambda: _half(cores=True, query_after=0.5, anchor=0.1,
                                              queries=("repeat", "self-study-long")),

@@ -964,7 +964,7 @@ def test_the_online_method_keeps_a_numbers_whole_sentence_before_any_names_core(
 
 
 def test_loose_anchoring_fits_the_free_values_closer_and_leaves_the_rest_alone():
-    """am-facts-omp-cores-loose (the default) is am-facts-omp-cores-balanced (the default before) but for
+    """am-facts-omp-cores-loose (the default's fit beyond 5x) is am-facts-omp-cores-balanced but for
     the anchor of its fitted values (0.1, not 1):
     the same keys and beta, the same verbatim facts, the free values nearer least squares (a lower
     fit error on the queries, farther from V[S]); am-facts-omp-cores-long is it on longer self-study."""
@@ -973,8 +973,7 @@ def test_loose_anchoring_fits_the_free_values_closer_and_leaves_the_rest_alone()
 
     p = fact_problem(T=120, n=400, t=24, at=[5, 6, 7, 70], seed=9)
     facts = p.fact_mask
-    assert DEFAULT_METHOD == "am-facts-omp-cores-loose"
-    before, loose = get_method("am-facts-omp-cores-balanced"), get_method(DEFAULT_METHOD)
+    before, loose = get_method("am-facts-omp-cores-balanced"), get_method("am-facts-omp-cores-loose")
     assert (before.values.rel, loose.values.rel) == (1.0, 0.1)
     a, b = before.fit(p), loose.fit(p)
     assert np.array_equal(a.indices, b.indices) and np.array_equal(a.beta, b.beta)
@@ -995,3 +994,33 @@ def test_loose_anchoring_fits_the_free_values_closer_and_leaves_the_rest_alone()
     chat = get_method("am-facts-omp-balanced-loose")  # the chat default with the document default's anchor
     base = get_method("am-facts-omp-balanced")
     assert chat.selector == base.selector and (base.values.rel, chat.values.rel) == (1.0, 0.1)
+    late = get_method("am-facts-omp-cores-late")  # the default fitted on every row asked after the document
+    assert late.query_after == 1.0 and late.selector == loose.selector and late.values == loose.values
+
+
+
+def test_the_default_is_late_up_to_5x_and_loose_beyond():
+    """am-facts-omp-cores-late5 (the default) is am-facts-omp-cores-late up to 5x and
+    am-facts-omp-cores-loose beyond, to the query row: the same selection rules, values and
+    sources, and the share of rows asked after the document that each of them draws."""
+    from dataclasses import replace
+
+    from kvlocal.am import DEFAULT_METHOD, Compactor, get_method
+    from kvlocal.kv.queryset import QuerySet
+
+    assert DEFAULT_METHOD == "am-facts-omp-cores-late5"
+    default, late, loose = (get_method(m) for m in (DEFAULT_METHOD, "am-facts-omp-cores-late",
+                                                      "am-facts-omp-cores-loose"))
+    for other in (late, loose):
+        assert replace(default, name=other.name, query_after=other.query_after, late_until=None) == other
+    for ratio, like in ((2.0, late), (5.0, late), (5.01, loose), (10.0, loose), (50.0, loose)):
+        assert default.after_share(ratio) == like.after_share(ratio) == like.query_after
+    rng = np.random.default_rng(3)
+    n = 5000
+    qs = QuerySet({0: rng.normal(size=(n, 3, 4)).astype(np.float32)}, np.arange(n, dtype=np.int32))
+    qs.anchors[:4000] = np.arange(4000)  # 4,000 rows read the document, 1,000 come after it
+    for ratio, like in ((5.0, late), (10.0, loose)):
+        rows = [Compactor(m, ratio=ratio, holdout=0.0, max_queries_per_head=4096)._split(qs, 1)[0].positions for m in (default, like)]
+        assert np.array_equal(rows[0], rows[1])
+    fives = [Compactor(m, ratio=5.0, holdout=0.0, max_queries_per_head=4096)._split(qs, 1)[0] for m in (default, loose)]
+    assert (fives[0].anchors < 0).sum() == 1000 > (fives[1].anchors < 0).sum()  # every late row, at 5x only
