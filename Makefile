@@ -126,7 +126,8 @@ bench: setup
 	$(VPY) bench/name_needles.py --kinds name --ratios 5 --methods am-facts-omp-cores-loose,am-facts-omp-cores-late \
 		--out late_queries_names
 	$(VPY) bench/fixed_facts.py -m "$$($(VPY) -m models.gemma3)" --rows am-facts-omp-cores-loose,am-facts-omp-cores-late \
-		--ratios 5 --title "Every query asked after the document in the fit (gemma3)" --out late_queries-gemma3
+		--ratios 5 --sets "grid,held out" --title "Every query asked after the document in the fit (gemma3)" \
+		--out late_queries-gemma3
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,am-facts-fitted:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-niah

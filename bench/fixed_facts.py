@@ -25,8 +25,7 @@ Other rows, the same layout:
   --rows ...,am-facts-omp-cores-long --ratios 10                  longer self-study (long_self_study.md)
   --rows am-facts-omp-cores-loose,am-facts-omp-cores-onpolicy     on-policy stages (onpolicy_stages*.md)
   --rows am-facts-omp-cores-loose,am-facts-omp-cores-late         every row asked after the document in
-                                                                   the fit (late_queries*.md; the default
-                                                                   am-facts-omp-cores-late5 is it up to 5x)
+                                                                   the fit (late_queries*.md; not adopted)
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ from common import machine, write_report
 AM_ROWS = {
     "am-facts-omp-cores-balanced": "the default before am-facts-omp-cores-loose: facts up to half of each head's budget "
                                    "up to 10x",
-    "am-facts-omp-cores-loose": "the default before am-facts-omp-cores-late5 (and its fit beyond 5x): am-facts-omp-cores-balanced with the fitted values anchored a tenth as "
+    "am-facts-omp-cores-loose": "the default: am-facts-omp-cores-balanced with the fitted values anchored a tenth as "
                                 "hard to the kept keys' own (lambda = 0.1 trace(X^T X) / t)",
     "am-facts-omp-cores-fixed": "below 10x the facts keep as many keys as at 10x, the rest is fitted",
     "am-facts-omp-cores-fixed-tails": "every fact's core within the share as before; below 10x the rest of the "

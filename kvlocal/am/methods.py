@@ -68,7 +68,7 @@
                       fewer name needles (3/1/0 against 6/2/0 at 5/10/20x), better answers in self-compacting
                       chats (bench/results/content_numbers_needles.md, online_chats.md); not adopted
     am-facts-omp-cores-loose
-                      the default before am-facts-omp-cores-late5: am-facts-omp-cores-balanced with the fitted keys' values anchored a tenth
+                      THE DEFAULT: am-facts-omp-cores-balanced with the fitted keys' values anchored a tenth
                       as hard to their own (AnchoredValues(0.1): lambda = 0.1 trace(X^T X) / t, not 1.0; the
                       facts stay verbatim, so the anchor only holds back the fit): the same keys and beta,
                       a lower held-out attention error, more retention at 10x and 20x on nine articles, as
@@ -79,9 +79,9 @@
                       at 5x more retention on all three article sets, as many needles, a lower KL; at 10x
                       less retention, a needle fewer, a higher KL (bench/results/late_queries.md)
     am-facts-omp-cores-late5
-                      THE DEFAULT: am-facts-omp-cores-late up to 5x, am-facts-omp-cores-loose beyond
-                      (Method.late_until): each where it was measured better; between 5x and 10x as
-                      am-facts-omp-cores-loose, the default before
+                      am-facts-omp-cores-late up to 5x, am-facts-omp-cores-loose beyond
+                      (Method.late_until): better at 5x on SmolLM2, worse at 5x on gemma3
+                      (late_queries-gemma3.md); not adopted
     am-facts-omp-cores-onpolicy
                       am-facts-omp-cores-loose with on-policy queries in 3 stages of layers (below): the
                       same query tokens (self-study's sampled ones replayed) through the compacted stages
@@ -131,7 +131,7 @@ from .select import HighestAttnKeys, KeySelector, RandomKeys, Recent, Selection,
 from .spans import GroupSelector, SharedSpans
 
 METHODS = Registry("compaction method")
-DEFAULT_METHOD = "am-facts-omp-cores-late5"  # what `kvlocal compact` and Compaction.compact use without --method
+DEFAULT_METHOD = "am-facts-omp-cores-loose"  # what `kvlocal compact` and Compaction.compact use without --method
 # what a chat that compacts itself uses (kvlocal.online.OnlineSettings): a conversation is compacted again and again, and
 # a number's sentence whose far end gave way to the names' cores once ("The special magic number for" of "... teapot
 # is 2215279.") is gone from every later compaction; without cores first the numbers' sentences come before any name

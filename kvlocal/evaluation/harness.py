@@ -26,7 +26,7 @@ from .data import (
 )
 
 STANDARD_METHODS = (
-    ("am-facts-omp-cores-late5", ("repeat", "self-study")), ("am-facts-omp-cores-loose", ("repeat", "self-study")),
+    ("am-facts-omp-cores-loose", ("repeat", "self-study")),
     ("am-facts-omp-cores-balanced", ("repeat", "self-study")), ("am-facts-omp-balanced", ("repeat", "self-study")),
     ("am-facts-omp-half", ("repeat", "self-study")), ("am-facts-omp-whole", ("repeat", "self-study")),
     ("am-facts-omp-names", ("repeat", "self-study")), ("am-facts-omp-near", ("repeat", "self-study")),

@@ -378,14 +378,16 @@ def test_the_compactor_draws_the_methods_share_of_late_queries(tiny_doc, monkeyp
     monkeypatch.setattr(QuerySet, "subsample", spy)
     assert get_method("am-facts-omp-balanced").query_after == 0.5
     # the default is cores first (am-facts-omp-cores) on the balanced rows with its values anchored less
-    # (AnchoredValues(0.1), not 1.0), every other part alike; up to 5x every row asked after the document
+    # (AnchoredValues(0.1), not 1.0), every other part alike; am-facts-omp-cores-late5 takes every row
+    # asked after the document up to 5x
     default, cores = get_method(DEFAULT_METHOD), get_method("am-facts-omp-cores")
     assert default.query_after == 0.5 and default.selector.fact_cores and default.values.rel == 0.1
-    assert default.late_until == 5.0
+    assert default.late_until is None
     assert default != replace(cores, name=default.name)
-    assert replace(default, query_after=None, late_until=None, values=cores.values, name=cores.name) == cores
+    assert replace(default, query_after=None, values=cores.values, name=cores.name) == cores
+    late5 = "am-facts-omp-cores-late5"
     for method, ratio, share in (("am-facts-omp-balanced", 8, 0.5), ("am-facts-omp-half", 8, None),
-                                 (DEFAULT_METHOD, 8, 0.5), (DEFAULT_METHOD, 5, 1.0), (DEFAULT_METHOD, 4, 1.0)):
+                                 (DEFAULT_METHOD, 5, 0.5), (late5, 8, 0.5), (late5, 5, 1.0), (late5, 4, 1.0)):
         Compactor(method=method, ratio=ratio, max_queries_per_head=64).compact(snap, layout.doc_start,
                                                                                 layout.doc_end, queries)
         assert seen.pop() == share

@@ -964,7 +964,7 @@ def test_the_online_method_keeps_a_numbers_whole_sentence_before_any_names_core(
 
 
 def test_loose_anchoring_fits_the_free_values_closer_and_leaves_the_rest_alone():
-    """am-facts-omp-cores-loose (the default's fit beyond 5x) is am-facts-omp-cores-balanced but for
+    """am-facts-omp-cores-loose (the default) is am-facts-omp-cores-balanced (the default before) but for
     the anchor of its fitted values (0.1, not 1):
     the same keys and beta, the same verbatim facts, the free values nearer least squares (a lower
     fit error on the queries, farther from V[S]); am-facts-omp-cores-long is it on longer self-study."""
@@ -973,7 +973,8 @@ def test_loose_anchoring_fits_the_free_values_closer_and_leaves_the_rest_alone()
 
     p = fact_problem(T=120, n=400, t=24, at=[5, 6, 7, 70], seed=9)
     facts = p.fact_mask
-    before, loose = get_method("am-facts-omp-cores-balanced"), get_method("am-facts-omp-cores-loose")
+    assert DEFAULT_METHOD == "am-facts-omp-cores-loose"
+    before, loose = get_method("am-facts-omp-cores-balanced"), get_method(DEFAULT_METHOD)
     assert (before.values.rel, loose.values.rel) == (1.0, 0.1)
     a, b = before.fit(p), loose.fit(p)
     assert np.array_equal(a.indices, b.indices) and np.array_equal(a.beta, b.beta)
@@ -999,17 +1000,16 @@ def test_loose_anchoring_fits_the_free_values_closer_and_leaves_the_rest_alone()
 
 
 
-def test_the_default_is_late_up_to_5x_and_loose_beyond():
-    """am-facts-omp-cores-late5 (the default) is am-facts-omp-cores-late up to 5x and
-    am-facts-omp-cores-loose beyond, to the query row: the same selection rules, values and
-    sources, and the share of rows asked after the document that each of them draws."""
+def test_late5_is_late_up_to_5x_and_loose_beyond():
+    """am-facts-omp-cores-late5 is am-facts-omp-cores-late up to 5x and am-facts-omp-cores-loose
+    (the default) beyond, to the query row: the same selection rules, values and sources, and the
+    share of rows asked after the document that each of them draws."""
     from dataclasses import replace
 
-    from kvlocal.am import DEFAULT_METHOD, Compactor, get_method
+    from kvlocal.am import Compactor, get_method
     from kvlocal.kv.queryset import QuerySet
 
-    assert DEFAULT_METHOD == "am-facts-omp-cores-late5"
-    default, late, loose = (get_method(m) for m in (DEFAULT_METHOD, "am-facts-omp-cores-late",
+    default, late, loose = (get_method(m) for m in ("am-facts-omp-cores-late5", "am-facts-omp-cores-late",
                                                       "am-facts-omp-cores-loose"))
     for other in (late, loose):
         assert replace(default, name=other.name, query_after=other.query_after, late_until=None) == other
