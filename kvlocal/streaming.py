@@ -42,7 +42,7 @@ from .am import DEFAULT_METHOD, CompactionReport, get_method
 from .am.budgets import chunk_budgets
 from .engine import binding
 from .engine.capture import QueryCapture
-from .engine.queries import QUERY_SOURCES, SelfStudy, SelfStudyLong, collect_queries, prompt_room
+from .engine.queries import QUERY_SOURCES, RecallProbes, SelfStudy, SelfStudyLong, collect_queries, prompt_room
 from .engine.session import DocumentError, DocumentLayout, Session
 from .errors import KvlocalError
 from .kv.cache import CompactedCache, KVSnapshot, extend_origin, trace_origin
@@ -62,7 +62,7 @@ SOURCE_ROOM = {
     "kvzip": lambda n, t: min(n, 2000) + t + 16,
     "self-study": lambda n, t: 2 * (SelfStudy.max_new_tokens + t),  # a two-turn conversation
     "self-study-long": lambda n, t: 2 * (SelfStudyLong.max_new_tokens + t),
-    "recall": lambda n, t: 128 + t,
+    "recall": lambda n, t: RecallProbes.max_new_tokens + t,
 }
 
 

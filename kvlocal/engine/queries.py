@@ -311,13 +311,12 @@ def prompt_room(session: Session, sources: Sequence[str | QuerySource]) -> int:
     """The most cells one user turn of ``sources`` takes with this model's template and tokenizer
     (the turn before it closed, the assistant's turn opened): what a plan must leave per turn
     beside the tokens the sources generate or copy."""
-    room = 0
+    longest = 0
     for src in sources:
         source = QUERY_SOURCES.create(src) if isinstance(src, str) else src
         for text in source.prompt_texts():
-            turn = session.chat_tokens([{"role": "user", "content": text}])
-            room = max(room, len(turn) + len(session.turn_end()))
-    return room
+            longest = max(longest, len(session.chat_tokens([{"role": "user", "content": text}])))
+    return longest + len(session.turn_end()) if longest else 0
 
 
 def collect_queries(session: Session, layout: DocumentLayout, sources: Sequence[str | QuerySource], *,
