@@ -167,8 +167,8 @@ def main() -> int:
         read_tab.append(read)
         # compactions, with the grid's query sampling and hold-out
         qs = doc.queries(base.queries)
-        train, _ = Compactor(base, max_queries_per_head=cfg.max_queries, holdout=0.1, seed=cfg.seed)._split(
-            qs, n_head_kv)
+        train = Compactor(base, max_queries_per_head=cfg.max_queries, holdout=0.1, seed=cfg.seed)._split(
+            qs, n_head_kv)[0]
         facts = base.fact_ranks(s.token_texts(doc.layout.length))
         for name, kw in variants.items():
             sel = base.selector if name == DEFAULT_METHOD else ByCopyHead(

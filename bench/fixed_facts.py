@@ -26,6 +26,8 @@ Other rows, the same layout:
   --rows am-facts-omp-cores-loose,am-facts-omp-cores-onpolicy     on-policy stages (onpolicy_stages*.md)
   --rows am-facts-omp-cores-loose,am-facts-omp-cores-late         every row asked after the document in
                                                                    the fit (late_queries*.md; not adopted)
+  --rows am-facts-omp-cores-loose,am-facts-omp-cores-wide         beta and values fitted on 3x the rows
+                                                                   (wide_fit*.md)
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ AM_ROWS = {
                                "(self-study-long; not 160 and 768)",
     "am-facts-omp-cores-late": "am-facts-omp-cores-loose fitted on every query row asked after the document (self-study), "
                                "the rest of its rows repeat rows (after=1.0, not 0.5)",
+    "am-facts-omp-cores-wide": "am-facts-omp-cores-loose with beta and the values fitted on 3x the query rows the keys are "
+                               "chosen on (the selection's and 8,192 more per KV head, weighed to the selection's share "
+                               "of rows asked after the document); the same keys",
     "am-facts-omp-cores-onpolicy": "am-facts-omp-cores-loose with the paper's on-policy queries: 3 stages of layers, "
                                    "each fitted on the same query tokens taken through the compacted stages below",
     "am-facts-omp-cores-content": "am-facts-omp-cores-balanced with a number's sentence ranked by content words from the number, "

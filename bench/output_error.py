@@ -82,6 +82,7 @@ def main() -> int:
     errs: dict = {}  # (row, ratio, kind) -> per-article mean over layers
     layer_errs: dict = {}  # (row, ratio, kind) -> per layer, summed over articles
     lengths, n_test = {}, {}
+    fit_s: dict = {}  # (row, ratio) -> seconds of each article's compaction (selection and fit)
     for key, art in ev.articles():
         doc = ev._open(art.text)
         s, snap, lo, hi = doc.session, doc.snapshot, doc.layout.doc_start, doc.layout.doc_end
@@ -108,6 +109,7 @@ def main() -> int:
                 c = Compactor(method, ratio=r, seed=cfg.seed, max_queries_per_head=cfg.max_queries)
                 q = own.get(name, train) if method.needs_queries else None
                 _, rep = c.compact(snap, lo, hi, q, facts=ranks)
+                fit_s.setdefault((name, r), []).append(rep.seconds)
                 for kind in kinds:
                     e = np.array([[head_errors(refs[kind][li][h], rep.results[(0, li, h)])["output_rel_l2"]
                                    for h in range(n_head_kv)] for li in range(n_layers)]).mean(axis=1)
@@ -147,6 +149,13 @@ def main() -> int:
         for name in rows:
             lines.append(f"| {name} | " + " | ".join(f"{np.mean(errs[(name, r, kind)]):.3f}" for r in ratios) + " |")
         lines.append("")
+    lines += ["## Compaction time", "",
+              "Seconds of `Compactor.compact` (selection and fit, the queries given), mean over articles, "
+              "one job at a time on this machine.", "",
+              "| row | " + " | ".join(f"{r}x" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for name in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{np.mean(fit_s[(name, r)]):.1f}" for r in ratios) + " |")
+    lines.append("")
     r = ratios[len(ratios) // 2]
     if len(layer_ids) <= 8:  # a table of every layer of a 30-layer model says little
         lines += [f"## Per layer at {r}x, after-document queries (mean over articles)", "",

@@ -163,7 +163,7 @@ class Compactor:
         missing = [il for il in snap.layer_ids if queries is not None and il not in queries.layers]
         if missing:
             raise KvlocalError(f"the queries do not cover layers {missing}")
-        train, test = self._split(queries, n_head_kv)
+        train, test, refit = self._split(queries, n_head_kv)
         if facts is not None:
             try:
                 facts = as_fact_ranks(facts)
@@ -194,6 +194,8 @@ class Compactor:
             lo_pos, hi_pos = int(pos[cells[0]]), int(pos[cells[-1]]) + 1
             q_train = self._chunk_queries(train, lo_pos, hi_pos)
             q_test = self._chunk_queries(test, lo_pos, hi_pos) if test is not None else None
+            q_refit = self._chunk_queries(refit, lo_pos, hi_pos) if refit is not None else None
+            w_refit = self._balance(q_refit, q_train)
             problem = self._problems(snap, cells, bias, facts)
             calibration = _Calibration(self, problem, q_train, q_test, n_layers, n_head_kv, len(cells))
             budgets = self._budgets(snap, len(cells), calibration)
@@ -207,13 +209,14 @@ class Compactor:
                 self._group_select(method.group_selector, problem, budgets, q_train, todo)
 
             def solve(li, h, problem=problem, budgets=budgets, q_train=q_train, q_test=q_test, pre=pre,
-                      chosen=chosen, ci=ci):
+                      chosen=chosen, ci=ci, q_refit=q_refit, w_refit=w_refit):
                 if (ci, li, h) in given:
                     return given[(ci, li, h)], None
                 if li in whole:  # every key as it is (the identity fit needs no statistics)
                     return _whole(snap, cells, li, h, bias), None
                 p = pre.pop((li, h), None) or problem(li, h, int(budgets[li, h]), q_train)
-                res = method.fit(p, chosen.get((li, h)))
+                refit = None if q_refit is None else problem(li, h, p.t, q_refit, w_refit)
+                res = method.fit(p, chosen.get((li, h)), refit)
                 err = head_errors(problem(li, h, p.t, q_test), res) if q_test is not None and q_test.n_tokens else None
                 return res, err
 
@@ -269,7 +272,7 @@ class Compactor:
         share of the document's keys: ``[n_layers, n_head_kv, len(grid)]`` (for budgets)."""
         pos = snap.positions
         cells = np.flatnonzero((pos >= doc_start) & (pos < doc_end))
-        train, test = self._split(queries, snap.keys[0].shape[1])
+        train, test, _ = self._split(queries, snap.keys[0].shape[1])
         problem = self._problems(snap, cells, None)
         return _Calibration(self, problem, train, test, len(snap.keys), snap.keys[0].shape[1],
                             len(cells)).head_curves(method, grid)
@@ -281,7 +284,7 @@ class Compactor:
         views: dict = {}  # (il, id(queries)) -> [n_head_kv, n_rep * n, d], built once per layer
         n_head_kv = snap.keys[0].shape[1]
 
-        def problem(li: int, h: int, t: int, qs: QuerySet | None) -> HeadProblem:
+        def problem(li: int, h: int, t: int, qs: QuerySet | None, weights: np.ndarray | None = None) -> HeadProblem:
             il = snap.layer_ids[li]
             if qs is None:
                 q = np.zeros((1, snap.keys[li].shape[2]), np.float32)
@@ -302,6 +305,7 @@ class Compactor:
             return HeadProblem(snap.keys[li][cells, h], snap.values[li][cells, h], q, t, bias=b,
                                positions=at, backend=self.backend,
                                facts=None if facts is None else facts[at], key_scores=scores,
+                               row_weights=None if weights is None else np.tile(weights, len(q) // len(weights)),
                                seed=self.seed * 100003 + li * 101 + h)
 
         return problem
@@ -363,23 +367,50 @@ class Compactor:
             for future in as_completed(futures):
                 yield future.result()
 
-    def _split(self, queries: QuerySet | None, n_head_kv: int) -> tuple[QuerySet | None, QuerySet | None]:
-        """Subsample to the per-head query budget, then set ``holdout`` of the tokens aside."""
+    def _split(self, queries: QuerySet | None, n_head_kv: int) -> tuple[QuerySet | None, QuerySet | None,
+                                                                         QuerySet | None]:
+        """Subsample to the per-head query budget, then set ``holdout`` of the tokens aside.  Returns
+        (train, test, refit): the selection's rows, the held-out ones (or None) and, for a method with
+        ``fit_rows``, the rows beta and the values are fitted on (train's and more drawn from the
+        rows left out, alike; None when there are none)."""
         if queries is None:
-            return None, None
+            return None, None, None
+        rows = np.arange(queries.n_tokens)
+        extra = rows[:0]
         if self.max_queries_per_head is not None:
             n_rep = next(iter(queries.layers.values())).shape[1] // n_head_kv
-            queries = queries.subsample(self.max_queries_per_head, n_rep, self.seed,
-                                        after=self.method.after_share(self.ratio))
-        if not self.holdout:
-            return queries, None
-        rng = np.random.default_rng(self.seed + 1)
-        n_test = int(round(self.holdout * queries.n_tokens))
-        if n_test < 1 or n_test >= queries.n_tokens:
-            return queries, None
-        test = np.zeros(queries.n_tokens, bool)
-        test[rng.choice(queries.n_tokens, n_test, replace=False)] = True
-        return queries.take(np.flatnonzero(~test)), queries.take(np.flatnonzero(test))
+            after = self.method.after_share(self.ratio)
+            rows = queries.subsample_rows(self.max_queries_per_head, n_rep, self.seed, after=after)
+            more = self.method.fit_rows
+            if more is not None and more > 1 and len(rows) < queries.n_tokens:
+                rest = np.setdiff1d(np.arange(queries.n_tokens), rows, assume_unique=True)
+                n_more = int(round((more - 1) * self.max_queries_per_head))
+                extra = queries.subsample_rows(max(n_more, 1), n_rep, self.seed + 2, after=after, among=rest)
+        if self.holdout:
+            rng = np.random.default_rng(self.seed + 1)
+            n_test = int(round(self.holdout * len(rows)))
+            if 1 <= n_test < len(rows):
+                test = np.zeros(len(rows), bool)
+                test[rng.choice(len(rows), n_test, replace=False)] = True
+                train_rows = rows[~test]
+                refit = queries.take(np.sort(np.concatenate([train_rows, extra]))) if len(extra) else None
+                return queries.take(train_rows), queries.take(rows[test]), refit
+        train = queries if len(rows) == queries.n_tokens else queries.take(rows)
+        return train, None, queries.take(np.sort(np.concatenate([rows, extra]))) if len(extra) else None
+
+    def _balance(self, qs: QuerySet | None, chosen_on: QuerySet | None) -> np.ndarray | None:
+        """Per token row of ``qs``: the weight that gives its rows asked after the document the share
+        they have among the rows the keys were chosen on (``chosen_on``: the method's
+        ``after_share``, as far as there were such rows), whatever their number in ``qs`` (mean
+        weight 1); None when the method draws every row alike or either set holds one kind only."""
+        if qs is None or chosen_on is None or self.method.after_share(self.ratio) is None:
+            return None
+        share = float(np.mean(chosen_on.anchors < 0))
+        late = qs.anchors < 0
+        n, n_late = qs.n_tokens, int(late.sum())
+        if not 0 < share < 1 or not 0 < n_late < n:
+            return None
+        return np.where(late, share * n / n_late, (1 - share) * n / (n - n_late))
 
     def _chunk_queries(self, queries: QuerySet | None, lo: int, hi: int) -> QuerySet | None:
         if queries is None or self.chunk_size is None or self.chunk_queries == "all":

@@ -113,8 +113,7 @@ class BoxNNLS(BetaFitter):
     def fit(self, p, idx, target=None):
         if len(idx) == 0:
             return np.zeros(0), {}
-        M = p.features(idx)
-        y = p.stats().z if target is None else target
+        M, y = p.weigh(p.features(idx), p.stats().z if target is None else target)
         if self.method == "exact":
             res = lsq_linear(M, y, bounds=(self.lower, self.upper), method="bvls")
             return np.log(np.clip(res.x, self.lower, self.upper)), {"beta": "bvls"}
@@ -161,8 +160,7 @@ def _value_bound(p: HeadProblem, scale: float) -> float:
 def _around_fixed(fit_free, p: HeadProblem, idx: np.ndarray, beta: np.ndarray, fixed: np.ndarray | None):
     """Solve ``fit_free(X, Y, V) -> (C, how)`` for the free keys only, with the fixed keys'
     original values' share of the output taken out of the target; returns (C [t, d], how)."""
-    X = compacted_attention(p, idx, beta)
-    Y = p.stats().outputs
+    X, Y = p.weigh(compacted_attention(p, idx, beta), p.stats().outputs)
     V = p.values[idx].astype(np.float64)
     if fixed is None or not fixed.any():
         return fit_free(X, Y, V)

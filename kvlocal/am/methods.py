@@ -73,6 +73,10 @@
                       facts stay verbatim, so the anchor only holds back the fit): the same keys and beta,
                       a lower held-out attention error, more retention at 10x and 20x on nine articles, as
                       many or more number needles, a lower KL at 10x-20x (bench/results/loose_values*.md)
+    am-facts-omp-cores-wide
+                      am-facts-omp-cores-loose with beta and the values fitted on 3x the query rows the keys
+                      are chosen on (Method.fit_rows: the selection's 4,096 per KV head and 8,192 more drawn
+                      alike, as far as the queries go); the same keys
     am-facts-omp-cores-late
                       am-facts-omp-cores-loose fitted on every query row asked after the document (all of
                       self-study's, as far as the 4,096 per KV head go), the rest repeat rows (after=1.0):
@@ -152,6 +156,8 @@ class Method:
     query_after: float | None = None  # this share of the fit's query rows from the queries asked after the
     #                                   document (QuerySet.subsample); None: drawn alike from every row
     late_until: float | None = None  # at ratios up to this, every query row asked after the document (share 1.0)
+    fit_rows: float | None = None  # beta and values fitted on this many times the selection's query rows (its own
+    #                                and more drawn alike), when the queries hold more; None: on the selection's
 
     def after_share(self, ratio: float) -> float | None:
         """The share of the fit's query rows drawn from the queries asked after the document at ``ratio``."""
@@ -205,8 +211,10 @@ class Method:
             return self
         return replace(self, selector=replace(self.selector, recent=float(share)))
 
-    def fit(self, p: HeadProblem, selection: Selection | None = None) -> HeadResult:
-        """Fit one head; ``selection``: the keys a group selector already chose for it."""
+    def fit(self, p: HeadProblem, selection: Selection | None = None, refit: HeadProblem | None = None) -> HeadResult:
+        """Fit one head; ``selection``: the keys a group selector already chose for it; ``refit``: the
+        same head with more query rows (``fit_rows``), on which beta and the values are fitted once
+        the keys are chosen on ``p``."""
         if p.t >= p.T:  # nothing to compact: every key with the bias it has, C_v = V
             beta = np.zeros(p.T, np.float32) if p.bias is None else p.bias.copy()
             return HeadResult(np.arange(p.T), beta, p.values.copy(), {"identity": True})
@@ -214,6 +222,8 @@ class Method:
             return HeadResult(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, p.d), np.float32))
         sel = self.selector.select(p) if selection is None else selection
         idx = np.asarray(sel.indices, np.int64)
+        if refit is not None:
+            p = refit
         notes: dict = {}
         fixed = None  # bool per kept key: kept verbatim (beta 0, original value)
         if self.beta is None:
@@ -275,14 +285,14 @@ def _facts(share: float = 1.0, window: int | None = None, until: float | None = 
 
 
 def _facts_omp(share: float = 1.0, until: float = 5.0, stages: int = 1, query_after: float | None = None,
-               late_until: float | None = None,
+               late_until: float | None = None, fit_rows: float | None = None,
                anchor: float = 1.0, queries: tuple[str, ...] = ("repeat", "self-study"), **facts) -> Method:
     """am-facts-omp and the methods built on it: ``_facts`` with each head's other keys chosen by OMP
     (4 keys per step, refit every 2nd), the facts verbatim, the rest fitted around them (box NNLS,
     values anchored to V[S] with AnchoredValues' ``anchor``); ``queries``: repeat + self-study."""
     return Method(_facts(share, until=until, omp=OMP(k_choice=4, refit_interval=2), **facts), BoxNNLS(),
                   AnchoredValues(anchor), queries, verbatim_facts=True, stages=stages,
-                  query_after=query_after, late_until=late_until)
+                  query_after=query_after, late_until=late_until, fit_rows=fit_rows)
 
 
 def _half(**changes) -> Method:
@@ -321,6 +331,7 @@ _FACTORIES = {
     "am-facts-omp-cores-fixed-tails": lambda: _half(cores=True, query_after=0.5, fixed="tails"),
     "am-facts-omp-cores-content": lambda: _half(cores=True, query_after=0.5, content=3),
     "am-facts-omp-cores-loose": lambda: _half(cores=True, query_after=0.5, anchor=0.1),
+    "am-facts-omp-cores-wide": lambda: _half(cores=True, query_after=0.5, anchor=0.1, fit_rows=3.0),
     "am-facts-omp-cores-late": lambda: _half(cores=True, query_after=1.0, anchor=0.1),
     "am-facts-omp-cores-late5": lambda: _half(cores=True, query_after=0.5, anchor=0.1, late_until=5.0),
     "am-facts-omp-cores-onpolicy": lambda: _half(cores=True, query_after=0.5, anchor=0.1, stages=3),

@@ -45,6 +45,9 @@ class HeadProblem:
     # dataclasses.replace keeps them), ``fact_ranks`` names them and ``fact_mask`` gives the bool
     facts: np.ndarray | None = None
     key_scores: np.ndarray | None = None  # [T] importance measured by the engine (KVzip), if any
+    # [n] positive weight of each query row in the beta and value fits (None: all 1); the selection and
+    # the error metrics count every row alike
+    row_weights: np.ndarray | None = None
     backend: str = "numba"
     block: int = 2048
     seed: int = 0
@@ -89,6 +92,11 @@ class HeadProblem:
             self.key_scores = np.asarray(self.key_scores, np.float32)
             if self.key_scores.shape != (T,) or not np.isfinite(self.key_scores).all():
                 raise ValueError(f"key_scores must be [T] finite floats, got shape {self.key_scores.shape}")
+        if self.row_weights is not None:
+            self.row_weights = np.asarray(self.row_weights, np.float64)
+            if self.row_weights.shape != (len(self.queries),) or not (np.isfinite(self.row_weights).all()
+                                                                     and (self.row_weights > 0).all()):
+                raise ValueError(f"row_weights must be [n] finite positive floats, got shape {self.row_weights.shape}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}")
 
@@ -114,6 +122,14 @@ class HeadProblem:
         if self._qs is None:
             self._qs = self.queries * np.float32(self.scale)
         return self._qs
+
+    def weigh(self, *rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Each array's rows (one per query) times sqrt(row weight): a least squares over the
+        weighed rows is the weighted one (the arrays themselves without weights)."""
+        if self.row_weights is None:
+            return rows
+        s = np.sqrt(self.row_weights)
+        return tuple(a * (s if a.ndim == 1 else s[:, None]) for a in rows)
 
     def kvzip_scores(self) -> np.ndarray:
         """The engine-measured key scores as float64, or a clear error if the queries carried none."""

@@ -75,20 +75,28 @@ class QuerySet:
         ``after``: that share of the rows (as far as there are such rows) from the queries asked
         after the document (no anchor in it: self-study, recall probes), the rest from the rows
         that read it (repeat- and context-prefill); None: drawn alike from all rows."""
+        rows = self.subsample_rows(per_kv_head, n_rep, seed, after)
+        return self if len(rows) == self.n_tokens else self.take(rows)
+
+    def subsample_rows(self, per_kv_head: int, n_rep: int, seed: int = 0, after: float | None = None,
+                       among: np.ndarray | None = None) -> np.ndarray:
+        """The rows ``subsample`` takes (ascending indices), drawn from the rows ``among`` (default:
+        every row); all of them when they are no more than the budget."""
         if per_kv_head < 1:
             raise ValueError("per_kv_head must be at least 1")
         if after is not None and not 0 <= after <= 1:
             raise ValueError(f"after must be a share in [0, 1], got {after}")
+        pool = np.arange(self.n_tokens) if among is None else np.asarray(among, np.intp)
         n_rows = math.ceil(per_kv_head / n_rep)
-        if n_rows >= self.n_tokens:
-            return self
+        if n_rows >= len(pool):
+            return pool
         rng = np.random.default_rng(seed)
         if after is None:
-            return self.take(np.sort(rng.choice(self.n_tokens, n_rows, replace=False)))
-        late, reading = np.flatnonzero(self.anchors < 0), np.flatnonzero(self.anchors >= 0)
+            return np.sort(rng.choice(pool, n_rows, replace=False))
+        late, reading = pool[self.anchors[pool] < 0], pool[self.anchors[pool] >= 0]
         n_late = max(min(len(late), int(round(after * n_rows))), n_rows - len(reading))
-        return self.take(np.sort(np.concatenate([rng.choice(late, n_late, replace=False),
-                                                 rng.choice(reading, n_rows - n_late, replace=False)])))
+        return np.sort(np.concatenate([rng.choice(late, n_late, replace=False),
+                                       rng.choice(reading, n_rows - n_late, replace=False)]))
 
     @staticmethod
     def concat(parts: list[QuerySet]) -> QuerySet:

@@ -369,13 +369,13 @@ def test_the_compactor_draws_the_methods_share_of_late_queries(tiny_doc, monkeyp
 
     snap, layout, queries, _ = tiny_doc
     seen = []
-    real = QuerySet.subsample
+    real = QuerySet.subsample_rows
 
-    def spy(self, per_kv_head, n_rep, seed=0, after=None):
+    def spy(self, per_kv_head, n_rep, seed=0, after=None, among=None):
         seen.append(after)
-        return real(self, per_kv_head, n_rep, seed, after)
+        return real(self, per_kv_head, n_rep, seed, after, among)
 
-    monkeypatch.setattr(QuerySet, "subsample", spy)
+    monkeypatch.setattr(QuerySet, "subsample_rows", spy)
     assert get_method("am-facts-omp-balanced").query_after == 0.5
     # the default is cores first (am-facts-omp-cores) on the balanced rows with its values anchored less
     # (AnchoredValues(0.1), not 1.0), every other part alike; am-facts-omp-cores-late5 takes every row
@@ -391,6 +391,48 @@ def test_the_compactor_draws_the_methods_share_of_late_queries(tiny_doc, monkeyp
         Compactor(method=method, ratio=ratio, max_queries_per_head=64).compact(snap, layout.doc_start,
                                                                                 layout.doc_end, queries)
         assert seen.pop() == share
+
+
+def test_a_wide_fit_keeps_the_keys_and_fits_beta_and_values_on_more_rows(tiny_doc):
+    """Method.fit_rows: the keys are chosen on the selection's rows as without it; beta and the
+    values are fitted on those rows and more of the rows the budget left out, never the held-out ones."""
+    from kvlocal.am.metrics import head_errors
+
+    snap, layout, queries, _ = tiny_doc
+    n_head_kv = snap.keys[0].shape[1]
+    base, wide = get_method(DEFAULT_METHOD), get_method("am-facts-omp-cores-wide")
+    assert replace(wide, fit_rows=None, name=base.name) == base and wide.fit_rows == 3.0
+    kw = dict(ratio=6, seed=3, holdout=0.2, max_queries_per_head=64)
+    train, test, refit = Compactor(wide, **kw)._split(queries, n_head_kv)
+    train0, test0, refit0 = Compactor(base, **kw)._split(queries, n_head_kv)
+    assert refit0 is None and train.n_tokens == train0.n_tokens and test.n_tokens == test0.n_tokens
+
+    def rows(qs):  # a row's identity: its position, anchor and first layer's queries
+        il = min(qs.layers)
+        return {(int(p), int(a), qs.layers[il][i].tobytes()) for i, (p, a) in enumerate(zip(qs.positions, qs.anchors))}
+
+    n_rep = queries.layers[min(queries.layers)].shape[1] // n_head_kv
+    assert rows(train) == rows(train0) and rows(test) == rows(test0)
+    assert rows(train) < rows(refit) and not rows(refit) & rows(test)
+    # 64 queries per KV head more on top of the selection's 64 as 2 x 64 more, as far as the rows go
+    assert refit.n_tokens - train.n_tokens == min(-(-128 // n_rep), queries.n_tokens - train.n_tokens - test.n_tokens)
+
+    done = {}
+    for method in (base, wide):
+        _, done[method.name] = Compactor(method, **kw).compact(snap, layout.doc_start, layout.doc_end, queries)
+    a, b = done[base.name].results, done[wide.name].results
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].indices, b[k].indices) for k in a)
+    # on the rows only the wide fit saw, it answers better (the planted error: the narrow fit
+    # would have to do as well on rows it never saw)
+    problem = Compactor()._problems(snap, np.flatnonzero((snap.positions >= layout.doc_start)
+                                                         & (snap.positions < layout.doc_end)), None)
+    only = refit.take(np.flatnonzero([r not in rows(train) for r in
+                                      ((int(p), int(x), refit.layers[min(refit.layers)][i].tobytes())
+                                       for i, (p, x) in enumerate(zip(refit.positions, refit.anchors)))]))
+    err = {name: np.mean([head_errors(problem(li, h, 1, only), res[(0, li, h)])["output_rel_l2"]
+                          for li in range(len(snap.keys)) for h in range(n_head_kv)])
+           for name, res in ((base.name, a), (wide.name, b))}
+    assert err[wide.name] < err[base.name], err
 
 
 def test_compactor_rejects_bad_settings(tiny_doc):
@@ -562,6 +604,53 @@ def test_group_methods_keep_one_set_per_layer_in_the_compactor(tiny_doc):
     model_wide, _ = Compactor("am-spans-model", ratio=4, seed=1).compact(snap, layout.doc_start, layout.doc_end,
                                                                           queries)
     assert len({kept(model_wide, li, h) for li in range(len(snap.keys)) for h in range(info.n_head_kv)}) == 1
+
+
+def test_a_row_weighed_twice_fits_as_that_row_given_twice():
+    """HeadProblem.row_weights: beta (box NNLS) and the values (anchored and plain least squares) fitted
+    with weight 2 on some rows equal the unweighted fits with those rows duplicated.  The gram matrices
+    are summed in float32 in another order (relative error ~1e-6 here); 1e-4 leaves room for another
+    BLAS kernel, and the planted error (the weight on other rows) is 0.08-0.14."""
+    p = random_problem(T=120, n=400, t=15, seed=5)
+    K, V, Q = p.keys, p.values, p.queries
+    dup = HeadProblem(K, V, np.concatenate([Q, Q[:40]]), p.t)
+    idx = HighestAttnKeys().select(p).indices
+
+    def gap(rows):
+        w = np.ones(len(Q))
+        w[rows] = 2.0
+        weighed = HeadProblem(K, V, Q, p.t, row_weights=w)
+        bw, bd = BoxNNLS().fit(weighed, idx)[0], BoxNNLS().fit(dup, idx)[0]
+        out = [np.abs(bw - bd).max() / np.abs(bd).max()]
+        for fitter in (AnchoredValues(0.1), LeastSquaresValues()):
+            cw, cd = fitter.fit(weighed, idx, bd)[0], fitter.fit(dup, idx, bd)[0]
+            out.append(np.abs(cw - cd).max() / np.abs(cd).max())
+        return np.array(out)
+
+    assert (gap(slice(0, 40)) < 1e-4).all()
+    assert (gap(slice(40, 80)) > 1e-2).all()  # planted: the weight on rows that were not duplicated
+    for bad in (np.ones(5), np.zeros(400), np.full(400, np.nan), -np.ones(400)):
+        with pytest.raises(ValueError, match="row_weights"):
+            HeadProblem(K, V, Q, p.t, row_weights=bad)
+
+
+def test_a_wide_fit_keeps_the_share_of_late_rows_the_keys_were_chosen_on(tiny_doc):
+    """The rows a wide fit adds are mostly rows that read the document (the late ones run out
+    first); weighed, the late rows keep the share they had among the selection's rows."""
+    from kvlocal.kv.queryset import QuerySet
+
+    snap, layout, queries, _ = tiny_doc
+    late = np.random.default_rng(0).random(queries.n_tokens) < 0.03  # a few rows asked after the document
+    qs = QuerySet(queries.layers, queries.positions, list(queries.sources),
+                  np.where(late, -1, np.maximum(queries.anchors, 0)).astype(np.int32), queries.key_scores)
+    c = Compactor("am-facts-omp-cores-wide", ratio=6, seed=3, holdout=0.2, max_queries_per_head=64)
+    train, _, refit = c._split(qs, snap.keys[0].shape[1])
+    w = c._balance(refit, train)
+    share, refit_late = np.mean(train.anchors < 0), refit.anchors < 0
+    assert 0.3 < share <= 0.5 and refit_late.mean() < share - 0.1  # balanced selection, late rows ran out
+    assert w.mean() == pytest.approx(1.0) and w[refit_late].sum() / w.sum() == pytest.approx(share)
+    assert c._balance(refit, None) is None
+    assert Compactor("am-facts-omp-half", ratio=6)._balance(refit, train) is None  # rows drawn alike: no weights
 
 
 def test_anchored_values_interpolate_between_least_squares_and_the_original_values():
