@@ -54,6 +54,8 @@ AM_ROWS = {
                                "(self-study-long; not 160 and 768)",
     "am-facts-omp-cores-late": "am-facts-omp-cores-loose fitted on every query row asked after the document (self-study), "
                                "the rest of its rows repeat rows (after=1.0, not 0.5)",
+    "am-facts-omp-cores-looser": "am-facts-omp-cores-loose with the fitted values anchored ten times less again "
+                                 "(lambda = 0.01 trace(X^T X) / t); the same keys and beta",
     "am-facts-omp-cores-wide": "am-facts-omp-cores-loose with beta and the values fitted on 3x the query rows the keys are "
                                "chosen on (the selection's and 8,192 more per KV head, weighed to the selection's share "
                                "of rows asked after the document); the same keys",

@@ -73,6 +73,9 @@
                       facts stay verbatim, so the anchor only holds back the fit): the same keys and beta,
                       a lower held-out attention error, more retention at 10x and 20x on nine articles, as
                       many or more number needles, a lower KL at 10x-20x (bench/results/loose_values*.md)
+    am-facts-omp-cores-looser
+                      am-facts-omp-cores-loose with the fitted values anchored ten times less again
+                      (AnchoredValues(0.01)): the same keys and beta
     am-facts-omp-cores-wide
                       am-facts-omp-cores-loose with beta and the values fitted on 3x the query rows the keys
                       are chosen on (Method.fit_rows: the selection's 4,096 per KV head and 8,192 more drawn
@@ -331,6 +334,7 @@ _FACTORIES = {
     "am-facts-omp-cores-fixed-tails": lambda: _half(cores=True, query_after=0.5, fixed="tails"),
     "am-facts-omp-cores-content": lambda: _half(cores=True, query_after=0.5, content=3),
     "am-facts-omp-cores-loose": lambda: _half(cores=True, query_after=0.5, anchor=0.1),
+    "am-facts-omp-cores-looser": lambda: _half(cores=True, query_after=0.5, anchor=0.01),
     "am-facts-omp-cores-wide": lambda: _half(cores=True, query_after=0.5, anchor=0.1, fit_rows=3.0),
     "am-facts-omp-cores-late": lambda: _half(cores=True, query_after=1.0, anchor=0.1),
     "am-facts-omp-cores-late5": lambda: _half(cores=True, query_after=0.5, anchor=0.1, late_until=5.0),
