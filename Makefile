@@ -128,6 +128,11 @@ bench: setup
 	$(VPY) bench/fixed_facts.py -m "$$($(VPY) -m models.gemma3)" --rows am-facts-omp-cores-loose,am-facts-omp-cores-late \
 		--ratios 5 --sets "grid,held out" --title "Every query asked after the document in the fit (gemma3)" \
 		--out late_queries-gemma3
+	$(VPY) bench/output_error.py --ratios 5,10 --rows am-facts-omp-cores-loose,am-facts-omp-cores-wide --out wide_fit_error
+	$(VPY) bench/output_error.py --ratios 5,10,20 --out anchor_sweep_ratios \
+		--rows am-facts-omp-cores-loose,am-facts-omp-cores-loose@0.03,am-facts-omp-cores-loose@0.01
+	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-loose,am-facts-omp-cores-looser --ratios 10,20 \
+		--title "The fitted values anchored less again" --out looser_values
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,am-facts-fitted:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-niah
