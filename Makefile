@@ -133,6 +133,10 @@ bench: setup
 		--rows am-facts-omp-cores-loose,am-facts-omp-cores-loose@0.03,am-facts-omp-cores-loose@0.01
 	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-loose,am-facts-omp-cores-looser --ratios 10,20 \
 		--title "The fitted values anchored less again" --out looser_values
+	$(VPY) bench/output_error.py --ratios 10,20 --holdout blocks --out anchor_blocks \
+		--rows am-facts-omp-cores-loose,am-facts-omp-cores-looser,am-facts-omp-cores-balanced
+	$(VPY) bench/output_error.py --ratios 10 --holdout blocks --on-policy --out anchor_on_policy \
+		--rows am-facts-omp-cores-loose,am-facts-omp-cores-looser,am-facts-omp-cores-balanced
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.smollm2)" --parts niah --ratios 2,5,10,20 \
 		--methods am-highest:repeat,am-facts:repeat,am-facts-full:repeat,am-facts-half:repeat,am-facts-fitted:repeat,truncate,snapkv:self-study \
 		--out bench/results/facts-niah

@@ -11,6 +11,12 @@ held-out error is measured on the set-aside rows of two kinds:
            what a user's question looks like
   reading  rows of the repeat pass (the document read again), which need verbatim recall
 
+With ``--on-policy`` the held-out rows are also taken again through each row's own compacted cache
+(the same tokens, teacher-forced): a layer's error on the queries it sees once the layers below it
+are compacted, which a fit held close to the original queries may meet worse than it meets those.
+``--holdout blocks`` sets aside whole self-study conversations and a span of the repeat pass
+instead of random rows.
+
 Error: relative L2 of the block's attention output against the full cache's
 (``kvlocal.am.metrics.head_errors``), averaged over a layer's KV heads, then over layers.
 
@@ -55,6 +61,30 @@ def _method(row: str):
     return method if not anchor else replace(method, values=AnchoredValues(float(anchor)), name=row)
 
 
+def on_policy_rows(shifted, test: np.ndarray) -> dict:
+    """The held-out rows of the queries taken through a compacted cache (row i: the same token)."""
+    return {"after": shifted.take(np.flatnonzero(test & (shifted.anchors < 0))),
+            "reading": shifted.take(np.flatnonzero(test & (shifted.anchors >= 0)))}
+
+
+def held_out_blocks(qs, i: int, rng) -> np.ndarray:
+    """The rows set aside as whole blocks: the ``i``-th conversation of the queries asked after the
+    document (modulo their number; a conversation starts where the position falls back) and the repeat
+    rows anchored in one seeded span of a tenth of the document.  Rows next to a held-out row are held
+    out too, so the error says how the fit does on a conversation and a passage it never saw."""
+    late = np.flatnonzero(qs.anchors < 0)
+    starts = np.flatnonzero(np.diff(qs.positions[late]) <= 0) + 1
+    conversations = np.split(late, starts)
+    test = np.zeros(qs.n_tokens, bool)
+    test[conversations[i % len(conversations)]] = True
+    reading = qs.anchors >= 0
+    lo, hi = int(qs.anchors[reading].min()), int(qs.anchors[reading].max()) + 1
+    span = max(1, (hi - lo) // 10)
+    a0 = int(rng.integers(lo, hi - span + 1))
+    test |= reading & (qs.anchors >= a0) & (qs.anchors < a0 + span)
+    return test
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default=None, help="a GGUF (default: SmolLM2-135M-Instruct, installed if needed)")
@@ -62,6 +92,13 @@ def main() -> int:
     ap.add_argument("--ratios", default="5,10,20")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--out", default="output_error")
+    ap.add_argument("--on-policy", action="store_true",
+                    help="also measure every row on its held-out rows taken again through its own compacted cache "
+                         "(repeat-prefill again, self-study replayed teacher-forced): the queries the layers see "
+                         "once the layers below them are compacted")
+    ap.add_argument("--holdout", choices=("rows", "blocks"), default="rows",
+                    help="rows: a seeded tenth of the query rows; blocks: one whole self-study conversation "
+                         "(the i-th of article i, in turn) and a seeded tenth of the document's repeat rows in one span")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "kvlocal" / "eval"),
                     help="the grid's cache (only the articles' cut is read or written)")
     args = ap.parse_args()
@@ -71,6 +108,7 @@ def main() -> int:
 
     from kvlocal.am import Compactor
     from kvlocal.am.metrics import head_errors
+    from kvlocal.engine.queries import collect_queries
     from kvlocal.engine import binding
     from kvlocal.evaluation.harness import EvalConfig, Evaluator
     from models.smollm2 import ensure as ensure_model
@@ -89,8 +127,11 @@ def main() -> int:
         lengths[key] = hi - lo
         n_layers, n_head_kv = len(snap.keys), snap.keys[0].shape[1]
         qs = doc.queries(("repeat", "self-study"))
-        test = np.zeros(qs.n_tokens, bool)
-        test[np.random.default_rng(cfg.seed + 99).choice(qs.n_tokens, qs.n_tokens // 10, replace=False)] = True
+        if args.holdout == "rows":
+            test = np.zeros(qs.n_tokens, bool)
+            test[np.random.default_rng(cfg.seed + 99).choice(qs.n_tokens, qs.n_tokens // 10, replace=False)] = True
+        else:
+            test = held_out_blocks(qs, len(lengths) - 1, np.random.default_rng(cfg.seed + 99))
         train = qs.take(np.flatnonzero(~test))
         kinds = {"after": qs.take(np.flatnonzero(test & (qs.anchors < 0))),
                  "reading": qs.take(np.flatnonzero(test & (qs.anchors >= 0)))}
@@ -108,16 +149,24 @@ def main() -> int:
             for r in ratios:
                 c = Compactor(method, ratio=r, seed=cfg.seed, max_queries_per_head=cfg.max_queries)
                 q = own.get(name, train) if method.needs_queries else None
-                _, rep = c.compact(snap, lo, hi, q, facts=ranks)
+                cache, rep = c.compact(snap, lo, hi, q, facts=ranks)
                 fit_s.setdefault((name, r), []).append(rep.seconds)
-                for kind in kinds:
-                    e = np.array([[head_errors(refs[kind][li][h], rep.results[(0, li, h)])["output_rel_l2"]
+                refs_now = refs
+                if args.on_policy:  # the held-out rows again, teacher-forced through the compacted cache
+                    s.inject(cache, snap)
+                    shifted = collect_queries(s, doc.layout, ("repeat", "self-study"), replay=qs)
+                    doc.restore()
+                    refs_now = {**refs, **{f"{kind}, on-policy": [[problem(li, h, 1, kq) for h in range(n_head_kv)]
+                                                                   for li in range(n_layers)]
+                                           for kind, kq in on_policy_rows(shifted, test).items()}}
+                for kind in refs_now:
+                    e = np.array([[head_errors(refs_now[kind][li][h], rep.results[(0, li, h)])["output_rel_l2"]
                                    for h in range(n_head_kv)] for li in range(n_layers)]).mean(axis=1)
                     errs.setdefault((name, r, kind), []).append(float(e.mean()))
                     acc = layer_errs.setdefault((name, r, kind), np.zeros(n_layers))
                     acc += e
-                print(f"{key} {name} {r}x: after {errs[(name, r, 'after')][-1]:.3f}, "
-                      f"reading {errs[(name, r, 'reading')][-1]:.3f}", flush=True)
+                print(f"{key} {name} {r}x: " + ", ".join(f"{kind} {errs[(name, r, kind)][-1]:.3f}" for kind in refs_now),
+                      flush=True)
         layer_ids = snap.layer_ids
         doc.close()
 
@@ -131,19 +180,32 @@ def main() -> int:
         "",
         f"{model.path.stem}; QuALITY articles {', '.join(map(str, articles))} as the evaluation grid cuts them "
         f"(document tokens {', '.join(f'{k[7:]}: {v:,}' for k, v in lengths.items())}); compacted layers "
-        f"{layers}. A tenth of each article's repeat + self-study query tokens set "
-        f"aside before any row sees them (after-document rows per article: "
+        f"{layers}. "
+        + ("A tenth of each article's repeat + self-study query tokens set aside before any row sees them"
+           if args.holdout == "rows" else
+           "Set aside before any row sees them, per article: one whole self-study conversation (article i's "
+           "i-th of 4, in turn: summary, key facts, JSON, questions and answers) and the repeat rows of one "
+           "seeded span of a tenth of the document")
+        + " (after-document rows per article: "
         f"{', '.join(str(v['after']) for v in n_test.values())}; reading rows: "
         f"{', '.join(str(v['reading']) for v in n_test.values())}); AM rows fit on the rest, at most "
         f"{cfg.max_queries} per KV head; H2O ranks by the context-prefill queries, SnapKV by the self-study "
         "queries, truncation by position. Error: relative L2 of the compacted block's attention output, mean "
-        "over KV heads and layers, then over articles (lower is better).",
+        "over KV heads and layers, then over articles (lower is better)."
+        + (" On-policy: the same held-out rows (the same tokens) taken again through the row's own compacted "
+           "cache (repeat-prefill again, self-study replayed teacher-forced), each layer's compacted block "
+           "against the full cache's for those queries: the queries a layer sees once the layers below it are "
+           "compacted." if args.on_policy else ""),
         "",
     ]
     if any("@" in name for name in rows):
         lines += [ANCHOR_LEGEND, ""]
-    for kind, title in (("after", "Queries asked after the document (self-study)"),
-                        ("reading", "Queries reading the document again (repeat)")):
+    tables = [("after", "Queries asked after the document (self-study)"),
+              ("reading", "Queries reading the document again (repeat)")]
+    if args.on_policy:
+        tables += [("after, on-policy", "Queries asked after the document, taken through the compacted cache"),
+                   ("reading, on-policy", "Queries reading the document again, taken through the compacted cache")]
+    for kind, title in tables:
         lines += [f"## {title}", "", "| row | " + " | ".join(f"{r}x" for r in ratios) + " |",
                   "|---|" + "---|" * len(ratios)]
         for name in rows:

@@ -75,11 +75,13 @@
                       many or more number needles, a lower KL at 10x-20x (bench/results/loose_values*.md)
     am-facts-omp-cores-looser
                       am-facts-omp-cores-loose with the fitted values anchored ten times less again
-                      (AnchoredValues(0.01)): the same keys and beta
+                      (AnchoredValues(0.01)): the same keys and beta; a lower held-out attention error, less
+                      retention at 10x and 20x (bench/results/looser_values.md); not adopted
     am-facts-omp-cores-wide
                       am-facts-omp-cores-loose with beta and the values fitted on 3x the query rows the keys
-                      are chosen on (Method.fit_rows: the selection's 4,096 per KV head and 8,192 more drawn
-                      alike, as far as the queries go); the same keys
+                      are chosen on (Method.fit_rows: the selection's 4,096 per KV head and 8,192 more, as far
+                      as the queries go, weighed to the selection's share of rows asked after the document): the
+                      same keys, a held-out attention error 1-3 % lower for 41-66 % more fit time; not adopted
     am-facts-omp-cores-late
                       am-facts-omp-cores-loose fitted on every query row asked after the document (all of
                       self-study's, as far as the 4,096 per KV head go), the rest repeat rows (after=1.0):
@@ -160,7 +162,8 @@ class Method:
     #                                   document (QuerySet.subsample); None: drawn alike from every row
     late_until: float | None = None  # at ratios up to this, every query row asked after the document (share 1.0)
     fit_rows: float | None = None  # beta and values fitted on this many times the selection's query rows (its own
-    #                                and more drawn alike), when the queries hold more; None: on the selection's
+    #                                and more, weighed to its share of late rows: Compactor._balance), when the
+    #                                queries hold more; None: on the selection's
 
     def after_share(self, ratio: float) -> float | None:
         """The share of the fit's query rows drawn from the queries asked after the document at ``ratio``."""

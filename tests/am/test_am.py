@@ -402,6 +402,8 @@ def test_a_wide_fit_keeps_the_keys_and_fits_beta_and_values_on_more_rows(tiny_do
     n_head_kv = snap.keys[0].shape[1]
     base, wide = get_method(DEFAULT_METHOD), get_method("am-facts-omp-cores-wide")
     assert replace(wide, fit_rows=None, name=base.name) == base and wide.fit_rows == 3.0
+    looser = get_method("am-facts-omp-cores-looser")  # the default with its values anchored by 0.01, not 0.1
+    assert replace(looser, values=base.values, name=base.name) == base and looser.values.rel == 0.01
     kw = dict(ratio=6, seed=3, holdout=0.2, max_queries_per_head=64)
     train, test, refit = Compactor(wide, **kw)._split(queries, n_head_kv)
     train0, test0, refit0 = Compactor(base, **kw)._split(queries, n_head_kv)
