@@ -14,6 +14,10 @@ and cells (cells already cached by bench/after_document.py are reused): retentio
 QuALITY articles (8, 1, 2) and the two held-out sets (0, 7, 5 and 3, 4, 6), number needles and
 next-token KL on the grid's needle stories (0, 1) and the held-out ones (5, 9, needle seed 7).
 
+Every AM row after the first is also compared with the first article by article (on how many
+QuALITY articles its answers' mean NLL is lower or higher): a mean over nine articles moves by a
+few thousandths with one article, a row better on most of them is better by more than that.
+
     python bench/fixed_facts.py [-m GGUF] [--ratios 5] [--sets grid,held out,second,needles] [--out fixed_facts]
                                 [--rows AM rows] [--title TITLE]
 
@@ -104,11 +108,11 @@ def main() -> int:
     if not chosen or not set(chosen) <= set(sets):
         ap.error(f"--sets are among {', '.join(sets)}, not {args.sets!r}")
     sets = {k: v for k, v in sets.items() if k in chosen}
-    got = {}
+    got, evs = {}, {}
     for name, (cfg, parts, cache) in sets.items():
         ev = Evaluator(model, cfg, cache, progress=False)
         ev.run(parts)
-        got[name] = collect(ev)["rows"]
+        got[name], evs[name] = collect(ev)["rows"], ev
         print(f"{name} done, {time.perf_counter() - t0:.0f} s", flush=True)
     n = grid.needles * len(grid.haystack_stories)
     columns = (("grid", "R", "R, articles " + ", ".join(map(str, GRID_ARTICLES))),
@@ -150,8 +154,44 @@ def main() -> int:
                              else f"{v:.1f}" if key == "time_vs_ingest" else f"{v:.3f}")
             cells.append("–" if None in rs else f"{sum(rs) / 3:.3f}")
             lines.append(f"| {label(m, q)} | " + " | ".join(cells) + " |")
+    lines += paired_lines([m for m, _, _ in ROWS[: len(ROWS) - len(BASELINES)]], ratios,
+                          [ev for name, ev in evs.items() if name != "needles"])
     write_report(args.out, lines)
     return 0
+
+
+def paired_lines(am_rows: list[str], ratios, evs) -> list[str]:
+    """Each AM row against the first, article by article: on how many QuALITY articles its answers'
+    mean NLL is lower (better), higher or equal.  A mean R over nine articles moves by a few
+    thousandths with one article; a row better on most articles is better by more than that."""
+    import numpy as np
+
+    from kvlocal.evaluation.harness import cell_id
+
+    if len(am_rows) < 2 or not evs:
+        return []
+
+    def nll(ev, key, method, ratio):
+        cell = ev.cache.get(key, cell_id(method, tuple(get_queries(method)), ratio))
+        return None if cell is None or "nll" not in cell else float(np.mean(cell["nll"]))
+
+    first = am_rows[0]
+    out = ["", f"## Article by article against {first}", "",
+           "Answers' mean NLL per QuALITY article (every article of the sets run), the row against "
+           f"{first}: on how many articles lower (better), higher, equal to 4 decimals.", "",
+           "| row | ratio | lower | higher | equal |", "|---|---|---|---|---|"]
+    for m in am_rows[1:]:
+        for r in ratios:
+            d = [round(b - a, 4) for ev in evs for key in ev.document_keys()[0]
+                 if (a := nll(ev, key, first, r)) is not None and (b := nll(ev, key, m, r)) is not None]
+            out.append(f"| {m} | {r}x | {sum(x < 0 for x in d)} | {sum(x > 0 for x in d)} | {sum(x == 0 for x in d)} |")
+    return out
+
+
+def get_queries(method: str) -> tuple[str, ...]:
+    from kvlocal.am.methods import get_method
+
+    return get_method(method).queries
 
 
 if __name__ == "__main__":
