@@ -167,8 +167,14 @@ def plan_chunks(n_prefix: int, n_doc: int, n_suffix: int, n_ctx: int, ratio: flo
     need_ratio = _smallest(lambda r: fewest(n_ctx, r) is not None, ratio, float(n_doc))
     need_ctx = _smallest(lambda c: fewest(int(c), ratio) is not None, n_ctx,
                          float(n_prefix + n_doc + n_suffix + source_room(sources, n_doc, turn) + 1))
-    hint = [f"a ratio of at least {math.ceil(need_ratio * 10) / 10:g}" if need_ratio is not None else None,
-            f"a context of at least {math.ceil(need_ctx)} cells" if need_ctx is not None else None]
+    # the hint names a value that works: what fits is not monotone in the ratio (chunk counts and keys
+    # per chunk are whole numbers), so the rounded value is checked, and the next ones tried
+    if need_ratio is not None:
+        need_ratio = _nice(lambda r: fewest(n_ctx, r) is not None, need_ratio, 10)
+    if need_ctx is not None:
+        need_ctx = _nice(lambda c: fewest(int(c), ratio) is not None, need_ctx, 1)
+    hint = [f"a ratio of at least {_exact(need_ratio)}" if need_ratio is not None else None,
+            f"a context of at least {int(need_ctx)} cells" if need_ctx is not None else None]
     raise DocumentError(f"a {n_doc}-token document does not fit a {n_ctx}-cell context at ratio {ratio:g} "
                         f"(the compacted chunks, the next chunk and its query passes "
                         f"({', '.join(sources) or 'none'}) must fit together); use "
@@ -195,6 +201,22 @@ def _fewest(n_prefix, n_doc, n_suffix, n_ctx, ratio, sources, recent_window, fac
         p = attempt(mid)
         lo, hi, plan = (lo, mid, p) if p is not None else (mid, hi, plan)
     return plan
+
+
+def _nice(ok, x: float, per_unit: int, tries: int = 200) -> float:
+    """``x`` (for which ``ok`` holds) rounded up to 1 / ``per_unit``, or the next such value up for
+    which ``ok`` holds; ``x`` itself if none of ``tries`` does."""
+    k = math.ceil(x * per_unit - 1e-9)
+    for i in range(tries):
+        v = (k + i) / per_unit
+        if ok(v):
+            return v
+    return x
+
+
+def _exact(x: float) -> str:
+    """``x`` written short, unless only its full spelling reads back as the same number."""
+    return f"{x:g}" if float(f"{x:g}") == x else repr(x)
 
 
 def _smallest(ok, lo: float, hi: float) -> float | None:

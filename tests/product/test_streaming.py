@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import TEXT
@@ -392,6 +392,8 @@ def test_every_query_source_has_its_room_planned():
        sources=st.sampled_from([(), ("repeat",), ("repeat", "self-study"), ("self-study",),
                                 ("repeat", "self-study-long")]),
        window=st.integers(0, 300), fact_seed=st.one_of(st.none(), st.integers(0, 2 ** 16)))
+# what fits is not monotone in the ratio: 63.26 fits here, 63.3 did not, and the refusal once named 63.3
+@example(n_doc=11540, n_ctx=256, ratio=45.6875, sources=(), window=0, fact_seed=1)
 def test_any_plan_fits_and_is_the_fewest_or_the_refusal_helps(n_doc, n_ctx, ratio, sources, window, fact_seed):
     facts = None
     if fact_seed is not None:  # facts in clusters, as number sentences come
