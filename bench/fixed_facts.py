@@ -154,44 +154,38 @@ def main() -> int:
                              else f"{v:.1f}" if key == "time_vs_ingest" else f"{v:.3f}")
             cells.append("–" if None in rs else f"{sum(rs) / 3:.3f}")
             lines.append(f"| {label(m, q)} | " + " | ".join(cells) + " |")
-    lines += paired_lines([m for m, _, _ in ROWS[: len(ROWS) - len(BASELINES)]], ratios,
+    lines += paired_lines([(m, q) for m, q, _ in ROWS[: len(ROWS) - len(BASELINES)]], ratios,
                           [ev for name, ev in evs.items() if name != "needles"])
     write_report(args.out, lines)
     return 0
 
 
-def paired_lines(am_rows: list[str], ratios, evs) -> list[str]:
-    """Each AM row against the first, article by article: on how many QuALITY articles its answers'
-    mean NLL is lower (better), higher or equal.  A mean R over nine articles moves by a few
-    thousandths with one article; a row better on most articles is better by more than that."""
-    import numpy as np
-
+def paired_lines(am_rows: list[tuple[str, tuple]], ratios, evs) -> list[str]:
+    """Each AM row (method, query sources) against the first, article by article: on how many
+    QuALITY articles its answers' mean NLL is lower (better), higher or equal.  A mean R over nine
+    articles moves by a few thousandths with one article; a row better on most articles is better
+    by more than that."""
     from kvlocal.evaluation.harness import cell_id
 
     if len(am_rows) < 2 or not evs:
         return []
 
-    def nll(ev, key, method, ratio):
-        cell = ev.cache.get(key, cell_id(method, tuple(get_queries(method)), ratio))
-        return None if cell is None or "nll" not in cell else float(np.mean(cell["nll"]))
+    def nll(ev, key, row, ratio):
+        cell = ev.cache.get(key, cell_id(row[0], tuple(row[1]), ratio))
+        return None if cell is None or "nll" not in cell else sum(cell["nll"]) / len(cell["nll"])
 
     first = am_rows[0]
-    out = ["", f"## Article by article against {first}", "",
+    out = ["", f"## Article by article against {first[0]}", "",
            "Answers' mean NLL per QuALITY article (every article of the sets run), the row against "
-           f"{first}: on how many articles lower (better), higher, equal to 4 decimals.", "",
+           f"{first[0]}: on how many articles lower (better), higher, equal to 4 decimals.", "",
            "| row | ratio | lower | higher | equal |", "|---|---|---|---|---|"]
-    for m in am_rows[1:]:
+    for row in am_rows[1:]:
         for r in ratios:
             d = [round(b - a, 4) for ev in evs for key in ev.document_keys()[0]
-                 if (a := nll(ev, key, first, r)) is not None and (b := nll(ev, key, m, r)) is not None]
-            out.append(f"| {m} | {r}x | {sum(x < 0 for x in d)} | {sum(x > 0 for x in d)} | {sum(x == 0 for x in d)} |")
+                 if (a := nll(ev, key, first, r)) is not None and (b := nll(ev, key, row, r)) is not None]
+            out.append(f"| {row[0]} | {r}x | {sum(x < 0 for x in d)} | {sum(x > 0 for x in d)} | "
+                       f"{sum(x == 0 for x in d)} |")
     return out
-
-
-def get_queries(method: str) -> tuple[str, ...]:
-    from kvlocal.am.methods import get_method
-
-    return get_method(method).queries
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def main() -> int:
     layer_errs: dict = {}  # (row, ratio, kind) -> per layer, summed over articles
     lengths, n_test = {}, {}
     fit_s: dict = {}  # (row, ratio) -> seconds of each article's compaction (selection and fit)
-    for key, art in ev.articles():
+    for i_article, (key, art) in enumerate(ev.articles()):
         doc = ev._open(art.text)
         s, snap, lo, hi = doc.session, doc.snapshot, doc.layout.doc_start, doc.layout.doc_end
         lengths[key] = hi - lo
@@ -131,7 +131,7 @@ def main() -> int:
             test = np.zeros(qs.n_tokens, bool)
             test[np.random.default_rng(cfg.seed + 99).choice(qs.n_tokens, qs.n_tokens // 10, replace=False)] = True
         else:
-            test = held_out_blocks(qs, len(lengths) - 1, np.random.default_rng(cfg.seed + 99))
+            test = held_out_blocks(qs, i_article, np.random.default_rng(cfg.seed + 99))
         train = qs.take(np.flatnonzero(~test))
         kinds = {"after": qs.take(np.flatnonzero(test & (qs.anchors < 0))),
                  "reading": qs.take(np.flatnonzero(test & (qs.anchors >= 0)))}

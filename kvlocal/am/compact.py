@@ -386,17 +386,14 @@ class Compactor:
                 rest = np.setdiff1d(np.arange(queries.n_tokens), rows, assume_unique=True)
                 n_more = int(round((more - 1) * self.max_queries_per_head))
                 extra = queries.subsample_rows(max(n_more, 1), n_rep, self.seed + 2, after=after, among=rest)
-        if self.holdout:
-            rng = np.random.default_rng(self.seed + 1)
-            n_test = int(round(self.holdout * len(rows)))
-            if 1 <= n_test < len(rows):
-                test = np.zeros(len(rows), bool)
-                test[rng.choice(len(rows), n_test, replace=False)] = True
-                train_rows = rows[~test]
-                refit = queries.take(np.sort(np.concatenate([train_rows, extra]))) if len(extra) else None
-                return queries.take(train_rows), queries.take(rows[test]), refit
+        test = None
+        n_test = int(round(self.holdout * len(rows)))
+        if self.holdout and 1 <= n_test < len(rows):
+            held = np.zeros(len(rows), bool)
+            held[np.random.default_rng(self.seed + 1).choice(len(rows), n_test, replace=False)] = True
+            rows, test = rows[~held], queries.take(rows[held])
         train = queries if len(rows) == queries.n_tokens else queries.take(rows)
-        return train, None, queries.take(np.sort(np.concatenate([rows, extra]))) if len(extra) else None
+        return train, test, queries.take(np.sort(np.concatenate([rows, extra]))) if len(extra) else None
 
     def _balance(self, qs: QuerySet | None, chosen_on: QuerySet | None) -> np.ndarray | None:
         """Per token row of ``qs``: the weight that gives its rows asked after the document the share

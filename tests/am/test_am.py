@@ -409,9 +409,12 @@ def test_a_wide_fit_keeps_the_keys_and_fits_beta_and_values_on_more_rows(tiny_do
     train0, test0, refit0 = Compactor(base, **kw)._split(queries, n_head_kv)
     assert refit0 is None and train.n_tokens == train0.n_tokens and test.n_tokens == test0.n_tokens
 
-    def rows(qs):  # a row's identity: its position, anchor and first layer's queries
+    def row_ids(qs):  # each row's identity: its position, anchor and first layer's queries
         il = min(qs.layers)
-        return {(int(p), int(a), qs.layers[il][i].tobytes()) for i, (p, a) in enumerate(zip(qs.positions, qs.anchors))}
+        return [(int(p), int(a), qs.layers[il][i].tobytes()) for i, (p, a) in enumerate(zip(qs.positions, qs.anchors))]
+
+    def rows(qs):
+        return set(row_ids(qs))
 
     n_rep = queries.layers[min(queries.layers)].shape[1] // n_head_kv
     assert rows(train) == rows(train0) and rows(test) == rows(test0)
@@ -428,9 +431,8 @@ def test_a_wide_fit_keeps_the_keys_and_fits_beta_and_values_on_more_rows(tiny_do
     # would have to do as well on rows it never saw)
     problem = Compactor()._problems(snap, np.flatnonzero((snap.positions >= layout.doc_start)
                                                          & (snap.positions < layout.doc_end)), None)
-    only = refit.take(np.flatnonzero([r not in rows(train) for r in
-                                      ((int(p), int(x), refit.layers[min(refit.layers)][i].tobytes())
-                                       for i, (p, x) in enumerate(zip(refit.positions, refit.anchors)))]))
+    seen = rows(train)
+    only = refit.take([i for i, r in enumerate(row_ids(refit)) if r not in seen])
     err = {name: np.mean([head_errors(problem(li, h, 1, only), res[(0, li, h)])["output_rel_l2"]
                           for li in range(len(snap.keys)) for h in range(n_head_kv)])
            for name, res in ((base.name, a), (wide.name, b))}
