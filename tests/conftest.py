@@ -1,11 +1,12 @@
-"""Shared fixtures: tiny random GGUF models (generated per session) and SmolLM2."""
+"""Shared fixtures: tiny random GGUF models (generated per session), SmolLM2, and the optional
+Qwen2.5-Coder-0.5B (its tests skip where it is not provisioned)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from models import smollm2, tiny
+from models import qwen25, smollm2, tiny
 
 TINY_VARIANTS = list(tiny.VARIANTS)  # llama-gqa, llama-mqa, qwen2, qwen3, gemma3
 # "smollm2": the real Q4_1 file with an F16 KV cache (what users run);
@@ -14,7 +15,9 @@ TINY_VARIANTS = list(tiny.VARIANTS)  # llama-gqa, llama-mqa, qwen2, qwen3, gemma
 # against an F16 cache, so on a 30-layer model a 1e-7 difference in summation order can move
 # the logits by 1e-3 (F16 rounding flips) to 0.5 (an int8 flip).  Identities that hold up to
 # float rounding are therefore checked on smollm2-f32, identities that hold bit for bit on both.
-ALL_MODELS = TINY_VARIANTS + ["smollm2", "smollm2-f32"]
+# "qwen25": a real qwen2 model (Q4_K_M, 7 query heads per KV head), optional: never installed by
+# `make test`; its variants of the bit-identical tests run where `python -m models.qwen25` was run.
+ALL_MODELS = TINY_VARIANTS + ["smollm2", "smollm2-f32", "qwen25"]
 SMOOTH_MODELS = TINY_VARIANTS + ["smollm2-f32"]
 
 TEXT = (
@@ -43,7 +46,7 @@ _MODELS: dict = {}
 
 @pytest.fixture(scope="session")
 def load_model(tiny_dir, request):
-    """load_model(name) -> binding.Model, cached for the session (tiny variants or "smollm2")."""
+    """load_model(name) -> binding.Model, cached for the session (tiny variants, "smollm2", "qwen25")."""
     from kvlocal.engine import binding
 
     def load(name: str):
@@ -53,6 +56,10 @@ def load_model(tiny_dir, request):
             elif name == "smollm2-f32":
                 request.getfixturevalue("smollm2_path")
                 path = smollm2.ensure_f32()
+            elif name == "qwen25":
+                if qwen25.MODEL.locate() is None:
+                    pytest.skip("optional model Qwen2.5-Coder-0.5B not provisioned (python -m models.qwen25)")
+                path = qwen25.MODEL.ensure()  # checks the hash
             else:
                 path = tiny.ensure_tiny(tiny_dir, name)
             _MODELS[name] = binding.Model(path)

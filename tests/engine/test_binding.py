@@ -69,6 +69,7 @@ def test_corrupt_model_file(tmp_path):
     ("qwen3", "qwen3", 4, 2, 16),
     ("gemma3", "gemma3", 4, 1, 16),
     ("smollm2", "llama", 9, 3, 64),
+    ("qwen25", "qwen2", 14, 2, 64),
 ])
 def test_model_metadata(load_model, name, arch, n_head, n_head_kv, head_dim):
     m = load_model(name)

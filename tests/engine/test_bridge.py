@@ -62,7 +62,7 @@ class WithSoftmax(QueryCapture):
             super().sink(name, op, arr)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2", "qwen3", "gemma3", "smollm2"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa", "qwen2", "qwen3", "gemma3", "smollm2", "qwen25"])
 def test_captured_queries_reproduce_the_engine_attention(load_model, name):
     with open_session(load_model, name, capture=True) as s:
         info = s.info
