@@ -129,6 +129,8 @@ bench: setup
 		--ratios 5 --sets "grid,held out" --title "Every query asked after the document in the fit (gemma3)" \
 		--out late_queries-gemma3
 	$(VPY) bench/output_error.py --ratios 5,10 --rows am-facts-omp-cores-loose,am-facts-omp-cores-wide --out wide_fit_error
+	$(VPY) bench/fixed_facts.py -m "$$($(VPY) -m models.qwen25)" --rows am-facts-omp-cores-loose --ratios 5,10,20 --sets grid \
+		--title "Qwen2.5-Coder-0.5B: the default beside the baselines" --out qwen25_grid
 	$(VPY) bench/output_error.py --ratios 5,10,20 --out anchor_sweep_ratios \
 		--rows am-facts-omp-cores-loose,am-facts-omp-cores-loose@0.03,am-facts-omp-cores-loose@0.01
 	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-loose,am-facts-omp-cores-looser --ratios 10,20 \

@@ -94,6 +94,13 @@
     am-facts-omp-cores-onpolicy
                       am-facts-omp-cores-loose with on-policy queries in 3 stages of layers (below): the
                       same query tokens (self-study's sampled ones replayed) through the compacted stages
+    am-facts-omp-cores-quarter
+                      am-facts-omp-cores-loose with the facts at most a quarter of each head's budget, not half
+    am-facts-omp-cores-nobeta
+                      am-facts-omp-cores-loose with beta 0 on every key (the values still fitted): what the
+                      fitted beta adds on a model whose KV heads serve 7 query heads (Qwen2.5-0.5B)
+    am-facts-omp-cores-kept
+                      am-facts-omp-cores-loose's keys as they are (beta 0, C_v = V[S]): the selection alone
     am-facts-omp-cores-long
                       am-facts-omp-cores-loose on repeat + self-study-long queries: self-study answers
                       up to 512 tokens, 2,048 in all (not 160 and 768)
@@ -292,12 +299,15 @@ def _facts(share: float = 1.0, window: int | None = None, until: float | None = 
 
 def _facts_omp(share: float = 1.0, until: float = 5.0, stages: int = 1, query_after: float | None = None,
                late_until: float | None = None, fit_rows: float | None = None,
-               anchor: float = 1.0, queries: tuple[str, ...] = ("repeat", "self-study"), **facts) -> Method:
+               anchor: float = 1.0, queries: tuple[str, ...] = ("repeat", "self-study"),
+               beta: object | None = None, values: ValueFitter | None = None, **facts) -> Method:
     """am-facts-omp and the methods built on it: ``_facts`` with each head's other keys chosen by OMP
     (4 keys per step, refit every 2nd), the facts verbatim, the rest fitted around them (box NNLS,
-    values anchored to V[S] with AnchoredValues' ``anchor``); ``queries``: repeat + self-study."""
-    return Method(_facts(share, until=until, omp=OMP(k_choice=4, refit_interval=2), **facts), BoxNNLS(),
-                  AnchoredValues(anchor), queries, verbatim_facts=True, stages=stages,
+    values anchored to V[S] with AnchoredValues' ``anchor``; ``beta`` / ``values``: other fitters);
+    ``queries``: repeat + self-study."""
+    return Method(_facts(share, until=until, omp=OMP(k_choice=4, refit_interval=2), **facts),
+                  BoxNNLS() if beta is None else beta,
+                  AnchoredValues(anchor) if values is None else values, queries, verbatim_facts=True, stages=stages,
                   query_after=query_after, late_until=late_until, fit_rows=fit_rows)
 
 
@@ -339,6 +349,9 @@ _FACTORIES = {
     "am-facts-omp-cores-loose": lambda: _half(cores=True, query_after=0.5, anchor=0.1),
     "am-facts-omp-cores-looser": lambda: _half(cores=True, query_after=0.5, anchor=0.01),
     "am-facts-omp-cores-wide": lambda: _half(cores=True, query_after=0.5, anchor=0.1, fit_rows=3.0),
+    "am-facts-omp-cores-quarter": lambda: _half(cores=True, query_after=0.5, anchor=0.1, share=0.25),
+    "am-facts-omp-cores-nobeta": lambda: _half(cores=True, query_after=0.5, anchor=0.1, beta=ZeroBeta()),
+    "am-facts-omp-cores-kept": lambda: _half(cores=True, query_after=0.5, beta=ZeroBeta(), values=DirectValues()),
     "am-facts-omp-cores-late": lambda: _half(cores=True, query_after=1.0, anchor=0.1),
     "am-facts-omp-cores-late5": lambda: _half(cores=True, query_after=0.5, anchor=0.1, late_until=5.0),
     "am-facts-omp-cores-onpolicy": lambda: _half(cores=True, query_after=0.5, anchor=0.1, stages=3),

@@ -677,3 +677,24 @@ def test_anchored_values_interpolate_between_least_squares_and_the_original_valu
     with pytest.raises(ValueError):
         AnchoredValues(rel=-1.0)
     assert AnchoredValues().fit(p, idx[:0], beta[:0])[0].shape == (0, p.d)
+
+
+def test_the_default_without_beta_keeps_its_keys_and_fits_only_what_it_says(tiny_doc):
+    """am-facts-omp-cores-nobeta and -kept choose the default's keys; -nobeta fits the values with
+    beta 0, -kept keeps the keys' own values (the selection alone)."""
+    snap, layout, queries, _ = tiny_doc
+    kw = dict(ratio=6, seed=3, max_queries_per_head=64)
+    done = {name: Compactor(name, **kw).compact(snap, layout.doc_start, layout.doc_end, queries)[1].results
+            for name in (DEFAULT_METHOD, "am-facts-omp-cores-nobeta", "am-facts-omp-cores-kept")}
+    base, nobeta, kept = done.values()
+    assert base.keys() == nobeta.keys() == kept.keys()
+    fitted_beta = fitted_values = False
+    for k, res in base.items():
+        li, h = k[1], k[2]
+        assert np.array_equal(res.indices, nobeta[k].indices) and np.array_equal(res.indices, kept[k].indices)
+        assert not nobeta[k].beta.any() and not kept[k].beta.any()
+        doc_keys = snap.values[li][layout.doc_start:layout.doc_end, h]
+        assert np.array_equal(kept[k].values, doc_keys[res.indices].astype(np.float32))
+        fitted_beta |= bool(res.beta.any())
+        fitted_values |= not np.allclose(nobeta[k].values, kept[k].values)
+    assert fitted_beta and fitted_values  # the default fits a beta, -nobeta still fits the values
