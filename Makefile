@@ -40,6 +40,10 @@ test: setup
 # the second evaluation model (optional, never needed by `make test`): gemma3-270m, a base model
 GEMMA3_METHODS := am-facts-omp-half:repeat+self-study,am-facts-omp-whole:repeat+self-study,am-facts-omp-names:repeat+self-study,am-facts-omp:repeat+self-study,am-facts:repeat,am-highest:repeat,am-highest:repeat+self-study,am-omp-fast:repeat,truncate,streaming-llm,h2o:context,snapkv:self-study,kvzip:kvzip,kvzip-uniform:kvzip
 
+# the third evaluation model (optional, never needed by `make test`): Qwen2.5-Coder-0.5B, 7 query heads per KV head
+QWEN25_METHODS := am-facts-omp-cores-loose:repeat+self-study,am-facts-omp-cores-loose:context,am-facts-omp-cores-quarter:repeat+self-study,am-facts-omp-cores-quarter:context,am-facts-omp-cores-quarter:context+repeat+self-study,am-omp-fast:repeat+self-study,am-highest-anchored:context,h2o:context,snapkv:self-study,truncate
+QWEN25_DIAGNOSIS := am-facts-omp-cores-loose:repeat+self-study,am-facts-omp-cores-balanced:repeat+self-study,am-facts-omp-cores-loose:context+repeat+self-study,am-facts-omp-cores-nobeta:repeat+self-study,am-facts-omp-cores-kept:repeat+self-study,h2o:context,snapkv:self-study,truncate
+
 bench: setup
 	$(PIP) install -q -e '.[bench]'
 	$(VPY) bench/bias_overhead.py
@@ -131,6 +135,10 @@ bench: setup
 	$(VPY) bench/output_error.py --ratios 5,10 --rows am-facts-omp-cores-loose,am-facts-omp-cores-wide --out wide_fit_error
 	$(VPY) bench/fixed_facts.py -m "$$($(VPY) -m models.qwen25)" --rows am-facts-omp-cores-loose --ratios 5,10,20 --sets grid \
 		--title "Qwen2.5-Coder-0.5B: the default beside the baselines" --out qwen25_grid
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.qwen25)" --parts quality,niah --articles 8,1,2 --ratios 5,10,20 \
+		--methods $(QWEN25_METHODS) --out bench/results/qwen25 --notes bench/notes/eval-qwen25.md
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.qwen25)" --parts quality --articles 8,1,2 --ratios 5,10,20 \
+		--methods $(QWEN25_DIAGNOSIS) --out bench/results/qwen25-diagnosis
 	$(VPY) bench/output_error.py --ratios 5,10,20 --out anchor_sweep_ratios \
 		--rows am-facts-omp-cores-loose,am-facts-omp-cores-loose@0.03,am-facts-omp-cores-loose@0.01
 	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-loose,am-facts-omp-cores-looser --ratios 10,20 \
