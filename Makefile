@@ -135,6 +135,8 @@ bench: setup
 	$(VPY) bench/output_error.py --ratios 5,10 --rows am-facts-omp-cores-loose,am-facts-omp-cores-wide --out wide_fit_error
 	$(VPY) bench/fixed_facts.py -m "$$($(VPY) -m models.qwen25)" --rows am-facts-omp-cores-loose --ratios 5,10,20 --sets grid \
 		--title "Qwen2.5-Coder-0.5B: the default beside the baselines" --out qwen25_grid
+	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-loose,am-facts-omp-cores-quarter --ratios 5,10,20 \
+		--sets grid,needles --title "The facts at most a quarter of each head's budget (SmolLM2)" --out quarter_facts
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.qwen25)" --parts quality,niah --articles 8,1,2 --ratios 5,10,20 \
 		--methods $(QWEN25_METHODS) --out bench/results/qwen25 --notes bench/notes/eval-qwen25.md
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.qwen25)" --parts quality --articles 8,1,2 --ratios 5,10,20 \

@@ -65,6 +65,8 @@ AM_ROWS = {
                                "of rows asked after the document); the same keys",
     "am-facts-omp-cores-onpolicy": "am-facts-omp-cores-loose with the paper's on-policy queries: 3 stages of layers, "
                                    "each fitted on the same query tokens taken through the compacted stages below",
+    "am-facts-omp-cores-quarter": "am-facts-omp-cores-loose with the facts at most a quarter of each head's budget, not half "
+                                  "(0.25 sqrt(10/ratio) beyond 10x)",
     "am-facts-omp-cores-content": "am-facts-omp-cores-balanced with a number's sentence ranked by content words from the number, "
                                   "its core too (its 3 nearest content steps: the nearest word on each side whole, then the next)",
 }

@@ -693,8 +693,8 @@ def test_the_default_without_beta_keeps_its_keys_and_fits_only_what_it_says(tiny
         li, h = k[1], k[2]
         assert np.array_equal(res.indices, nobeta[k].indices) and np.array_equal(res.indices, kept[k].indices)
         assert not nobeta[k].beta.any() and not kept[k].beta.any()
-        doc_keys = snap.values[li][layout.doc_start:layout.doc_end, h]
-        assert np.array_equal(kept[k].values, doc_keys[res.indices].astype(np.float32))
+        doc_values = snap.values[li][layout.doc_start:layout.doc_end, h]
+        assert np.array_equal(kept[k].values, doc_values[res.indices].astype(np.float32))
         fitted_beta |= bool(res.beta.any())
         fitted_values |= not np.allclose(nobeta[k].values, kept[k].values)
     assert fitted_beta and fitted_values  # the default fits a beta, -nobeta still fits the values
