@@ -141,6 +141,9 @@ bench: setup
 		--methods $(QWEN25_METHODS) --out bench/results/qwen25 --notes bench/notes/eval-qwen25.md
 	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.qwen25)" --parts quality --articles 8,1,2 --ratios 5,10,20 \
 		--methods $(QWEN25_DIAGNOSIS) --out bench/results/qwen25-diagnosis
+	$(VPY) -m kvlocal eval -m "$$($(VPY) -m models.qwen25)" --parts quality --articles 0,7,5 --ratios 10 \
+		--methods am-facts-omp-cores-loose:repeat+self-study,am-facts-omp-cores-quarter:context,am-highest-anchored:context,h2o:context,snapkv:self-study,truncate \
+		--out bench/results/qwen25-heldout
 	$(VPY) bench/output_error.py --ratios 5,10,20 --out anchor_sweep_ratios \
 		--rows am-facts-omp-cores-loose,am-facts-omp-cores-loose@0.03,am-facts-omp-cores-loose@0.01
 	$(VPY) bench/fixed_facts.py --rows am-facts-omp-cores-loose,am-facts-omp-cores-looser --ratios 10,20 \
