@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.smollm2 import ModelProvisionError, _sha256, cache_dir
+from models.smollm2 import ModelProvisionError, _sha256, cache_dir, report
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,7 @@ class ChunkedGGUF:
             raise ModelProvisionError(f"the {self.name} chunk packages are installed but a chunk file is missing")
         self.assemble(parts, dst)
         return dst
+
+    def main(self) -> int:
+        """The command line of a model's module (``python -m models.gemma3``): provision, print the path."""
+        return report(self.ensure)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 
 from models.chunked import ChunkedGGUF
-from models.smollm2 import report
 
 MODEL = ChunkedGGUF(
     name="gemma3-270m", version="1.0.0",
@@ -27,13 +26,5 @@ MODEL = ChunkedGGUF(
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
 
 
-def ensure():
-    return MODEL.ensure()
-
-
-def main() -> int:
-    return report(ensure)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(MODEL.main())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 
 from models.chunked import ChunkedGGUF
-from models.smollm2 import report
 
 MODEL = ChunkedGGUF(
     name="qwen25-coder-0.5b", version="0.9.0",
@@ -27,13 +26,5 @@ MODEL = ChunkedGGUF(
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
 
 
-def ensure():
-    return MODEL.ensure()
-
-
-def main() -> int:
-    return report(ensure)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(MODEL.main())

@@ -36,6 +36,6 @@ def test_targets_are_outside_the_repository_and_named_by_hash(monkeypatch, tmp_p
     assert model.locate() is None  # nothing joined there yet
 
 
-def test_a_missing_chunk_is_no_model(monkeypatch):
+def test_a_missing_chunk_is_no_model():
     model = dataclasses.replace(qwen25.MODEL, chunks=(("kvlocal_no_such_chunk_module", "part01.bin"),))
     assert model.chunk_paths() is None
